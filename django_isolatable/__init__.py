@@ -1,0 +1,28 @@
+"""Run a Django management command at most once at a time."""
+
+from django_isolatable.backends import LockStrategy
+from django_isolatable.errors import (
+    AlreadyRunning,
+    IsolationError,
+    LockFileError,
+    LockIOError,
+    LockLost,
+    LockPermissionError,
+    LockTimeout,
+)
+from django_isolatable.holders import LockInfo
+from django_isolatable.isolation import CommandIsolation, LockGuard
+
+__all__ = [
+    "AlreadyRunning",
+    "CommandIsolation",
+    "IsolationError",
+    "LockFileError",
+    "LockGuard",
+    "LockIOError",
+    "LockInfo",
+    "LockLost",
+    "LockPermissionError",
+    "LockStrategy",
+    "LockTimeout",
+]

@@ -1,0 +1,57 @@
+"""The strategy registry: strategy names and dotted paths to backend classes."""
+
+from __future__ import annotations
+
+import enum
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+
+__all__ = ["Backend", "BackendOptions", "Lease", "LockStrategy", "load_backend_class"]
+
+
+class LockStrategy(str, enum.Enum):
+    """The built-in strategies; ``LockStrategy.FILE == "file"``."""
+
+    FILE = "file"
+    MEMORY = "memory"
+    REDIS = "redis"
+    CACHE = "cache"
+    DATABASE = "database"
+    POSTGRES = "postgres"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Keyed by value: a str enum member hashes by its name, so it would miss a plain "file" lookup.
+BUILTIN_BACKENDS = {
+    "file": "django_isolatable.backends.file.FileBackend",
+    "memory": "django_isolatable.backends.memory.MemoryBackend",
+}
+
+
+def load_backend_class(strategy: str) -> type[Backend]:
+    """The backend class for a strategy name or a dotted path to a ``Backend`` subclass.
+
+    Raises ``ImproperlyConfigured`` naming the strategy when it is unknown or not importable.
+    """
+    value = strategy.value if isinstance(strategy, LockStrategy) else str(strategy)
+    path = BUILTIN_BACKENDS.get(value) if value in LockStrategy._value2member_map_ else None
+    if path is None and value in LockStrategy._value2member_map_:
+        raise ImproperlyConfigured(f"The {value!r} strategy is not available in this version.")
+    try:
+        backend_class = import_string(path or value)
+    except ImportError as e:
+        raise ImproperlyConfigured(
+            f"Unknown lock strategy {value!r}: use one of "
+            f"{', '.join(s.value for s in LockStrategy)} or the dotted path of a backend class "
+            f"({e})."
+        ) from e
+    if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+        raise ImproperlyConfigured(
+            f"Lock strategy {value!r} is not a subclass of django_isolatable.backends.base.Backend."
+        )
+    return backend_class

@@ -1,0 +1,114 @@
+"""The interface every strategy's backend implements.
+
+A backend makes single, non-blocking attempts. ``CommandIsolation`` owns waiting, timeouts,
+stale takeover, lease renewal and logging, so a backend stays small: the store's own operations
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from django.core.checks import CheckMessage
+
+from django_isolatable.holders import LockInfo
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a backend is configured with: the ISOLATABLE settings plus per-lock overrides."""
+
+    lock_dir: Path
+    ttl: float
+    key_prefix: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_alias: str = "default"
+    database_alias: str = "default"
+
+
+@dataclass
+class Lease:
+    """A held lock: the owner token and record, plus what the backend keeps while it is held.
+
+    ``pid`` is the process that acquired it: a forked child inherits the object but must never
+    release its parent's lock.
+    """
+
+    name: str
+    token: str
+    info: LockInfo
+    pid: int = field(default_factory=os.getpid)
+
+
+class Backend:
+    """One strategy's lock operations. Subclasses set ``strategy`` and implement the methods."""
+
+    strategy: ClassVar[str]
+    #: Leases expire unless renewed with ``refresh`` (redis, database, cache).
+    expiring: ClassVar[bool] = False
+    #: Longest pause between two attempts of a waiter; ``wait`` may wake it sooner.
+    poll_interval: ClassVar[float] = 0.05
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        """System check messages about the settings this strategy uses (none by default)."""
+        return []
+
+    def lock_path(self, name: str) -> Path | None:
+        """The file that holds ``name``'s lock, for strategies that use one."""
+        return None
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        """One attempt to take ``name`` for the holder described by ``info``.
+
+        Returns the lease, or None when someone else holds it. Raises ``LockIOError`` (or a more
+        specific ``IsolationError``) when the store cannot be used.
+        """
+        raise NotImplementedError
+
+    def release(self, lease: Lease) -> bool:
+        """Release ``lease`` if it is still ours (by owner token).
+
+        Returns False, quietly, when it is not held by this lease any more.
+        """
+        raise NotImplementedError
+
+    def refresh(self, lease: Lease, ttl: float) -> bool:
+        """Extend an expiring lease to ``ttl`` seconds from now; False if it was lost."""
+        return True
+
+    def inspect(self, name: str) -> LockInfo | None:
+        """The current holder of ``name``, read-only.
+
+        None when there is no record. A backend that knows for certain whether the holder is
+        alive (the kernel, a live database session) sets ``alive``; otherwise it leaves it None
+        for ``holders.judged`` to decide.
+        """
+        raise NotImplementedError
+
+    def list(self) -> Iterable[LockInfo]:
+        """Every lock record this backend can see (held or stale), as ``inspect`` returns them."""
+        raise NotImplementedError
+
+    def force_release(self, name: str) -> bool:
+        """Release ``name`` whoever holds it; True if something was released."""
+        raise NotImplementedError
+
+    def wait(self, name: str, timeout: float) -> None:
+        """Block for up to ``timeout`` seconds, returning early when ``name`` is probably free.
+
+        The default just sleeps; backends with a wake-up (inotify, pub/sub, a server-side lock
+        queue) return as soon as the holder lets go, which makes handoff fast.
+        """
+        time.sleep(timeout)
+
+    def close(self) -> None:
+        """Free connections and descriptors this backend keeps (not the locks it holds)."""

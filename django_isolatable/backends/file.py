@@ -1,0 +1,364 @@
+"""The file strategy: ``flock`` on ``<LOCK_DIR>/<safe name>.lock``, holder record inside as JSON.
+
+The kernel lock is the truth; the record is for people (``cat`` shows who holds it). Lock files
+are never unlinked on release, only emptied while still locked, so the unlink race that
+filelock, portalocker and tendo shipped cannot happen here; an acquirer still checks, after
+``flock``, that the path names the inode it locked, in case a person deleted the file by hand.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote
+
+from django.core.checks import CheckMessage, Error
+
+from django_isolatable.backends import inotify
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
+from django_isolatable.holders import LockInfo
+
+logger = logging.getLogger(__name__)
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_MAX_READABLE = 120  # characters of the escaped name kept before a long name is hashed
+_MAX_RECORD = 64 * 1024
+_SUFFIX = ".lock"
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
+
+# Locks this process holds, by path: threads exclude each other here before the kernel is
+# asked, which also keeps NFS (where flock is emulated with per-process POSIX locks) correct.
+_held: dict[str, LockInfo] = {}
+_held_lock = threading.Lock()
+os.register_at_fork(after_in_child=_held.clear)
+
+
+def file_name(name: str) -> str:
+    """Map a lock name to a file name, injectively: safe characters stay, the rest is %XX.
+
+    A leading dot is escaped (no hidden files, no ``..``); a name whose escaped form is long
+    keeps a readable prefix plus the SHA-256 of the whole name after ``~``, a character that
+    escaped names never contain. The result is at most 190 bytes, under every filesystem's limit.
+    """
+    escaped = "".join(
+        ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        for ch in name
+    )
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    if len(escaped) > _MAX_READABLE:
+        prefix = escaped[:_MAX_READABLE]
+        cut = prefix.rfind("%", len(prefix) - 2)
+        prefix = prefix[:cut] if cut >= 0 else prefix
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        escaped = f"{prefix}~{digest}"
+    return escaped + _SUFFIX
+
+
+@dataclass
+class FileLease(Lease):
+    fd: int = -1
+    path: str = ""
+
+
+class FileBackend(Backend):
+    """``flock`` locks in LOCK_DIR. Not expiring: the kernel drops a dead process's lock."""
+
+    strategy: ClassVar[str] = "file"
+    poll_interval: ClassVar[float] = 0.025  # a safety net: releases wake waiters through inotify
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        self.lock_dir = options.lock_dir
+
+    def lock_path(self, name: str) -> Path:
+        return self.lock_dir / file_name(name)
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        directory = options.lock_dir
+        setting = f'settings.ISOLATABLE["LOCK_DIR"] ({str(directory)!r})'
+        if directory.exists() and not directory.is_dir():
+            return [Error(f"{setting} is not a directory; point it at one.", id="isolatable.E010")]
+        existing = next(p for p in (directory, *directory.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return [
+                Error(
+                    f"{setting} is not writable by this user: {existing} denies it; make it "
+                    "writable or point the setting at a directory that is.",
+                    id="isolatable.E011",
+                )
+            ]
+        return []
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        path = str(self.lock_path(name))
+        with _held_lock:
+            if path in _held:
+                return None
+            _held[path] = info
+        try:
+            lease = self._lock(name, path, info)
+        except BaseException:
+            _forget(path, info)
+            raise
+        if lease is None:
+            _forget(path, info)
+        return lease
+
+    def _lock(self, name: str, path: str, info: LockInfo) -> FileLease | None:
+        for _ in range(5):
+            fd = self._open(path, os.O_RDWR | os.O_CREAT)
+            try:
+                if not _try_flock(fd, path):
+                    os.close(fd)
+                    return None
+                if _same_file(fd, path):
+                    _write_record(fd, path, info)
+                    return FileLease(name=name, token=info.token or "", info=info, fd=fd, path=path)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the file was replaced or removed after we opened it: lock the new one
+        raise LockFileError(f"Lock file {path} keeps being replaced; is something deleting it?")
+
+    def release(self, lease: Lease) -> bool:
+        if not isinstance(lease, FileLease):
+            return self._clear_stale(lease)
+        if lease.fd < 0:
+            return False
+        fd, lease.fd = lease.fd, -1
+        if lease.pid != os.getpid():
+            os.close(fd)  # a forked child's copy: closing it leaves the parent's lock alone
+            return False
+        try:
+            _truncate(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win.
+            os.utime(fd)
+        except OSError as e:
+            logger.warning("Could not tidy lock file %s on release: %s", lease.path, e)
+        finally:
+            os.close(fd)
+            _forget(lease.path, lease.info)
+        return True
+
+    def _clear_stale(self, lease: Lease) -> bool:
+        """Empty the record of a dead holder, if ``lease.token`` is still the one recorded."""
+        path = str(self.lock_path(lease.name))
+        try:
+            fd = self._open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            if not _try_flock(fd, path):
+                return False
+            record = _read_record(fd, lease.name)
+            if record is None or record.token != lease.token:
+                return False
+            _truncate(fd)
+            return True
+        finally:
+            os.close(fd)
+
+    def inspect(self, name: str) -> LockInfo | None:
+        path = str(self.lock_path(name))
+        with _held_lock:
+            mine = _held.get(path)
+        if mine is not None:
+            return mine  # reading would open and close the file, which drops locks on NFS
+        try:
+            fd = self._open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            record = _read_record(fd, name)
+            held = not _try_flock(fd, path, shared=True)
+        finally:
+            os.close(fd)
+        if held:  # the kernel says so, whatever the record's PID looks like
+            return replace(record or LockInfo(name=name, strategy=self.strategy), alive=True)
+        return None if record is None else replace(record, alive=False)
+
+    def list(self) -> Iterator[LockInfo]:
+        try:
+            entries = sorted(os.scandir(self.lock_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _os_error(e, str(self.lock_dir), self.lock_dir) from e
+        for entry in entries:
+            if not entry.name.endswith(_SUFFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            name = self._name_of(entry.path, entry.name)
+            info = None if name is None else self.inspect(name)
+            if info is not None:
+                yield info
+
+    def _name_of(self, path: str, entry_name: str) -> str | None:
+        """The lock name a file belongs to: unescaped, or read from the record for hashed ones."""
+        candidates = [unquote(entry_name[: -len(_SUFFIX)], errors="surrogatepass")]
+        if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
+            try:
+                fd = self._open(path, os.O_RDONLY)
+                try:
+                    data = json.loads(os.pread(fd, _MAX_RECORD, 0))
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError, LockFileError, LockIOError, LockPermissionError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("name"), str):
+                candidates.append(data["name"])
+        return next((c for c in candidates if c and file_name(c) == entry_name), None)
+
+    def force_release(self, name: str) -> bool:
+        path = str(self.lock_path(name))
+        try:
+            fd = self._open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            if _try_flock(fd, path):
+                had_record = os.fstat(fd).st_size > 0
+                _truncate(fd)
+                return had_record
+            # A live process holds the kernel lock and nobody can take it from it: unlink the
+            # file so the next acquirer locks a new one. The old holder keeps running.
+            os.unlink(path)
+            _forget(path)
+            logger.warning("Force-released %s held by another process by removing %s", name, path)
+            return True
+        finally:
+            os.close(fd)
+
+    def wait(self, name: str, timeout: float) -> None:
+        file_watch, new = inotify.watch(str(self.lock_path(name)))
+        if file_watch is None:
+            super().wait(name, timeout)  # no inotify here: poll
+        elif not new:
+            file_watch.wait(timeout)
+        # A new watch returns at once: the caller retries with the watch in place, so a release
+        # between its last attempt and now is not missed.
+
+    def _open(self, path: str, flags: int) -> int:
+        for attempt in range(2):
+            try:
+                fd = os.open(path, flags | _OPEN_FLAGS, 0o600)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT or attempt:
+                    raise
+                self._make_dir()
+                continue
+            except OSError as e:
+                raise _os_error(e, path, self.lock_dir) from e
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise LockFileError(f"{path} is not a regular file; remove it so locks can use it.")
+            return fd
+        raise AssertionError("unreachable")
+
+    def _make_dir(self) -> None:
+        try:
+            os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        except FileExistsError as e:
+            raise LockFileError(
+                f"LOCK_DIR {self.lock_dir} is not a directory; point "
+                'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
+            ) from e
+        except OSError as e:
+            raise _os_error(e, str(self.lock_dir), self.lock_dir) from e
+
+
+def _os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LockPermissionError(lock_dir)
+    if e.errno == errno.ELOOP:
+        return LockFileError(
+            f"{path} is a symbolic link; lock files never follow links, remove it."
+        )
+    if e.errno == errno.ENOTDIR:
+        return LockFileError(
+            f"LOCK_DIR {lock_dir} is not a directory; point "
+            'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
+        )
+    return LockIOError(f"Could not use lock file {path}: {e.strerror or e}.")
+
+
+def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
+    """One non-blocking flock; False if someone holds it (exclusively, for ``shared``)."""
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        for _ in range(4):
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if shared:
+                    return False
+            else:
+                if shared:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+            # Holders lock exclusively, ``inspect`` shares for an instant: if a shared lock is
+            # granted, only a reader was in the way, so try again instead of reporting "held".
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
+    return False
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _write_record(fd: int, path: str, info: LockInfo) -> None:
+    data = info.to_json().encode()
+    try:
+        os.ftruncate(fd, 0)
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+    except OSError as e:
+        _truncate(fd)  # an empty record reads as "unknown holder", a torn one would too
+        logger.warning(
+            "Holding %s, but could not write its holder record (%s); "
+            "`locks status` will show the holder as unknown.",
+            path,
+            e.strerror or e,
+        )
+
+
+def _read_record(fd: int, name: str) -> LockInfo | None:
+    return LockInfo.from_json(name, FileBackend.strategy, os.pread(fd, _MAX_RECORD, 0))
+
+
+def _truncate(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError as e:
+        logger.warning("Could not empty a lock file's holder record: %s", e)
+
+
+def _forget(path: str, info: LockInfo | None = None) -> None:
+    """Drop this process's claim on ``path`` (only ``info``'s claim, when given)."""
+    with _held_lock:
+        if info is None or _held.get(path) is info:
+            _held.pop(path, None)

@@ -1,0 +1,78 @@
+"""The memory strategy: a process-local, thread-safe registry. For tests and single-process use.
+
+Every ``MemoryBackend`` in a process shares one registry, so two ``CommandIsolation`` objects
+exclude each other; other processes see nothing. A forked child starts with an empty registry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import ClassVar
+
+from django_isolatable.backends.base import Backend, Lease
+from django_isolatable.holders import LockInfo
+
+_held: dict[str, LockInfo] = {}
+_changed = threading.Condition()
+
+
+def _reset_after_fork() -> None:
+    global _changed
+    _held.clear()
+    _changed = threading.Condition()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class MemoryBackend(Backend):
+    strategy: ClassVar[str] = "memory"
+
+    def _key(self, name: str) -> str:
+        return self.options.key_prefix + name
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        key = self._key(name)
+        with _changed:
+            if key in _held:
+                return None
+            _held[key] = info
+        return Lease(name=name, token=info.token or "", info=info)
+
+    def release(self, lease: Lease) -> bool:
+        if lease.pid != os.getpid():
+            return False
+        key = self._key(lease.name)
+        with _changed:
+            current = _held.get(key)
+            if current is None or current.token != lease.token:
+                return False
+            del _held[key]
+            _changed.notify_all()
+        return True
+
+    def inspect(self, name: str) -> LockInfo | None:
+        with _changed:
+            info = _held.get(self._key(name))
+        return None if info is None else replace(info, alive=True)
+
+    def list(self) -> Iterator[LockInfo]:
+        prefix = self.options.key_prefix
+        with _changed:
+            infos = [info for key, info in sorted(_held.items()) if key.startswith(prefix)]
+        return iter([replace(info, alive=True) for info in infos])
+
+    def force_release(self, name: str) -> bool:
+        with _changed:
+            released = _held.pop(self._key(name), None) is not None
+            _changed.notify_all()
+        return released
+
+    def wait(self, name: str, timeout: float) -> None:
+        key = self._key(name)
+        with _changed:
+            if key in _held:
+                _changed.wait(timeout)

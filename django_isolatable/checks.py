@@ -1,0 +1,30 @@
+"""System checks: bad ISOLATABLE settings are reported by ``manage.py check``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+
+from django_isolatable.conf import isolatable_settings
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Every problem in ``settings.ISOLATABLE``, then the chosen strategy's own checks."""
+    messages: list[CheckMessage] = [
+        (Warning if problem.warning else Error)(problem.message, id=problem.id)
+        for problem in isolatable_settings.problems()
+    ]
+    if any(message.is_serious() for message in messages):
+        return messages
+    from django_isolatable.backends import load_backend_class
+    from django_isolatable.isolation import CommandIsolation
+
+    isolation = CommandIsolation("check")
+    try:
+        backend_class = load_backend_class(isolation.strategy)
+    except ImproperlyConfigured as e:
+        return [*messages, Error(str(e), id="isolatable.E002")]
+    return [*messages, *backend_class.check_settings(isolation.backend_options())]

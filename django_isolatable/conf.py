@@ -1,0 +1,227 @@
+"""The ``settings.ISOLATABLE`` dict, read live with defaults and validated in one place.
+
+Values are read on every access (never cached, never written into ``django.conf.settings``), so
+``override_settings`` works. Each problem has one message, used both by the system checks and by
+the ``ImproperlyConfigured`` raised when the app is used with that value.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+
+DEFAULTS: dict[str, Any] = {
+    "STRATEGY": "file",
+    "LOCK_DIR": None,  # computed: see Settings.LOCK_DIR
+    "TIMEOUT": None,
+    "TTL": 60,
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "CACHE_ALIAS": "default",
+    "DATABASE_ALIAS": "default",
+    "KEY_PREFIX": "",
+    "SKIPPED_EXIT_CODE": 0,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad setting: the check id and the sentence that names the key, the value and the fix."""
+
+    id: str
+    message: str
+    warning: bool = False
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _key(name: str) -> str:
+    return f'settings.ISOLATABLE["{name}"]'
+
+
+class Settings:
+    """Typed, validated access to ``settings.ISOLATABLE``; an invalid value raises
+    ``ImproperlyConfigured`` with the same sentence ``manage.py check`` reports."""
+
+    def raw(self) -> dict[str, Any]:
+        value = getattr(django_settings, "ISOLATABLE", {})
+        if not isinstance(value, dict):
+            raise ImproperlyConfigured(_not_a_dict(value).message)
+        return value
+
+    def _get(self, name: str) -> Any:
+        value = self.raw().get(name, DEFAULTS[name])
+        problem = _VALIDATORS[name](value)
+        if problem is not None:
+            raise ImproperlyConfigured(problem.message)
+        return value
+
+    @property
+    def STRATEGY(self) -> str:
+        return str(self._get("STRATEGY"))
+
+    @property
+    def LOCK_DIR(self) -> Path:
+        value = self._get("LOCK_DIR")
+        if value is not None:
+            return Path(value)
+        base_dir = getattr(django_settings, "BASE_DIR", None)
+        if base_dir is not None:
+            return Path(base_dir) / ".locks"
+        # override_settings hides SETTINGS_MODULE; the environment still names it.
+        module = django_settings.SETTINGS_MODULE or os.environ.get("DJANGO_SETTINGS_MODULE")
+        module = re.sub(r"[^A-Za-z0-9_.-]", "_", module or "settings")
+        return Path(tempfile.gettempdir()) / f"django-isolatable-{_user()}-{module}"
+
+    @property
+    def TIMEOUT(self) -> float | None:
+        value = self._get("TIMEOUT")
+        return None if value is None else float(value)
+
+    @property
+    def TTL(self) -> float:
+        return float(self._get("TTL"))
+
+    @property
+    def REDIS_URL(self) -> str:
+        return str(self._get("REDIS_URL"))
+
+    @property
+    def CACHE_ALIAS(self) -> str:
+        return str(self._get("CACHE_ALIAS"))
+
+    @property
+    def DATABASE_ALIAS(self) -> str:
+        return str(self._get("DATABASE_ALIAS"))
+
+    @property
+    def KEY_PREFIX(self) -> str:
+        return str(self._get("KEY_PREFIX"))
+
+    @property
+    def SKIPPED_EXIT_CODE(self) -> int:
+        return int(self._get("SKIPPED_EXIT_CODE"))
+
+    def problems(self) -> list[Problem]:
+        """Every problem in the current settings, for the system checks."""
+        raw = getattr(django_settings, "ISOLATABLE", {})
+        if not isinstance(raw, dict):
+            return [_not_a_dict(raw)]
+        found = [
+            Problem(
+                "isolatable.W001",
+                f"Unknown key {key!r} in settings.ISOLATABLE is ignored; the known keys are "
+                f"{', '.join(DEFAULTS)}.",
+                warning=True,
+            )
+            for key in raw
+            if key not in DEFAULTS
+        ]
+        for name, validate in _VALIDATORS.items():
+            problem = validate(raw.get(name, DEFAULTS[name]))
+            if problem is not None:
+                found.append(problem)
+        return found
+
+
+def _user() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers with an arbitrary uid)
+        user = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", user)
+
+
+def _not_a_dict(value: object) -> Problem:
+    return Problem(
+        "isolatable.E001",
+        f"settings.ISOLATABLE must be a dict, not {type(value).__name__} ({value!r}).",
+    )
+
+
+def _strategy(value: object) -> Problem | None:
+    from django_isolatable.backends import LockStrategy, load_backend_class
+
+    if isinstance(value, str) and value:
+        try:
+            load_backend_class(value)
+        except ImproperlyConfigured:
+            pass
+        else:
+            return None
+    return Problem(
+        "isolatable.E002",
+        f"{_key('STRATEGY')} is {value!r}, which is neither a strategy "
+        f"({', '.join(s.value for s in LockStrategy)}) nor the dotted path of an importable "
+        "backend class.",
+    )
+
+
+def _lock_dir(value: object) -> Problem | None:
+    if value is None or (isinstance(value, (str, Path)) and str(value)):
+        return None
+    return Problem(
+        "isolatable.E003",
+        f"{_key('LOCK_DIR')} is {value!r}; set it to a directory path (str or pathlib.Path).",
+    )
+
+
+def _timeout(value: object) -> Problem | None:
+    if value is None or (_is_number(value) and value >= 0):  # type: ignore[operator]
+        return None
+    return Problem(
+        "isolatable.E004",
+        f"{_key('TIMEOUT')} is {value!r}; use None (wait forever) or a number of seconds >= 0.",
+    )
+
+
+def _ttl(value: object) -> Problem | None:
+    if _is_number(value) and value > 0 and value != float("inf"):  # type: ignore[operator]
+        return None
+    return Problem(
+        "isolatable.E005",
+        f"{_key('TTL')} is {value!r}; use a finite number of seconds > 0 (leases must expire).",
+    )
+
+
+def _string(name: str, id: str) -> Callable[[object], Problem | None]:
+    def validate(value: object) -> Problem | None:
+        if isinstance(value, str):
+            return None
+        return Problem(id, f"{_key(name)} is {value!r}; it must be a string.")
+
+    return validate
+
+
+def _exit_code(value: object) -> Problem | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+        return None
+    return Problem(
+        "isolatable.E007",
+        f"{_key('SKIPPED_EXIT_CODE')} is {value!r}; use an exit status from 0 to 255.",
+    )
+
+
+_VALIDATORS = {
+    "STRATEGY": _strategy,
+    "LOCK_DIR": _lock_dir,
+    "TIMEOUT": _timeout,
+    "TTL": _ttl,
+    "REDIS_URL": _string("REDIS_URL", "isolatable.E006"),
+    "CACHE_ALIAS": _string("CACHE_ALIAS", "isolatable.E006"),
+    "DATABASE_ALIAS": _string("DATABASE_ALIAS", "isolatable.E006"),
+    "KEY_PREFIX": _string("KEY_PREFIX", "isolatable.E006"),
+    "SKIPPED_EXIT_CODE": _exit_code,
+}
+
+isolatable_settings = Settings()

@@ -1,0 +1,108 @@
+"""The exceptions django-isolatable raises.
+
+Every error carries its data as attributes, reads as one sentence a person can act on, and
+survives a pickle round trip (so it can cross a multiprocessing boundary).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from django_isolatable.holders import LockInfo
+
+
+class IsolationError(Exception):
+    """Base class of every error django-isolatable raises."""
+
+
+def describe_holder(holder: LockInfo | None) -> str:
+    """``pid 4242 on web-1 since 2026-11-28 15:30:01 UTC``, or the part of it that is known."""
+    if holder is None or holder.pid is None:
+        return "holder unknown"
+    text = f"pid {holder.pid} on {holder.hostname or 'an unknown host'}"
+    if holder.acquired_at is not None:
+        text += f" since {holder.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
+    return text
+
+
+class AlreadyRunning(IsolationError):
+    """The lock is held by someone else and the caller chose not to wait (longer).
+
+    ``command`` is the lock name as given, ``holder`` the holder's record when one could be read,
+    ``locked_at`` when the holder took the lock.
+    """
+
+    def __init__(self, command: str, holder: LockInfo | None = None) -> None:
+        self.command = command
+        self.holder = holder
+        self.locked_at: datetime | None = holder.acquired_at if holder is not None else None
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"{self.command} is already running ({describe_holder(self.holder)}); "
+            f"see `manage.py locks status {self.command}`."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command, self.holder))
+
+
+class LockTimeout(AlreadyRunning):
+    """Waiting for the lock gave up after ``timeout`` seconds."""
+
+    def __init__(self, command: str, holder: LockInfo | None = None, timeout: float = 0.0) -> None:
+        self.timeout = float(timeout)
+        super().__init__(command, holder)
+
+    def _message(self) -> str:
+        return (
+            f"Gave up waiting for {self.command} after {self.timeout:g} s: it is still running "
+            f"({describe_holder(self.holder)}); wait longer or see "
+            f"`manage.py locks status {self.command}`."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command, self.holder, self.timeout))
+
+
+class LockFileError(IsolationError):
+    """The lock location cannot be used (for example LOCK_DIR is a file)."""
+
+
+class LockPermissionError(IsolationError):
+    """The lock location exists but this process may not create or open locks there."""
+
+    def __init__(self, path: Path | str, setting: str = 'ISOLATABLE["LOCK_DIR"]') -> None:
+        self.path = Path(path)
+        self.setting = setting
+        super().__init__(
+            f"No permission to create or open lock files in {self.path}; make it writable for "
+            f"this user or point settings.{setting} at a directory that is."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.setting))
+
+
+class LockIOError(IsolationError):
+    """An OS or network failure while talking to the lock store."""
+
+
+class LockLost(IsolationError):
+    """An expiring lease was found expired or taken by someone else while we believed we held it."""
+
+    def __init__(self, command: str, holder: LockInfo | None = None) -> None:
+        self.command = command
+        self.holder = holder
+        super().__init__(
+            f"The lock for {command} was lost while it ran (its lease expired or was taken"
+            f"{'' if holder is None else ' by ' + describe_holder(holder)}); another copy may "
+            "be running now."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command, self.holder))

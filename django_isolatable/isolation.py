@@ -1,0 +1,290 @@
+"""CommandIsolation (a named lock, configured) and LockGuard (a held lock)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from django_isolatable.backends import (
+    Backend,
+    BackendOptions,
+    Lease,
+    LockStrategy,
+    load_backend_class,
+)
+from django_isolatable.conf import isolatable_settings
+from django_isolatable.errors import AlreadyRunning, LockLost, LockTimeout
+from django_isolatable.holders import LockInfo, judged, new_record
+from django_isolatable.waiting import wait_for
+
+logger = logging.getLogger(__name__)
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<settings TIMEOUT>"
+
+
+SETTINGS_TIMEOUT: Any = _Default()
+
+
+def _check_timeout(value: object, what: str = "timeout") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{what} must be None (wait forever) or seconds >= 0, not {value!r}.")
+    if value < 0:
+        raise ValueError(f"{what} must be None (wait forever) or seconds >= 0, not {value!r}.")
+    return float(value)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"A lock name must be a str, not {type(name).__name__} ({name!r}).")
+    if not name:
+        raise ValueError("A lock name must not be empty.")
+    if "\0" in name:
+        raise ValueError(f"A lock name must not contain NUL characters: {name!r}.")
+    return name
+
+
+class CommandIsolation:
+    """A named lock: at most one holder at a time, in this process, on this host or everywhere.
+
+    ``strategy`` is a ``LockStrategy``, its value, or the dotted path of a ``Backend`` class
+    (default: ``settings.ISOLATABLE["STRATEGY"]``). ``timeout`` is the default wait of ``lock()``
+    (default ``TIMEOUT``); ``ttl`` the lease length of expiring strategies (default ``TTL``).
+    Raises ``ValueError`` for an empty name or one containing NUL.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        strategy: LockStrategy | str | None = None,
+        lock_dir: str | os.PathLike[str] | None = None,
+        timeout: float | None = SETTINGS_TIMEOUT,
+        ttl: float | None = None,
+    ) -> None:
+        self.name = _check_name(name)
+        self._strategy = strategy
+        self._lock_dir = None if lock_dir is None else Path(lock_dir)
+        self._timeout = timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
+        if ttl is not None and not (_check_timeout(ttl, "ttl") or 0) > 0:
+            raise ValueError(f"ttl must be a number of seconds > 0, not {ttl!r}.")
+        self._ttl = ttl
+
+    def __repr__(self) -> str:
+        return f"<CommandIsolation {self.name!r} strategy={self.strategy!r}>"
+
+    def _copy(self, **changes: Any) -> CommandIsolation:
+        kwargs: dict[str, Any] = {
+            "strategy": self._strategy,
+            "lock_dir": self._lock_dir,
+            "timeout": self._timeout,
+            "ttl": self._ttl,
+        }
+        kwargs.update(changes)
+        return CommandIsolation(self.name, **kwargs)
+
+    def with_strategy(self, strategy: LockStrategy | str) -> CommandIsolation:
+        """A copy that uses ``strategy``."""
+        return self._copy(strategy=strategy)
+
+    def with_lock_dir(self, lock_dir: str | os.PathLike[str]) -> CommandIsolation:
+        """A copy whose file locks live in ``lock_dir``."""
+        return self._copy(lock_dir=lock_dir)
+
+    def with_timeout(self, timeout: float | None) -> CommandIsolation:
+        """A copy whose ``lock()`` waits ``timeout`` seconds by default (None: forever)."""
+        return self._copy(timeout=timeout)
+
+    @property
+    def strategy(self) -> str:
+        value = self._strategy if self._strategy is not None else isolatable_settings.STRATEGY
+        return str(value)
+
+    @property
+    def timeout(self) -> float | None:
+        if self._timeout is SETTINGS_TIMEOUT:
+            return isolatable_settings.TIMEOUT
+        return self._timeout
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl if self._ttl is not None else isolatable_settings.TTL
+
+    def backend_options(self) -> BackendOptions:
+        """The settings this lock's backend gets, with this object's overrides applied."""
+        return BackendOptions(
+            lock_dir=self._lock_dir or isolatable_settings.LOCK_DIR,
+            ttl=self.ttl,
+            key_prefix=isolatable_settings.KEY_PREFIX,
+            redis_url=isolatable_settings.REDIS_URL,
+            cache_alias=isolatable_settings.CACHE_ALIAS,
+            database_alias=isolatable_settings.DATABASE_ALIAS,
+        )
+
+    @cached_property
+    def backend(self) -> Backend:
+        """This lock's backend (created on first use; raises ``ImproperlyConfigured``)."""
+        return load_backend_class(self.strategy)(self.backend_options())
+
+    def lock(
+        self,
+        timeout: float | None = SETTINGS_TIMEOUT,
+        *,
+        progress: Callable[[float, LockInfo | None], None] | None = None,
+    ) -> LockGuard:
+        """Take the lock and return its guard.
+
+        ``timeout`` None waits forever, 0 raises ``AlreadyRunning`` at once if the lock is held,
+        ``t > 0`` raises ``LockTimeout`` after about ``t`` seconds. ``progress(waited, holder)``
+        is called about once a second while waiting. Raises ``LockIOError``,
+        ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
+        """
+        wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
+        backend = self.backend
+        report = None if progress is None else lambda waited: progress(waited, self.holder())
+        lease = wait_for(
+            self._attempt,
+            lambda seconds: backend.wait(self.name, seconds),
+            wait,
+            poll_interval=backend.poll_interval,
+            progress=report,
+        )
+        if lease is None:
+            holder = self.holder()
+            if wait == 0:
+                raise AlreadyRunning(self.name, holder)
+            raise LockTimeout(self.name, holder, wait or 0.0)
+        logger.info("Acquired lock %s (%s)", self.name, backend.strategy)
+        return LockGuard(self, lease)
+
+    def _attempt(self) -> Lease | None:
+        backend = self.backend
+        ttl = self.ttl if backend.expiring else None
+        lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
+        if lease is None and backend.expiring and self._release_if_stale():
+            lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
+        logger.debug("Attempt to lock %s: %s", self.name, "taken" if lease else "held")
+        return lease
+
+    def lock_with_timeout(self, seconds: float) -> LockGuard:
+        """``lock(timeout=seconds)``."""
+        return self.lock(timeout=seconds)
+
+    def try_lock(self) -> LockGuard:
+        """``lock(timeout=0)``: the guard, or ``AlreadyRunning`` at once."""
+        return self.lock(timeout=0)
+
+    def holder(self) -> LockInfo | None:
+        """The current holder, a dead holder's leftover record (``alive=False``), or None."""
+        info = self.backend.inspect(self.name)
+        return None if info is None else judged(info)
+
+    def is_locked(self) -> bool:
+        """True if anyone holds the lock, this process included."""
+        holder = self.holder()
+        return holder is not None and holder.alive is not False
+
+    def lock_path(self) -> Path | None:
+        """The lock file (file strategy), else None."""
+        return self.backend.lock_path(self.name)
+
+    def release_all(self) -> bool:
+        """Release the lock whoever holds it; True if something was released.
+
+        For the file strategy a live holder cannot be stopped: its lock file is removed so the
+        next run can start, while the old holder runs on. This is what ``--force`` means.
+        """
+        released = self.backend.force_release(self.name)
+        if released:
+            logger.warning("Force-released lock %s (%s)", self.name, self.strategy)
+        return released
+
+    def _release_if_stale(self) -> bool:
+        """Clear the record of a holder proven dead, by its token (never a live one's)."""
+        holder = self.holder()
+        if holder is None or holder.alive is not False or holder.token is None:
+            return False
+        released = self.backend.release(Lease(self.name, holder.token, holder))
+        if released:
+            logger.warning(
+                "Cleared the stale lock %s of dead pid %s on %s",
+                self.name,
+                holder.pid,
+                holder.hostname,
+            )
+        return released
+
+
+class LockGuard:
+    """A held lock. Release it with ``release()`` (idempotent) or by leaving the ``with`` block.
+
+    Releasing never touches a lock that someone else holds now: it goes by owner token.
+    A guard that is garbage collected while held releases its lock; a forked child's copy never
+    releases its parent's lock.
+    """
+
+    def __init__(self, isolation: CommandIsolation, lease: Lease) -> None:
+        self.isolation = isolation
+        self._lease = lease
+        self._backend = isolation.backend
+        self._state = threading.Lock()
+        self._released = False
+        self._lost = False
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "lost" if self._lost else "held"
+        return f"<LockGuard {self.isolation.name!r} {state}>"
+
+    @property
+    def info(self) -> LockInfo:
+        """The record this guard's holder wrote when it took the lock."""
+        return self._lease.info
+
+    @property
+    def lost(self) -> bool:
+        """True once an expiring lease was found expired or taken."""
+        return self._lost
+
+    def check(self) -> None:
+        """Raise ``LockLost`` if the lease was lost."""
+        if self._lost:
+            raise LockLost(self.isolation.name, self.isolation.holder())
+
+    def release(self) -> None:
+        """Release the lock if this guard still holds it; calling it again does nothing."""
+        with self._state:
+            if self._released:
+                return
+            self._released = True
+        if self._backend.release(self._lease):
+            logger.info("Released lock %s", self.isolation.name)
+        elif self._lease.pid == os.getpid():
+            logger.warning("Lock %s was no longer held when released", self.isolation.name)
+
+    def __enter__(self) -> LockGuard:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
+        with contextlib.suppress(Exception):
+            self.release()

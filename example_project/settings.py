@@ -1,0 +1,51 @@
+"""Settings of the example project. Every value can come from the environment (django-environ);
+with no environment at all it uses the file strategy and a SQLite database beside this file."""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent
+
+env = environ.Env(
+    DEBUG=(bool, False),
+    ISOLATABLE_STRATEGY=(str, "file"),
+    ISOLATABLE_LOCK_DIR=(str, str(BASE_DIR / ".locks")),
+    ISOLATABLE_TTL=(float, 60.0),
+    ISOLATABLE_SKIPPED_EXIT_CODE=(int, 0),
+    REDIS_URL=(str, "redis://127.0.0.1:6379/0"),
+)
+environ.Env.read_env(BASE_DIR / ".env")  # optional; absent is fine
+
+SECRET_KEY = env("SECRET_KEY", default="example-project-not-secret")
+DEBUG = env("DEBUG")
+ALLOWED_HOSTS: list[str] = []
+USE_TZ = True
+TIME_ZONE = "UTC"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_isolatable",
+    "example_project.jobs",
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+ISOLATABLE = {
+    "STRATEGY": env("ISOLATABLE_STRATEGY"),
+    "LOCK_DIR": env("ISOLATABLE_LOCK_DIR"),
+    "TTL": env("ISOLATABLE_TTL"),
+    "REDIS_URL": env("REDIS_URL"),
+    "SKIPPED_EXIT_CODE": env("ISOLATABLE_SKIPPED_EXIT_CODE"),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "django_isolatable": {"handlers": ["console"], "level": env("LOG_LEVEL", default="WARNING")}
+    },
+}

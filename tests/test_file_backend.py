@@ -1,0 +1,221 @@
+"""The file strategy's own contract: safe file names, permissions, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from django_isolatable import (
+    AlreadyRunning,
+    CommandIsolation,
+    LockFileError,
+    LockPermissionError,
+)
+from django_isolatable.backends.file import file_name
+from tests.conformance import TRICKY_NAMES
+
+ROOT = Path(__file__).parent.parent
+
+
+def held_elsewhere(isolation: CommandIsolation):
+    """Hold ``isolation`` in another process until the returned function is called."""
+    script = (
+        "import django, sys; django.setup()\n"
+        "from django_isolatable import CommandIsolation\n"
+        f"with CommandIsolation({isolation.name!r}, lock_dir={str(isolation.backend.lock_dir)!r})"
+        ".lock(timeout=10):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "held\n"
+
+    def release() -> None:
+        process.communicate("", timeout=30)
+        assert process.returncode == 0
+
+    return release
+
+
+class TestFileNames:
+    def test_every_name_stays_inside_lock_dir_with_a_short_name(self, lock_dir):
+        for name in [*TRICKY_NAMES, "/", "\\", "a/../../b", "\udcff", "\u202e", "x" * 5000]:
+            path = CommandIsolation(name).lock_path()
+            assert path is not None
+            assert path.parent == lock_dir
+            assert path.name.endswith(".lock")
+            assert not path.name.startswith(".")
+            assert len(os.fsencode(path.name)) <= 200
+            assert "/" not in path.name
+            assert "\0" not in path.name
+
+    def test_names_never_collide(self):
+        names = [*TRICKY_NAMES, "A", "a", "%41", "%2541", "~", "%7E", "x" * 299, "x" * 301]
+        names += ["y" * 150 + suffix for suffix in ("a", "b", "%", "~")]
+        files = [file_name(name) for name in names]
+        assert len(set(files)) == len(set(names))
+
+    def test_readable_where_it_can_be(self):
+        assert file_name("migrate") == "migrate.lock"
+        assert file_name("cache:clear") == "cache%3Aclear.lock"
+        assert file_name("import/customers") == "import%2Fcustomers.lock"
+        assert file_name("..") == "%2E..lock"
+
+    def test_long_names_keep_a_readable_prefix_and_a_hash(self):
+        name = file_name("report:" + "q" * 300)
+        assert name.startswith("report%3Aqqq")
+        assert "~" in name
+
+    def test_lock_files_and_directory_are_private(self, lock_dir):
+        with CommandIsolation("private").lock():
+            assert stat.S_IMODE(lock_dir.stat().st_mode) & 0o077 == 0
+            assert stat.S_IMODE((lock_dir / "private.lock").stat().st_mode) == 0o600
+
+    def test_lock_file_holds_the_record_as_json_and_is_emptied_on_release(self, lock_dir):
+        isolation = CommandIsolation("cat-me")
+        with isolation.lock() as guard:
+            record = json.loads((lock_dir / "cat-me.lock").read_text())
+            assert record["token"] == guard.info.token
+            assert record["pid"] == os.getpid()
+            assert record["name"] == "cat-me"
+        assert (lock_dir / "cat-me.lock").read_text() == ""
+
+
+class TestBadInput:
+    def test_lock_dir_is_a_file(self, tmp_path):
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("keep me")
+        with pytest.raises(LockFileError, match="not a directory"):
+            CommandIsolation("x", lock_dir=not_a_dir).try_lock()
+        with pytest.raises(LockFileError, match="not a directory"):
+            CommandIsolation("x", lock_dir=not_a_dir / "sub").try_lock()
+        assert not_a_dir.read_text() == "keep me"
+
+    def test_missing_lock_dir_is_created(self, tmp_path):
+        directory = tmp_path / "a" / "b"
+        CommandIsolation("x", lock_dir=directory).try_lock().release()
+        assert directory.is_dir()
+
+    def test_planted_symlink_is_never_followed(self, lock_dir, tmp_path):
+        lock_dir.mkdir()
+        target = tmp_path / "precious"
+        target.write_text("do not touch")
+        (lock_dir / "victim.lock").symlink_to(target)
+        with pytest.raises(LockFileError, match="symbolic link"):
+            CommandIsolation("victim").try_lock()
+        with pytest.raises(LockFileError, match="symbolic link"):
+            CommandIsolation("victim").holder()
+        assert target.read_text() == "do not touch"
+
+    def test_planted_fifo_never_hangs(self, lock_dir):
+        lock_dir.mkdir()
+        os.mkfifo(lock_dir / "pipe.lock")
+        with pytest.raises(LockFileError, match="not a regular file"):
+            CommandIsolation("pipe").try_lock()
+
+    @pytest.mark.parametrize(
+        "content",
+        [b"", b"{", b"[]", b"null", b'{"pid": "x", "acquired_at": 5}', b"\xff\xfe\x00garbage"],
+    )
+    def test_corrupt_record_never_crashes(self, lock_dir, content):
+        lock_dir.mkdir()
+        path = lock_dir / "corrupt.lock"
+        path.write_bytes(content)
+        isolation = CommandIsolation("corrupt")
+        holder = isolation.holder()
+        assert holder is None or (holder.pid is None and holder.alive is False)
+        release = held_elsewhere(isolation)
+        try:
+            path.write_bytes(content)  # the holder's record, replaced by garbage
+            holder = isolation.holder()
+            assert holder is not None
+            assert holder.alive is True
+            assert holder.pid is None
+            with pytest.raises(AlreadyRunning, match="holder unknown"):
+                isolation.try_lock()
+        finally:
+            release()
+        with isolation.lock(timeout=5) as guard:
+            assert json.loads(path.read_text())["token"] == guard.info.token
+
+    def test_unwritable_lock_dir_is_a_permission_error(self):
+        parent = Path(tempfile.mkdtemp(prefix="isolatable-readonly-"))
+        directory = parent / "locks"
+        directory.mkdir(mode=0o555)
+        parent.chmod(0o755)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                if os.geteuid() == 0:  # root ignores file modes: try as an unprivileged user
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    CommandIsolation("x", lock_dir=directory).try_lock()
+                    report = "no error"
+                except LockPermissionError as e:
+                    report = f"{type(e).__name__}|{e.path}|{e}"
+                os.write(write_end, report.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        try:
+            with os.fdopen(read_end) as pipe:
+                kind, path, message = pipe.read().split("|")
+            os.waitpid(pid, 0)
+        finally:
+            shutil.rmtree(parent)
+        assert kind == "LockPermissionError"
+        assert path == str(directory)
+        assert message == (
+            f"No permission to create or open lock files in {directory}; make it writable for "
+            'this user or point settings.ISOLATABLE["LOCK_DIR"] at a directory that is.'
+        )
+
+    def test_lock_dir_removed_while_held(self, lock_dir):
+        isolation = CommandIsolation("vanishing")
+        guard = isolation.lock()
+        (lock_dir / "vanishing.lock").unlink()
+        lock_dir.rmdir()
+        guard.release()
+        with isolation.lock(timeout=5):
+            assert isolation.is_locked()
+
+    def test_hand_deleted_lock_file_is_recreated(self, lock_dir):
+        isolation = CommandIsolation("deleted")
+        with isolation.lock():
+            pass
+        (lock_dir / "deleted.lock").unlink()
+        assert isolation.holder() is None
+        isolation.try_lock().release()
+
+
+def test_leftover_record_of_a_dead_holder(lock_dir):
+    """What a SIGKILL leaves: a free lock with a record; holder() says dead, lock() takes it."""
+    isolation = CommandIsolation("leftover")
+    with isolation.lock() as guard:
+        record = (lock_dir / "leftover.lock").read_text()
+    (lock_dir / "leftover.lock").write_text(record)
+    holder = isolation.holder()
+    assert holder is not None
+    assert holder.token == guard.info.token
+    assert holder.alive is False
+    assert not isolation.is_locked()
+    isolation.try_lock().release()
+    assert isolation.holder() is None

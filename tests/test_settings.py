@@ -1,0 +1,175 @@
+"""settings.ISOLATABLE: defaults, validation, and the system checks that report bad values."""
+
+from __future__ import annotations
+
+import getpass
+import tempfile
+from pathlib import Path
+
+import pytest
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from django_isolatable import CommandIsolation, LockStrategy
+from django_isolatable.backends.memory import MemoryBackend
+from django_isolatable.conf import isolatable_settings
+
+
+def messages() -> list[tuple[str, str]]:
+    return [(m.id or "", m.msg) for m in checks.run_checks() if m.id and "isolatable" in m.id]
+
+
+class CustomBackend(MemoryBackend):
+    """A backend loaded by dotted path."""
+
+
+def test_defaults(settings):
+    settings.ISOLATABLE = {}
+    assert isolatable_settings.STRATEGY == "file"
+    assert isolatable_settings.TIMEOUT is None
+    assert isolatable_settings.TTL == 60
+    assert isolatable_settings.REDIS_URL == "redis://127.0.0.1:6379/0"
+    assert isolatable_settings.KEY_PREFIX == ""
+    assert isolatable_settings.SKIPPED_EXIT_CODE == 0
+    user = getpass.getuser()
+    assert isolatable_settings.LOCK_DIR == Path(
+        tempfile.gettempdir(), f"django-isolatable-{user}-tests.settings"
+    )
+    assert messages() == []
+
+
+def test_lock_dir_defaults_to_base_dir(settings, tmp_path):
+    settings.ISOLATABLE = {}
+    settings.BASE_DIR = tmp_path
+    assert isolatable_settings.LOCK_DIR == tmp_path / ".locks"
+
+
+def test_settings_are_read_live(settings):
+    settings.ISOLATABLE = {"STRATEGY": "memory"}
+    assert CommandIsolation("x").strategy == "memory"
+    settings.ISOLATABLE = {"STRATEGY": LockStrategy.FILE}
+    assert CommandIsolation("x").strategy == "file"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "check_id", "message"),
+    [
+        (
+            "STRATEGY",
+            "nope",
+            "isolatable.E002",
+            "settings.ISOLATABLE[\"STRATEGY\"] is 'nope', which is neither a strategy (file, "
+            "memory, redis, cache, database, postgres) nor the dotted path of an importable "
+            "backend class.",
+        ),
+        (
+            "TTL",
+            0,
+            "isolatable.E005",
+            'settings.ISOLATABLE["TTL"] is 0; use a finite number of seconds > 0 '
+            "(leases must expire).",
+        ),
+        (
+            "TTL",
+            float("inf"),
+            "isolatable.E005",
+            'settings.ISOLATABLE["TTL"] is inf; use a finite number of seconds > 0 '
+            "(leases must expire).",
+        ),
+        (
+            "TIMEOUT",
+            -1,
+            "isolatable.E004",
+            'settings.ISOLATABLE["TIMEOUT"] is -1; use None (wait forever) or a number of '
+            "seconds >= 0.",
+        ),
+        (
+            "SKIPPED_EXIT_CODE",
+            300,
+            "isolatable.E007",
+            'settings.ISOLATABLE["SKIPPED_EXIT_CODE"] is 300; use an exit status from 0 to 255.',
+        ),
+        (
+            "KEY_PREFIX",
+            None,
+            "isolatable.E006",
+            'settings.ISOLATABLE["KEY_PREFIX"] is None; it must be a string.',
+        ),
+    ],
+)
+def test_bad_values_are_check_errors_and_improperly_configured(
+    settings, key, value, check_id, message
+):
+    settings.ISOLATABLE = {key: value}
+    assert (check_id, message) in messages()
+    with pytest.raises(ImproperlyConfigured) as raised:
+        getattr(isolatable_settings, key)
+    assert str(raised.value) == message
+
+
+def test_bad_strategy_is_improperly_configured_on_use(settings):
+    settings.ISOLATABLE = {"STRATEGY": "nope"}
+    with pytest.raises(ImproperlyConfigured, match="'nope', which is neither a strategy"):
+        CommandIsolation("x").try_lock()
+
+
+def test_strategy_by_dotted_path(settings):
+    settings.ISOLATABLE = {"STRATEGY": f"{__name__}.CustomBackend"}
+    assert messages() == []
+    with CommandIsolation("x").lock() as guard:
+        assert isinstance(guard.isolation.backend, CustomBackend)
+
+
+def test_dotted_path_that_is_not_a_backend(settings):
+    settings.ISOLATABLE = {"STRATEGY": "pathlib.Path"}
+    assert [m[0] for m in messages()] == ["isolatable.E002"]
+
+
+def test_isolatable_must_be_a_dict(settings):
+    settings.ISOLATABLE = ["file"]
+    assert messages() == [
+        ("isolatable.E001", "settings.ISOLATABLE must be a dict, not list (['file']).")
+    ]
+
+
+def test_unknown_key_is_a_warning(settings):
+    settings.ISOLATABLE = {"STRATEGY": "file", "TIMOUT": 5}
+    assert messages() == [
+        (
+            "isolatable.W001",
+            "Unknown key 'TIMOUT' in settings.ISOLATABLE is ignored; the known keys are "
+            "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, "
+            "KEY_PREFIX, SKIPPED_EXIT_CODE.",
+        )
+    ]
+
+
+def test_lock_dir_that_is_a_file_is_a_check_error(settings, tmp_path):
+    (tmp_path / "f").write_text("")
+    settings.ISOLATABLE = {"LOCK_DIR": str(tmp_path / "f")}
+    assert messages() == [
+        (
+            "isolatable.E010",
+            f'settings.ISOLATABLE["LOCK_DIR"] ({str(tmp_path / "f")!r}) is not a directory; '
+            "point it at one.",
+        )
+    ]
+
+
+def test_missing_lock_dir_is_fine(settings, tmp_path):
+    settings.ISOLATABLE = {"LOCK_DIR": str(tmp_path / "not" / "yet")}
+    assert messages() == []
+
+
+@pytest.mark.parametrize("bad", [-1, "5", float("nan"), True])
+def test_bad_timeouts_are_value_errors(bad):
+    with pytest.raises(ValueError, match="timeout must be None"):
+        CommandIsolation("x", timeout=bad)
+    with pytest.raises(ValueError, match="timeout must be None"):
+        CommandIsolation("x").lock(timeout=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_bad_ttl_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="ttl must be"):
+        CommandIsolation("x", ttl=bad)
