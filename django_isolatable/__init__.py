@@ -1,6 +1,7 @@
 """Run a Django management command at most once at a time."""
 
 from django_isolatable.backends import LockStrategy
+from django_isolatable.command import IsolatableCommand
 from django_isolatable.errors import (
     AlreadyRunning,
     IsolationError,
@@ -16,6 +17,7 @@ from django_isolatable.isolation import CommandIsolation, LockGuard
 __all__ = [
     "AlreadyRunning",
     "CommandIsolation",
+    "IsolatableCommand",
     "IsolationError",
     "LockFileError",
     "LockGuard",

@@ -173,7 +173,8 @@ class CommandIsolation:
         backend = self.backend
         ttl = self.ttl if backend.expiring else None
         lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
-        if lease is None and backend.expiring and self._release_if_stale():
+        if lease is None and backend.expiring and self.release_if_stale():
+            logger.warning("Took over lock %s from a dead holder", self.name)
             lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
         logger.debug("Attempt to lock %s: %s", self.name, "taken" if lease else "held")
         return lease
@@ -211,15 +212,19 @@ class CommandIsolation:
             logger.warning("Force-released lock %s (%s)", self.name, self.strategy)
         return released
 
-    def _release_if_stale(self) -> bool:
-        """Clear the record of a holder proven dead, by its token (never a live one's)."""
+    def release_if_stale(self) -> bool:
+        """Release the lock if its holder is proven dead (or its lease expired); True if done.
+
+        Goes by the dead holder's token, so a live holder that took the lock in the meantime is
+        never touched. What ``manage.py locks release NAME`` does without ``--force``.
+        """
         holder = self.holder()
         if holder is None or holder.alive is not False or holder.token is None:
             return False
         released = self.backend.release(Lease(self.name, holder.token, holder))
         if released:
-            logger.warning(
-                "Cleared the stale lock %s of dead pid %s on %s",
+            logger.info(
+                "Released the stale lock %s of dead pid %s on %s",
                 self.name,
                 holder.pid,
                 holder.hostname,

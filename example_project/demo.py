@@ -1,4 +1,7 @@
-"""`make demo`: two processes contend for one CommandIsolation file lock."""
+"""`make demo`: the example project's isolated command, started twice at once.
+
+Every step prints the command it runs, so the transcript reads like a terminal session.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +12,65 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOLDER = """
-import time, django
-django.setup()
-from django_isolatable import CommandIsolation
-with CommandIsolation("nightly-report").lock():
-    print("  [first]  took the lock, working for 3 seconds...", flush=True)
-    time.sleep(3)
-    print("  [first]  done, releasing", flush=True)
-"""
-SECOND = """
-import time, django
-django.setup()
-from django_isolatable import AlreadyRunning, CommandIsolation
-isolation = CommandIsolation("nightly-report")
-try:
-    isolation.try_lock()
-except AlreadyRunning as e:
-    print(f"  [second] try_lock(): {e}", flush=True)
-print(f"  [second] lock file {isolation.lock_path()} says:")
-print("    " + isolation.lock_path().read_text().strip()[:200] + "...", flush=True)
-print("  [second] waiting with lock(timeout=10)...", flush=True)
-started = time.monotonic()
-with isolation.lock(timeout=10):
-    print(f"  [second] got it after {time.monotonic() - started:.2f} s", flush=True)
-"""
+MANAGE = [sys.executable, "manage.py"]
+ENV = {**os.environ, "DJANGO_SETTINGS_MODULE": "example_project.settings"}
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m# {text}\033[0m" if sys.stdout.isatty() else f"\n# {text}", flush=True)
+
+
+def run(*args: str) -> int:
+    print("$ python manage.py " + " ".join(args), flush=True)
+    return subprocess.run([*MANAGE, *args], cwd=ROOT, env=ENV, check=False).returncode
+
+
+def wait_until_held(name: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(ENV)
+    import django
+
+    django.setup()
+    from django_isolatable import CommandIsolation
+
+    isolation = CommandIsolation(name)
+    deadline = time.monotonic() + 30
+    while not isolation.is_locked():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the first {name} never took its lock")
+        time.sleep(0.05)
 
 
 def main() -> None:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "example_project.settings"}
-    print("Two processes want the lock 'nightly-report' (file strategy, no server needed):")
-    first = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, env=env)
-    time.sleep(1)
-    subprocess.run([sys.executable, "-c", SECOND], cwd=ROOT, env=env, check=True)
+    say("Start import_data in the background (it works for 4 seconds).")
+    print("$ python manage.py import_data --seconds 4 &", flush=True)
+    first = subprocess.Popen([*MANAGE, "import_data", "--seconds", "4"], cwd=ROOT, env=ENV)
+    wait_until_held("import_data")
+
+    say("Cron starts a second copy while the first runs: it is skipped, handle() never runs.")
+    status = run("import_data", "--seconds", "4", "--isolated-exit-code", "75")
+    print(f"(exit status {status}: the --isolated-exit-code we asked for)", flush=True)
+
+    say("What operators see meanwhile:")
+    run("locks", "status")
+
+    say("A deploy hook would rather wait for it than skip:")
+    run("import_data", "--seconds", "0.5", "--wait", "30")
     first.wait()
+
+    say("Both runs are over, so the lock is free again:")
+    run("locks", "status", "import_data")
+
+    say("A run killed with kill -9 cannot clean up; the kernel freed its lock, its record stays:")
+    print("$ python manage.py import_data --seconds 60 & kill -9 $!", flush=True)
+    victim = subprocess.Popen(
+        [*MANAGE, "import_data", "--seconds", "60"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL
+    )
+    wait_until_held("import_data")
+    victim.kill()
+    victim.wait()
+    run("locks", "status")
+    run("locks", "release", "import_data")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ when the server is unreachable.
 from __future__ import annotations
 
 import gc
+import io
+import json
 import os
 import threading
 import time
 from datetime import timezone
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from django_isolatable import (
     AlreadyRunning,
@@ -229,3 +233,40 @@ class LockConformance:
         with make(name).lock() as guard:
             listed = [info for info in make(name).backend.list() if info.name == name]
             assert [info.token for info in listed] == [guard.info.token]
+
+    def locks(self, *args: str) -> str:
+        stdout = io.StringIO()
+        call_command("locks", "--strategy", self.strategy, *args, stdout=stdout)
+        return stdout.getvalue()
+
+    def test_locks_status(self, make, name):
+        assert json.loads(self.locks("status", name, "--json"))[0]["state"] == "free"
+        with make(name).lock() as guard:
+            (row,) = json.loads(self.locks("status", name, "--json"))
+            assert set(row) == {
+                "name", "strategy", "state", "pid", "host", "started_at", "age_seconds",
+                "command", "expires_at",
+            }  # fmt: skip
+            assert row["name"] == name
+            assert row["strategy"] == self.strategy
+            assert row["state"] == "held"
+            assert row["pid"] == os.getpid()
+            assert row["started_at"] == guard.info.acquired_at.isoformat()
+            assert row["age_seconds"] >= 0
+            listed = json.loads(self.locks("status", "--json"))
+            assert name in [row["name"] for row in listed]
+            table = self.locks("status", name)
+            assert table.splitlines()[0].split() == [
+                "NAME", "STATE", "PID", "HOST", "STARTED", "AGE", "COMMAND",
+            ]  # fmt: skip
+            assert f"  held   {os.getpid()}  " in table
+
+    def test_locks_release_refuses_a_live_holder_without_force(self, make, name):
+        with make(name).lock():
+            with pytest.raises(CommandError) as raised:
+                self.locks("release", name)
+            assert raised.value.returncode == 1
+            assert make(name).is_locked()
+            assert "Force-released" in self.locks("release", name, "--force")
+            assert not make(name).is_locked()
+        assert self.locks("release", name) == f"{name} is not locked.\n"

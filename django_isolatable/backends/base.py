@@ -89,8 +89,9 @@ class Backend:
         """The current holder of ``name``, read-only.
 
         None when there is no record. A backend that knows for certain whether the holder is
-        alive (the kernel, a live database session) sets ``alive``; otherwise it leaves it None
-        for ``holders.judged`` to decide.
+        alive (the kernel, a live database session) sets ``alive``, and marks a lease the store
+        judges expired ``alive=False``; otherwise it leaves ``alive`` None for
+        ``holders.judged`` to decide.
         """
         raise NotImplementedError
 

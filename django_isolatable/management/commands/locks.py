@@ -1,0 +1,183 @@
+"""``manage.py locks status|release``: see what runs, clear what is stale."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_isolatable.holders import LockInfo, judged, utcnow
+from django_isolatable.isolation import CommandIsolation
+
+COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED", "AGE", "COMMAND")
+
+
+def state_of(info: LockInfo | None) -> str:
+    """``held``, ``stale`` (holder proven dead or lease expired) or ``free``."""
+    if info is None:
+        return "free"
+    return "stale" if info.alive is False else "held"
+
+
+def _age(info: LockInfo) -> float | None:
+    return None if info.acquired_at is None else (utcnow() - info.acquired_at).total_seconds()
+
+
+def _age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Command(BaseCommand):
+    help = "Show and release the locks of isolated commands."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--strategy",
+            help='Lock strategy to look at (default: settings.ISOLATABLE["STRATEGY"]).',
+        )
+        actions = parser.add_subparsers(dest="action", required=True, metavar="{status,release}")
+        status = actions.add_parser("status", help="Show locks: held, stale or free.")
+        status.add_argument("names", nargs="*", metavar="NAME", help="Only these locks.")
+        status.add_argument("--json", action="store_true", help="Print a JSON list.")
+        release = actions.add_parser(
+            "release", help="Release locks whose holders are dead (or any, with --force)."
+        )
+        release.add_argument("names", nargs="*", metavar="NAME")
+        release.add_argument("--stale", action="store_true", help="Release every stale lock.")
+        release.add_argument("--all", action="store_true", help="Release every lock (--force).")
+        release.add_argument(
+            "--force",
+            action="store_true",
+            help="Also release locks whose holders are alive or cannot be judged.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.strategy = options["strategy"]
+        if options["action"] == "status":
+            self.status(options["names"], as_json=options["json"])
+        else:
+            self.release(options["names"], options["stale"], options["all"], options["force"])
+
+    def isolation(self, name: str) -> CommandIsolation:
+        return CommandIsolation(name, strategy=self.strategy)
+
+    def holders(self, names: list[str]) -> list[tuple[str, LockInfo | None]]:
+        if names:
+            return [(name, self.isolation(name).holder()) for name in names]
+        backend = CommandIsolation("locks", strategy=self.strategy).backend
+        return [(info.name, judged(info)) for info in backend.list()]
+
+    def status(self, names: list[str], *, as_json: bool) -> None:
+        holders = self.holders(names)
+        strategy = CommandIsolation("locks", strategy=self.strategy).strategy
+        if as_json:
+            self.stdout.write(json.dumps([_as_json(n, i, strategy) for n, i in holders], indent=2))
+            return
+        if not holders:
+            self.stdout.write(f"No locks ({strategy} strategy).")
+            return
+        rows = [_row(name, info) for name, info in holders]
+        widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS) - 1)]
+        self.stdout.write(self._line(COLUMNS, widths), self.style.MIGRATE_HEADING)
+        styles = {"held": self.style.WARNING, "stale": self.style.ERROR, "free": self.style.SUCCESS}
+        for row in rows:
+            self.stdout.write(self._line(row, widths), styles[row[1]])
+
+    @staticmethod
+    def _line(cells: Iterable[str], widths: list[int]) -> str:
+        *fixed, last = cells
+        return "  ".join(cell.ljust(width) for cell, width in zip(fixed, widths, strict=True)) + (
+            "  " + last
+        )
+
+    def release(self, names: list[str], stale: bool, every: bool, force: bool) -> None:
+        if every and not force:
+            raise CommandError("locks release --all releases live holders' locks too: add --force.")
+        if not (names or stale or every):
+            raise CommandError("Name the locks to release, or use --stale, or --all --force.")
+        if names:
+            targets = self.holders(names)
+        else:
+            targets = [(n, i) for n, i in self.holders([]) if every or state_of(i) == "stale"]
+            if not targets:
+                self.stdout.write("No stale locks." if stale else "No locks.")
+        refused = 0
+        for name, holder in targets:
+            refused += not self._release_one(name, holder, force)
+        if refused:
+            raise CommandError(
+                f"{refused} lock{'s were' if refused > 1 else ' was'} not released.", returncode=1
+            )
+
+    def _release_one(self, name: str, holder: LockInfo | None, force: bool) -> bool:
+        """Release one lock; False if it was refused."""
+        who = "holder unknown" if holder is None else _who(holder)
+        isolation = self.isolation(name)
+        if holder is None:
+            self.stdout.write(f"{name} is not locked.")
+        elif holder.alive is False and isolation.release_if_stale():
+            self.stdout.write(f"Released stale lock {name} ({who}).", self.style.SUCCESS)
+        elif force:
+            isolation.release_all()
+            self.stdout.write(f"Force-released {name} ({who}).", self.style.WARNING)
+        else:
+            judgement = "is alive" if holder.alive else "cannot be judged from this host"
+            self.stderr.write(
+                f"Not releasing {name}: its holder ({who}) {judgement}. "
+                "Use --force if you are sure it is not running.",
+                self.style.ERROR,
+            )
+            return False
+        return True
+
+
+def _who(info: LockInfo) -> str:
+    return f"pid {info.pid if info.pid is not None else '?'} on {info.hostname or '?'}"
+
+
+def _row(name: str, info: LockInfo | None) -> tuple[str, ...]:
+    if info is None:
+        return (name, "free", "-", "-", "-", "-", "")
+    started = "-" if info.acquired_at is None else f"{info.acquired_at:%Y-%m-%d %H:%M:%S}"
+    return (
+        name,
+        state_of(info),
+        str(info.pid) if info.pid is not None else "?",
+        info.hostname or "?",
+        started,
+        _age_text(_age(info)),
+        " ".join(info.argv),
+    )
+
+
+def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
+    if info is None:
+        return {
+            "name": name,
+            "strategy": strategy,
+            "state": "free",
+            "pid": None,
+            "host": None,
+            "started_at": None,
+            "age_seconds": None,
+            "command": None,
+            "expires_at": None,
+        }
+    return {
+        "name": name,
+        "strategy": info.strategy,
+        "state": state_of(info),
+        "pid": info.pid,
+        "host": info.hostname,
+        "started_at": None if info.acquired_at is None else info.acquired_at.isoformat(),
+        "age_seconds": _age(info),
+        "command": " ".join(info.argv),
+        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
+    }
