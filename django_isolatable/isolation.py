@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +23,9 @@ from django_isolatable.backends import (
     load_backend_class,
 )
 from django_isolatable.conf import isolatable_settings
-from django_isolatable.errors import AlreadyRunning, LockLost, LockTimeout
+from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
 from django_isolatable.holders import LockInfo, judged, new_record
+from django_isolatable.signals import lock_lost
 from django_isolatable.waiting import wait_for
 
 logger = logging.getLogger(__name__)
@@ -247,6 +250,14 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
+        self._stop_heartbeat = threading.Event()
+        if self._backend.heartbeat:
+            threading.Thread(
+                target=_heartbeat,
+                args=(weakref.ref(self), self._backend, lease, isolation.ttl, self._stop_heartbeat),
+                name=f"isolatable-heartbeat-{isolation.name}"[:60],
+                daemon=True,
+            ).start()
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "held"
@@ -259,8 +270,18 @@ class LockGuard:
 
     @property
     def lost(self) -> bool:
-        """True once an expiring lease was found expired or taken."""
+        """True once the lease was found expired or taken (or the session holding it gone)."""
         return self._lost
+
+    def _mark_lost(self) -> None:
+        with self._state:
+            if self._lost or self._released:
+                return
+            self._lost = True
+        logger.warning(
+            "Lost lock %s: its lease expired or was taken while it was held", self.isolation.name
+        )
+        lock_lost.send(sender=CommandIsolation, name=self.isolation.name, guard=self)
 
     def check(self) -> None:
         """Raise ``LockLost`` if the lease was lost."""
@@ -273,7 +294,13 @@ class LockGuard:
             if self._released:
                 return
             self._released = True
-        if self._backend.release(self._lease):
+        self._stop_heartbeat.set()
+        try:
+            released = self._backend.release(self._lease)
+        except IsolationError as e:  # never hide the result of the work the lock protected
+            logger.warning("Could not release lock %s: %s", self.isolation.name, e)
+            return
+        if released:
             logger.info("Released lock %s", self.isolation.name)
         elif self._lease.pid == os.getpid():
             logger.warning("Lock %s was no longer held when released", self.isolation.name)
@@ -293,3 +320,46 @@ class LockGuard:
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
             self.release()
+
+
+def _heartbeat(
+    guard_ref: weakref.ref[LockGuard],
+    backend: Backend,
+    lease: Lease,
+    ttl: float,
+    stop: threading.Event,
+) -> None:
+    """Renew the lease every TTL/3 until released; mark the guard lost when renewal fails.
+
+    Holds the guard only weakly, so a guard that is dropped is still garbage collected (and
+    released). A store that cannot be reached is retried until the lease must have expired.
+    """
+    try:
+        _renew_until_stopped(guard_ref, backend, lease, ttl, stop)
+    finally:
+        backend.close()  # this thread's connections
+
+
+def _renew_until_stopped(
+    guard_ref: weakref.ref[LockGuard],
+    backend: Backend,
+    lease: Lease,
+    ttl: float,
+    stop: threading.Event,
+) -> None:
+    renewed = time.monotonic()
+    while not stop.wait(ttl / 3):
+        try:
+            held = backend.refresh(lease, ttl)
+        except IsolationError as e:
+            logger.warning("Could not renew lock %s: %s", lease.name, e)
+            held = time.monotonic() - renewed < ttl
+        else:
+            renewed = time.monotonic() if held else renewed
+        guard = guard_ref()
+        if guard is None or stop.is_set():
+            return
+        if not held:
+            guard._mark_lost()
+            return
+        del guard

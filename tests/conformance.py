@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from datetime import timezone
+from typing import ClassVar
 
 import pytest
 from django.core.management import call_command
@@ -26,6 +27,7 @@ from django_isolatable import (
     LockInfo,
     LockTimeout,
 )
+from tests import services
 
 TRICKY_NAMES = [
     "migrate",
@@ -51,6 +53,19 @@ class LockConformance:
     """Contract tests every strategy passes. ``make(name, **kwargs)`` builds a CommandIsolation."""
 
     strategy: str
+    #: The server this strategy needs (see tests/services.py), if any.
+    service: str | None = None
+    #: ISOLATABLE settings this strategy's tests run with.
+    isolatable_settings: ClassVar[dict[str, object]] = {}
+
+    @pytest.fixture(autouse=True)
+    def _strategy_settings(self, settings, django_db_blocker):
+        if self.service is not None:
+            services.require(self.service)
+        settings.ISOLATABLE = {**settings.ISOLATABLE, **self.isolatable_settings}
+        # The database strategies use connections of their own, not pytest-django's test ones.
+        with django_db_blocker.unblock():
+            yield
 
     @pytest.fixture
     def make(self):

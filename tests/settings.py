@@ -1,5 +1,22 @@
 """Settings for the test suite: the app, an in-memory SQLite database, no server needed."""
 
+import json
+import os
+import tempfile
+
+try:  # the MariaDB/MySQL tests use PyMySQL (pure Python) as Django's MySQLdb
+    import pymysql  # type: ignore[import-untyped]
+
+    pymysql.install_as_MySQLdb()
+except ImportError:
+    pass
+
+# One id per test session, inherited by the processes the tests spawn: it names the SQLite
+# file and the key prefixes on shared servers, so parallel sessions never meet.
+SESSION = os.environ.setdefault("ISOLATABLE_TEST_SESSION", f"{os.getpid()}")
+SQLITE_PATH = os.path.join(tempfile.gettempdir(), f"isolatable-tests-{SESSION}.sqlite3")
+KEY_PREFIX = f"isolatable-tests-{SESSION}:"
+
 SECRET_KEY = "tests-only"
 USE_TZ = True
 INSTALLED_APPS = [
@@ -8,7 +25,37 @@ INSTALLED_APPS = [
     "django_isolatable",
     "tests.testapp",
 ]
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    # Real servers for the postgres and database strategies; tests skip when they are down.
+    "postgres": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("TEST_POSTGRES_DB", "test"),
+        "USER": os.environ.get("TEST_POSTGRES_USER", "postgres"),
+        "PASSWORD": os.environ.get("TEST_POSTGRES_PASSWORD", ""),
+        "HOST": os.environ.get("TEST_POSTGRES_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("TEST_POSTGRES_PORT", "5432"),
+    },
+    "mariadb": {
+        "ENGINE": "django.db.backends.mysql",
+        "NAME": os.environ.get("TEST_MARIADB_DB", "test"),
+        "USER": os.environ.get("TEST_MARIADB_USER", "root"),
+        "PASSWORD": os.environ.get("TEST_MARIADB_PASSWORD", ""),
+        "HOST": os.environ.get("TEST_MARIADB_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("TEST_MARIADB_PORT", "3306"),
+    },
+    "sqlite": {"ENGINE": "django.db.backends.sqlite3", "NAME": SQLITE_PATH},
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-ISOLATABLE: dict[str, object] = {}
+# Processes that tests spawn get their strategy's settings through the environment.
+ISOLATABLE: dict[str, object] = json.loads(os.environ.get("ISOLATABLE_TEST_SETTINGS", "{}"))
 LOGGING_CONFIG = None
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "redis": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "KEY_PREFIX": KEY_PREFIX,
+    },
+}

@@ -144,9 +144,12 @@ class TestBadInput:
         try:
             path.write_bytes(content)  # the holder's record, replaced by garbage
             holder = isolation.holder()
-            assert holder is not None
-            assert holder.alive is True
-            assert holder.pid is None
+            if content:
+                assert holder is not None
+                assert holder.alive is True
+                assert holder.pid is None
+            else:  # an empty file reads as free: holders empty it before they unlock
+                assert holder is None
             with pytest.raises(AlreadyRunning, match="holder unknown"):
                 isolation.try_lock()
         finally:

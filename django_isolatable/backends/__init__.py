@@ -30,6 +30,10 @@ class LockStrategy(str, enum.Enum):
 BUILTIN_BACKENDS = {
     "file": "django_isolatable.backends.file.FileBackend",
     "memory": "django_isolatable.backends.memory.MemoryBackend",
+    "redis": "django_isolatable.backends.redis.RedisBackend",
+    "postgres": "django_isolatable.backends.postgres.PostgresBackend",
+    "database": "django_isolatable.backends.database.DatabaseBackend",
+    "cache": "django_isolatable.backends.cache.CacheBackend",
 }
 
 
@@ -39,11 +43,8 @@ def load_backend_class(strategy: str) -> type[Backend]:
     Raises ``ImproperlyConfigured`` naming the strategy when it is unknown or not importable.
     """
     value = strategy.value if isinstance(strategy, LockStrategy) else str(strategy)
-    path = BUILTIN_BACKENDS.get(value) if value in LockStrategy._value2member_map_ else None
-    if path is None and value in LockStrategy._value2member_map_:
-        raise ImproperlyConfigured(f"The {value!r} strategy is not available in this version.")
     try:
-        backend_class = import_string(path or value)
+        backend_class = import_string(BUILTIN_BACKENDS.get(value, value))
     except ImportError as e:
         raise ImproperlyConfigured(
             f"Unknown lock strategy {value!r}: use one of "

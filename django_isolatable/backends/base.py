@@ -51,6 +51,9 @@ class Backend:
     strategy: ClassVar[str]
     #: Leases expire unless renewed with ``refresh`` (redis, database, cache).
     expiring: ClassVar[bool] = False
+    #: ``refresh`` is called every TTL/3 while a lock is held: it renews an expiring lease, or
+    #: checks that the session holding the lock is still there (postgres).
+    heartbeat: ClassVar[bool] = False
     #: Longest pause between two attempts of a waiter; ``wait`` may wake it sooner.
     poll_interval: ClassVar[float] = 0.05
 
@@ -82,7 +85,11 @@ class Backend:
         raise NotImplementedError
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
-        """Extend an expiring lease to ``ttl`` seconds from now; False if it was lost."""
+        """Extend the lease to ``ttl`` seconds from now (or check it is still held).
+
+        False if it was lost: expired, taken, or its session gone. Raises ``LockIOError`` when
+        the store cannot be reached (the caller retries until the lease must have expired).
+        """
         return True
 
     def inspect(self, name: str) -> LockInfo | None:
@@ -112,4 +119,4 @@ class Backend:
         time.sleep(timeout)
 
     def close(self) -> None:
-        """Free connections and descriptors this backend keeps (not the locks it holds)."""
+        """Free the connections this backend keeps for the calling thread (never held locks)."""

@@ -14,8 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import random
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,11 +37,13 @@ _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _MAX_READABLE = 120  # characters of the escaped name kept before a long name is hashed
 _MAX_RECORD = 64 * 1024
 _SUFFIX = ".lock"
+PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
 
-# Locks this process holds, by path: threads exclude each other here before the kernel is
-# asked, which also keeps NFS (where flock is emulated with per-process POSIX locks) correct.
-_held: dict[str, LockInfo] = {}
+# Locks this process holds (or is trying to take: None), by path. Threads exclude each other
+# here before the kernel is asked, which also keeps NFS correct, where flock is emulated with
+# per-process POSIX locks.
+_held: dict[str, LockInfo | None] = {}
 _held_lock = threading.Lock()
 os.register_at_fork(after_in_child=_held.clear)
 
@@ -107,14 +111,17 @@ class FileBackend(Backend):
         with _held_lock:
             if path in _held:
                 return None
-            _held[path] = info
+            _held[path] = None
         try:
             lease = self._lock(name, path, info)
         except BaseException:
-            _forget(path, info)
+            _forget(path)
             raise
-        if lease is None:
-            _forget(path, info)
+        with _held_lock:
+            if lease is None:
+                _held.pop(path, None)
+            else:
+                _held[path] = info
         return lease
 
     def _lock(self, name: str, path: str, info: LockInfo) -> FileLease | None:
@@ -131,7 +138,8 @@ class FileBackend(Backend):
                 os.close(fd)
                 raise
             os.close(fd)  # the file was replaced or removed after we opened it: lock the new one
-        raise LockFileError(f"Lock file {path} keeps being replaced; is something deleting it?")
+        logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
+        return None  # as if held: a waiter tries again
 
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, FileLease):
@@ -145,6 +153,7 @@ class FileBackend(Backend):
         try:
             _truncate(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
+            _forget(lease.path, lease.info)
             # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win.
             os.utime(fd)
         except OSError as e:
@@ -173,6 +182,13 @@ class FileBackend(Backend):
             os.close(fd)
 
     def inspect(self, name: str) -> LockInfo | None:
+        """The holder's record, with ``alive`` from the kernel: held or not.
+
+        An empty file is a free lock (or one whose holder is writing its record this instant)
+        and is not checked further: holders empty the file before unlocking, so a free lock is
+        empty unless its holder died. A record is checked with an instant's shared lock, which
+        only an acquirer racing for a dead holder's lock can see (and it retries).
+        """
         path = str(self.lock_path(name))
         with _held_lock:
             mine = _held.get(path)
@@ -184,12 +200,14 @@ class FileBackend(Backend):
             return None
         try:
             record = _read_record(fd, name)
+            if record is None:
+                return None
             held = not _try_flock(fd, path, shared=True)
         finally:
             os.close(fd)
-        if held:  # the kernel says so, whatever the record's PID looks like
-            return replace(record or LockInfo(name=name, strategy=self.strategy), alive=True)
-        return None if record is None else replace(record, alive=False)
+        # The kernel has the last word: a forked child may hold a dead parent's lock, and a
+        # holder on another host over NFS cannot be judged by its PID.
+        return replace(record, alive=held)
 
     def list(self) -> Iterator[LockInfo]:
         try:
@@ -296,10 +314,16 @@ def _os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
 
 
 def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
-    """One non-blocking flock; False if someone holds it (exclusively, for ``shared``)."""
+    """One non-blocking flock; False if someone holds it (exclusively, for ``shared``).
+
+    Holders lock exclusively and ``inspect`` shares for an instant, so when only shared locks
+    are in the way the exclusive attempt is retried for up to ``PROBE_PATIENCE`` seconds
+    instead of reporting "held" because somebody looked at the lock.
+    """
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    deadline = None
     try:
-        for _ in range(4):
+        while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -309,16 +333,18 @@ def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
                 if shared:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 return True
-            # Holders lock exclusively, ``inspect`` shares for an instant: if a shared lock is
-            # granted, only a reader was in the way, so try again instead of reporting "held".
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return False
+                return False  # an exclusive holder
             fcntl.flock(fd, fcntl.LOCK_UN)
+            now = time.monotonic()
+            deadline = deadline or now + PROBE_PATIENCE
+            if now > deadline:
+                return False
+            time.sleep(random.uniform(0, 0.0002))  # jitter: two acquirers' checks never lock-step
     except OSError as e:
         raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
-    return False
 
 
 def _same_file(fd: int, path: str) -> bool:

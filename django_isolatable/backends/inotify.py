@@ -4,8 +4,8 @@ A waiter watches its lock file for IN_ATTRIB, which a releasing holder causes (`
 after it unlocks, so the waiter retries at once instead of on the next poll. Where inotify is
 missing (other systems, exhausted watch limits) ``watch`` returns None and the caller polls.
 
-Watches are kept per (path, thread) for reuse, a bounded number of them: closing an inotify
-instance waits for a kernel grace period (milliseconds), which must not land on a handoff.
+Watches are kept for reuse: closing an inotify instance waits for a kernel grace period
+(milliseconds), which must not land on a handoff.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import select
 import sys
 import threading
-from collections import OrderedDict
 
 IN_ATTRIB = 0x00000004
 IN_DELETE_SELF = 0x00000400
@@ -41,26 +40,31 @@ _libc = _load_libc()
 
 
 class FileWatch:
-    """An inotify watch on one file. ``wait`` blocks until the file changes or time runs out."""
+    """One inotify instance watching any number of files. ``wait`` blocks until one changes."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.paths: set[str] = set()
 
     @classmethod
-    def open(cls, path: str) -> FileWatch | None:
-        """Watch ``path``; None when inotify is unavailable here (callers then poll)."""
+    def open(cls) -> FileWatch | None:
+        """A new instance; None when inotify is unavailable here (callers then poll)."""
         if _libc is None:
             return None
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            return None
-        if _libc.inotify_add_watch(fd, os.fsencode(path), _MASK) < 0:
-            os.close(fd)
-            return None
-        return cls(fd)
+        return None if fd < 0 else cls(fd)
+
+    def add(self, path: str) -> bool:
+        """Watch ``path`` too; False if it cannot be watched (gone, or the watch limit hit)."""
+        if path not in self.paths:
+            assert _libc is not None
+            if _libc.inotify_add_watch(self.fd, os.fsencode(path), _MASK) < 0:
+                return False
+            self.paths.add(path)
+        return True
 
     def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True if the file changed (events are consumed)."""
+        """Block up to ``timeout`` seconds; True if a watched file changed (events consumed)."""
         poller = select.poll()  # not select(): descriptors above 1024 are common in servers
         poller.register(self.fd, select.POLLIN)
         if not poller.poll(max(timeout, 0.0) * 1000):
@@ -81,38 +85,33 @@ class FileWatch:
         self.close()
 
 
-_KEEP = 64
-_watches: OrderedDict[tuple[str, int], FileWatch] = OrderedDict()
-_watches_lock = threading.Lock()
+# One instance per thread (instances are limited per user, 128 by default, so not one per
+# file): a thread waits for one lock at a time, and a wake-up from another file it watched
+# before only costs one extra attempt. The instance is closed when its thread ends.
+_local = threading.local()
 
 
 def watch(path: str) -> tuple[FileWatch | None, bool]:
-    """This thread's watch on ``path`` and whether it is new (None: inotify is unavailable).
+    """This thread's watch including ``path``, and whether ``path`` was just added.
 
-    A new watch has seen nothing yet: the caller should retry before waiting on it, so that a
-    release between its last attempt and the watch's creation is not missed.
+    None when inotify is unavailable. After a new watch the caller should retry before
+    waiting, so that a release between its last attempt and the watch is not missed.
     """
-    key = (path, threading.get_ident())
-    with _watches_lock:
-        found = _watches.get(key)
-        if found is not None:
-            _watches.move_to_end(key)
-            return found, False
-    created = FileWatch.open(path)
-    if created is None:
+    file_watch: FileWatch | None = getattr(_local, "watch", None)
+    if file_watch is None:
+        file_watch = FileWatch.open()
+        if file_watch is None:
+            return None, False
+        _local.watch = file_watch
+    new = path not in file_watch.paths
+    if not file_watch.add(path):
         return None, False
-    with _watches_lock:
-        _watches[key] = created
-        while len(_watches) > _KEEP:
-            _watches.popitem(last=False)[1].close()
-    return created, True
+    return file_watch, new
 
 
 def _forget_after_fork() -> None:
-    # The child shares the parent's inotify instances; reading them would steal its events.
-    for inherited in _watches.values():
-        inherited.close()
-    _watches.clear()
+    # The child shares the parent's inotify instance; reading it would steal the parent's events.
+    _local.__dict__.pop("watch", None)
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,160 @@
+"""The cache strategy: Django's cache ``add()`` (atomic set-if-absent) with a TTL.
+
+Safe only on caches whose ``add`` is atomic and shared by every process: Redis, Memcached and
+the database cache. LocMem is per process and Dummy stores nothing (a system check warns).
+Renewal is ``touch`` and release is ``delete``, each after checking that the stored token is
+ours: the cache API has no compare-and-delete, so there is a window of one round trip in which
+a lease that expires right then could be taken by another process and then deleted by us.
+Renewal every TTL/3 keeps leases far from expiry, which keeps that window closed in practice.
+The cache cannot list its keys, so the locks are also recorded in a best-effort index entry
+that ``locks status`` reads; name a lock (``locks status NAME``) to be sure to see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any, ClassVar
+
+from django.core.cache import BaseCache, InvalidCacheBackendError, caches
+from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import ImproperlyConfigured
+
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.errors import LockIOError
+from django_isolatable.holders import LockInfo
+
+PER_PROCESS_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
+_index_lock = threading.Lock()
+logger = logging.getLogger(__name__)
+
+
+class CacheBackend(Backend):
+    strategy: ClassVar[str] = "cache"
+    expiring: ClassVar[bool] = True
+    heartbeat: ClassVar[bool] = True
+    poll_interval: ClassVar[float] = 0.04
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        self.alias = options.cache_alias
+        self._index = self._key("index")
+        self.cache  # noqa: B018 - fail now, with the alias in the message, if it is wrong
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        from django.conf import settings
+
+        configured = getattr(settings, "CACHES", {}).get(options.cache_alias)
+        if configured is None:
+            return [
+                Error(
+                    f'settings.ISOLATABLE["CACHE_ALIAS"] is {options.cache_alias!r}, which is not '
+                    "in settings.CACHES.",
+                    id="isolatable.E050",
+                )
+            ]
+        if configured.get("BACKEND") in PER_PROCESS_CACHES:
+            return [
+                Warning(
+                    f"The cache strategy uses cache {options.cache_alias!r} "
+                    f"({configured['BACKEND']}), which other processes cannot see: locks "
+                    "will not exclude other processes. Use Redis, Memcached or the database cache.",
+                    id="isolatable.W050",
+                )
+            ]
+        return []
+
+    @property
+    def cache(self) -> BaseCache:
+        try:
+            return caches[self.alias]  # one client per thread, as Django keeps them
+        except InvalidCacheBackendError as e:
+            raise ImproperlyConfigured(
+                f'settings.ISOLATABLE["CACHE_ALIAS"] is {self.alias!r}, which is not in '
+                "settings.CACHES."
+            ) from e
+
+    def _key(self, name: str) -> str:
+        # Hashed: Memcached refuses long keys and spaces; KEY_PREFIX namespaces shared caches.
+        digest = hashlib.sha256((self.options.key_prefix + name).encode("utf-8", "surrogatepass"))
+        return f"isolatable:{digest.hexdigest()}"
+
+    def _call(self, what: str, function: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except Exception as e:  # each cache client raises its own errors
+            raise LockIOError(f"Cache {self.alias!r} failed to {what}: {e}") from e
+
+    def _ttl(self, ttl: float) -> int:
+        return max(1, math.ceil(ttl))  # caches count whole seconds
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        value = {"token": info.token, "record": info.to_dict()}
+        if not self._call(
+            "lock", self.cache.add, self._key(name), value, self._ttl(self.options.ttl)
+        ):
+            return None
+        self._update_index(name, add=True)
+        return Lease(name=name, token=info.token or "", info=info)
+
+    def _owned(self, lease: Lease) -> bool:
+        value = self._call("read", self.cache.get, self._key(lease.name))
+        return isinstance(value, dict) and value.get("token") == lease.token
+
+    def release(self, lease: Lease) -> bool:
+        if not self._owned(lease):
+            return False
+        released = bool(self._call("release", self.cache.delete, self._key(lease.name)))
+        self._update_index(lease.name, add=False)
+        return released
+
+    def refresh(self, lease: Lease, ttl: float) -> bool:
+        if not self._owned(lease):
+            return False
+        return bool(self._call("renew", self.cache.touch, self._key(lease.name), self._ttl(ttl)))
+
+    def inspect(self, name: str) -> LockInfo | None:
+        value = self._call("read", self.cache.get, self._key(name))
+        return None if value is None else _info(name, value)
+
+    def list(self) -> Iterator[LockInfo]:
+        index: dict[str, str] = self._call("read", self.cache.get, self._index) or {}
+        found = self._call("read", self.cache.get_many, list(index))
+        for key, name in sorted(index.items(), key=lambda item: item[1]):
+            if key in found:  # the others expired (their holders died) or were released
+                yield _info(name, found[key])
+
+    def force_release(self, name: str) -> bool:
+        released = bool(self._call("release", self.cache.delete, self._key(name)))
+        self._update_index(name, add=False)
+        return released
+
+    def _update_index(self, name: str, *, add: bool) -> None:
+        """Best effort (get, change, set): a concurrent update from another process may drop a
+        name, and a failure here never fails the lock operation itself."""
+        with _index_lock:
+            try:
+                index: dict[str, str] = self.cache.get(self._index) or {}
+                if add:
+                    index[self._key(name)] = name
+                else:
+                    index.pop(self._key(name), None)
+                self.cache.set(self._index, index, None)
+            except Exception as e:
+                logger.warning("Could not update the lock index in cache %r: %s", self.alias, e)
+
+
+def _info(name: str, value: object) -> LockInfo:
+    if not isinstance(value, dict):
+        return LockInfo(name=name, strategy=CacheBackend.strategy)
+    info = LockInfo.from_dict(name, CacheBackend.strategy, value.get("record"))
+    # touch() renews without rewriting the value: the recorded expiry is out of date, so none.
+    return replace(info, token=value.get("token"), expires_at=None)

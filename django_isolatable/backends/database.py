@@ -1,0 +1,247 @@
+"""The database strategy: a row per held lock in ``django_isolatable_lock``, any Django database.
+
+Each thread talks to the database through a private connection of its own for the
+``DATABASE_ALIAS`` settings, in autocommit mode: taking or releasing a lock never joins, commits
+or rolls back the caller's transaction, and the caller's rollback never drops a lock. Expiry is
+judged by the database server's clock. Acquiring is one statement that inserts the row or takes
+over an expired one (``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`` on PostgreSQL and
+SQLite; ``INSERT IGNORE`` then a conditional ``UPDATE`` on MySQL/MariaDB); release and renewal
+go by owner token. The table is created on first use when missing, so isolating ``migrate`` works
+on an empty database; two processes racing to create it are both fine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from django.core.checks import CheckMessage, Error
+from django.db import DatabaseError, IntegrityError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.errors import LockIOError
+from django_isolatable.holders import LockInfo
+from django_isolatable.models import Lock
+
+COLUMNS = [str(field.column) for field in Lock._meta.concrete_fields]
+#: The server's "now", and "now plus %s" (seconds as the vendor wants them), per vendor.
+NOW = {
+    "postgresql": ("CURRENT_TIMESTAMP", "CURRENT_TIMESTAMP + make_interval(secs => %s)"),
+    "mysql": ("UTC_TIMESTAMP(6)", "UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"),
+    "sqlite": (
+        "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')",
+        "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)",
+    ),
+}
+UPSERT_VENDORS = ("postgresql", "sqlite")
+
+_local = threading.local()
+_abandoned: list[Any] = []
+
+
+def _forget_after_fork() -> None:
+    # Never close the parent's sockets from the child; keep them unreachable instead.
+    _abandoned.append(getattr(_local, "__dict__", {}).copy())
+    _local.__dict__.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _datetime(value: object) -> datetime | None:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+class DatabaseBackend(Backend):
+    strategy: ClassVar[str] = "database"
+    expiring: ClassVar[bool] = True
+    heartbeat: ClassVar[bool] = True
+    poll_interval: ClassVar[float] = 0.04
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        self.alias = options.database_alias
+        if self.alias not in connections.settings:
+            raise LockIOError(f"Database alias {self.alias!r} is not in settings.DATABASES.")
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        if options.database_alias in connections.settings:
+            return []
+        return [
+            Error(
+                f'settings.ISOLATABLE["DATABASE_ALIAS"] is {options.database_alias!r}, which is '
+                "not in settings.DATABASES.",
+                id="isolatable.E040",
+            )
+        ]
+
+    def _connection(self) -> BaseDatabaseWrapper:
+        wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.setdefault("wrappers", {})
+        if self.alias not in wrappers:
+            wrappers[self.alias] = connections.create_connection(self.alias)
+        return wrappers[self.alias]
+
+    def _execute(self, sql: str, params: list[Any], fetch: bool = False) -> Any:
+        """Run one statement on the private connection; create the table if it is missing."""
+        connection = self._connection()
+        table = Lock._meta.db_table
+        sql = sql.format(table=connection.ops.quote_name(table))
+        for attempt in range(2):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    return cursor.fetchall() if fetch else cursor.rowcount
+            except IntegrityError:
+                raise
+            except DatabaseError as e:
+                if attempt or not self._create_table_if_missing(connection):
+                    raise LockIOError(
+                        f"The lock table of database {self.alias!r} ({connection.vendor}) "
+                        f"failed: {e}"
+                    ) from e
+        raise AssertionError("unreachable")
+
+    def _create_table_if_missing(self, connection: BaseDatabaseWrapper) -> bool:
+        """Create the lock table if it is missing; False if it was there (so not the error)."""
+        try:
+            if Lock._meta.db_table in connection.introspection.table_names():
+                return False
+            with connection.schema_editor() as editor:
+                editor.create_model(Lock)
+        except DatabaseError as e:  # another process created it first, or the database is down
+            try:
+                exists = Lock._meta.db_table in connection.introspection.table_names()
+            except DatabaseError:
+                raise LockIOError(f"Database {self.alias!r} is unreachable: {e}") from e
+            if not exists:
+                raise LockIOError(f"Could not create the lock table in {self.alias!r}: {e}") from e
+        return True
+
+    def _now(self) -> tuple[str, str, Any]:
+        """(now SQL, now-plus-TTL SQL, the TTL parameter) for this database."""
+        vendor = self._connection().vendor
+        now, later = NOW.get(vendor, NOW["postgresql"])
+        ttl = self.options.ttl
+        param: Any = {"mysql": int(ttl * 1_000_000), "sqlite": f"+{ttl:.6f} seconds"}.get(
+            vendor, ttl
+        )
+        return now, later, param
+
+    def _row(self, name: str, info: LockInfo) -> list[Any]:
+        ops = self._connection().ops
+        return [
+            _name_hash(self.options.key_prefix + name),
+            name,
+            info.token,
+            info.pid,
+            (info.hostname or "")[:255],
+            (info.host_id or "")[:255],
+            ops.adapt_datetimefield_value(info.process_started_at),
+            ops.adapt_datetimefield_value(info.acquired_at),
+            json.dumps(list(info.argv)),
+        ]
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        now, later, ttl = self._now()
+        row = self._row(name, info)
+        columns = ", ".join(COLUMNS)
+        values = ", ".join(["%s"] * len(row) + [later])
+        vendor = self._connection().vendor
+        if vendor in UPSERT_VENDORS:
+            updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+            taken = self._execute(
+                f"INSERT INTO {{table}} ({columns}) VALUES ({values}) ON CONFLICT (name_hash) "
+                f"DO UPDATE SET {updates} WHERE {{table}}.expires_at < {now}",
+                [*row, ttl],
+            )
+        else:
+            insert = "INSERT IGNORE INTO" if vendor == "mysql" else "INSERT INTO"
+            try:
+                taken = self._execute(
+                    f"{insert} {{table}} ({columns}) VALUES ({values})", [*row, ttl]
+                )
+            except IntegrityError:
+                taken = 0
+            if not taken:  # there is a row: take it over if it expired
+                updates = ", ".join(f"{c} = %s" for c in COLUMNS[1:-1])
+                taken = self._execute(
+                    f"UPDATE {{table}} SET {updates}, expires_at = {later} "
+                    f"WHERE name_hash = %s AND expires_at < {now}",
+                    [*row[1:], ttl, row[0]],
+                )
+        return Lease(name=name, token=info.token or "", info=info) if taken == 1 else None
+
+    def release(self, lease: Lease) -> bool:
+        name_hash = _name_hash(self.options.key_prefix + lease.name)
+        sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
+        return bool(self._execute(sql, [name_hash, lease.token]))
+
+    def refresh(self, lease: Lease, ttl: float) -> bool:
+        now, later, param = self._now()
+        name_hash = _name_hash(self.options.key_prefix + lease.name)
+        sql = (
+            f"UPDATE {{table}} SET expires_at = {later} "
+            f"WHERE name_hash = %s AND token = %s AND expires_at >= {now}"
+        )
+        return bool(self._execute(sql, [param, name_hash, lease.token]))
+
+    def _records(self, where: str, params: list[Any]) -> Iterator[LockInfo]:
+        now, _, _ = self._now()
+        sql = (
+            "SELECT name_hash, name, token, pid, hostname, host_id, process_started_at, "
+            f"acquired_at, argv, expires_at, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
+            f"FROM {{table}} {where}"
+        )
+        for row in self._execute(sql, params, fetch=True):
+            name_hash, name, token, pid, hostname, host_id, started, acquired, argv = row[:9]
+            if name_hash != _name_hash(self.options.key_prefix + name):
+                continue  # another KEY_PREFIX's lock
+            try:
+                command = tuple(json.loads(argv))
+            except (TypeError, ValueError):
+                command = ()
+            yield LockInfo(
+                name=name,
+                strategy=self.strategy,
+                token=token,
+                pid=pid,
+                hostname=hostname or None,
+                host_id=host_id or None,
+                process_started_at=_datetime(started),
+                acquired_at=_datetime(acquired),
+                expires_at=_datetime(row[9]),
+                argv=command,
+                alive=False if row[10] else None,  # an expired lease is stale, whoever held it
+            )
+
+    def inspect(self, name: str) -> LockInfo | None:
+        name_hash = _name_hash(self.options.key_prefix + name)
+        return next(self._records("WHERE name_hash = %s", [name_hash]), None)
+
+    def list(self) -> Iterator[LockInfo]:
+        return self._records("ORDER BY name", [])
+
+    def force_release(self, name: str) -> bool:
+        name_hash = _name_hash(self.options.key_prefix + name)
+        return bool(self._execute("DELETE FROM {table} WHERE name_hash = %s", [name_hash]))
+
+    def close(self) -> None:
+        wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.get("wrappers", {})
+        connection = wrappers.pop(self.alias, None)
+        if connection is not None:
+            connection.close()

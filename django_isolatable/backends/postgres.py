@@ -1,0 +1,308 @@
+"""The postgres strategy: session advisory locks on dedicated connections.
+
+Each held lock keeps one psycopg connection of its own (opened from the ``DATABASE_ALIAS``
+settings, never the ORM's connection, so Django closing or rolling back its connection cannot
+drop the lock); connections are pooled per process and reused. The key is the first 8 bytes of
+SHA-256(KEY_PREFIX + name) as a signed bigint. The holder's record travels as a comment of the
+statements the holding session runs, which ``pg_stat_activity.query`` shows to ``locks status``;
+``application_name`` says ``isolatable <pid>@<host>``. A killed holder's lock disappears with
+its connection. Waiters queue on the server (``pg_advisory_lock`` with ``lock_timeout``), so
+handoff is immediate.
+
+Session advisory locks need a session: a PgBouncer in transaction pooling mode breaks them.
+A new connection checks that two statements run on the same server process and refuses
+otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.core.checks import CheckMessage, Error
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
+
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.errors import LockIOError
+from django_isolatable.holders import LockInfo
+
+if TYPE_CHECKING:
+    import psycopg
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5
+_MARK = "isolatable:"
+_RECORD_BUDGET = 800  # bytes of JSON; the statements around it take the rest of 1024
+_HOLDERS = (
+    "SELECT l.classid::bigint, l.objid::bigint, a.query FROM pg_locks l "
+    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+    "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database "
+    "WHERE datname = current_database())"
+)
+
+_idle: dict[str, list[psycopg.Connection[Any]]] = {}
+_idle_lock = threading.Lock()
+_waited: dict[tuple[str, str, int], psycopg.Connection[Any]] = {}
+
+
+def _forget_after_fork() -> None:
+    # The child shares the parent's sockets; psycopg never closes them from another PID.
+    _idle.clear()
+    _waited.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def advisory_key(name: str) -> int:
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_ids(key: int) -> tuple[int, int]:
+    """``pg_locks`` (classid, objid) of a bigint advisory lock: its high and low 32 bits."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return unsigned >> 32, unsigned & 0xFFFFFFFF
+
+
+def _comment(info: LockInfo) -> str:
+    """The record as a SQL comment that fits ``pg_stat_activity.query`` (1024 bytes by default).
+
+    A long command line is shortened first, then a long name (``inspect`` knows the name it
+    asks for; ``list`` cannot show such a lock). "\\/" is valid JSON for "/", so the record can
+    never open or close a comment; "%" is doubled for psycopg's placeholder syntax.
+    """
+    data = info.to_dict()
+    text = json.dumps(data, ensure_ascii=False).replace("/", "\\/")
+    for field in ("argv", "name"):
+        if len(text.encode()) <= _RECORD_BUDGET:
+            break
+        data[field] = None
+        text = json.dumps(data, ensure_ascii=False).replace("/", "\\/")
+    return f" /*{_MARK}{text}*/".replace("%", "%%")
+
+
+def _record(query: str, strategy: str) -> LockInfo | None:
+    start = query.find("/*" + _MARK)
+    end = query.rfind("*/")
+    if start < 0 or end < start:
+        return None
+    try:
+        data = json.loads(query[start + 2 + len(_MARK) : end])
+    except ValueError:
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
+
+
+@dataclass
+class PostgresLease(Lease):
+    connection: Any = None
+    key: int = 0
+    comment: str = ""
+
+
+class PostgresBackend(Backend):
+    strategy: ClassVar[str] = "postgres"
+    heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
+    poll_interval: ClassVar[float] = 2.0  # waits block in the server's lock queue
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        self.alias = options.database_alias
+        problems = self.check_settings(options)
+        if problems:
+            raise ImproperlyConfigured(problems[0].msg)
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return [
+                Error(
+                    "The postgres strategy needs psycopg 3: "
+                    "pip install 'django-isolatable[postgres]'.",
+                    id="isolatable.E030",
+                )
+            ]
+        if options.database_alias not in connections.settings:
+            return [_alias_error(options.database_alias, "is not in settings.DATABASES")]
+        if connections[options.database_alias].vendor != "postgresql":
+            return [_alias_error(options.database_alias, "is not a PostgreSQL database")]
+        return []
+
+    def key(self, name: str) -> int:
+        return advisory_key(self.options.key_prefix + name)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+
+        with _idle_lock:
+            pool = _idle.setdefault(self.alias, [])
+            if pool:
+                return pool.pop()
+        params = connections[self.alias].get_connection_params()
+        for key in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(key, None)
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        where = f"database {self.alias!r} ({params.get('host', 'local socket')})"
+        try:
+            connection = psycopg.connect(autocommit=True, application_name="isolatable", **params)
+            first = connection.execute("SELECT pg_backend_pid()").fetchone()
+            second = connection.execute("SELECT pg_backend_pid()").fetchone()
+        except psycopg.Error as e:
+            raise LockIOError(f"PostgreSQL {where} is unreachable: {e}".strip()) from e
+        if first != second:
+            connection.close()
+            raise LockIOError(
+                f"PostgreSQL {where} runs each statement on another server process: a pooler in "
+                "transaction mode (PgBouncer?) is in between, and session advisory locks need a "
+                "session. Point ISOLATABLE['DATABASE_ALIAS'] at a direct connection."
+            )
+        return connection
+
+    def _put_back(self, connection: psycopg.Connection[Any]) -> None:
+        if connection.closed or connection.info.transaction_status != 0:  # 0: idle
+            connection.close()
+            return
+        with _idle_lock:
+            _idle.setdefault(self.alias, []).append(connection)
+
+    def _run(self, connection: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        import psycopg
+
+        try:
+            return connection.execute(sql, params).fetchone()
+        except psycopg.Error as e:
+            connection.close()
+            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        key = self.key(name)
+        comment = _comment(info)
+        label = f"isolatable {info.pid}@{info.hostname}"[:63]
+        connection = _waited.pop((self.alias, name, threading.get_ident()), None)
+        if connection is not None:  # wait() took it in the server's queue: say who holds it
+            self._run(
+                connection, "SELECT set_config('application_name', %s, false)" + comment, (label,)
+            )
+        else:
+            connection = self._connect()
+            sql = "SELECT set_config('application_name', %s, false), pg_try_advisory_lock(%s)"
+            if not self._run(connection, sql + comment, (label, key))[1]:
+                self._put_back(connection)
+                return None
+        token = info.token or ""
+        return PostgresLease(name, token, info, connection=connection, key=key, comment=comment)
+
+    def release(self, lease: Lease) -> bool:
+        if not isinstance(lease, PostgresLease) or lease.connection is None:
+            return False  # a dead holder's session lock went with its connection
+        connection, lease.connection = lease.connection, None
+        if lease.pid != os.getpid():
+            return False  # a forked child's copy: the session is the parent's
+        try:
+            sql = (
+                "SELECT pg_advisory_unlock(%s), set_config('application_name', 'isolatable', false)"
+            )
+            released = bool(self._run(connection, sql, (lease.key,))[0])
+        except LockIOError:
+            return False  # the session is gone, and the lock with it
+        self._put_back(connection)
+        return released
+
+    def refresh(self, lease: Lease, ttl: float) -> bool:
+        if not isinstance(lease, PostgresLease) or lease.connection is None:
+            return False
+        try:
+            return self._holds(lease.connection, lease.key, lease.comment)
+        except LockIOError:
+            return False  # the session was terminated: its lock is gone
+
+    def _holds(self, connection: Any, key: int, comment: str = "") -> bool:
+        """Whether ``connection``'s session holds advisory lock ``key``.
+
+        The comment keeps the holder's record in ``pg_stat_activity.query``.
+        """
+        sql = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid = pg_backend_pid() AND objsubid = 1 AND classid = %s AND objid = %s"
+        )
+        row = self._run(connection, sql + comment, lock_ids(key))
+        return bool(row[0])
+
+    def _holders(
+        self, where: str = "", params: tuple[Any, ...] = ()
+    ) -> list[tuple[tuple[int, int], str]]:
+        """(pg_locks ids, the holding session's last statement) of granted advisory locks."""
+        connection = self._connect()
+        try:
+            rows = connection.execute(_HOLDERS + where, params).fetchall()
+        except Exception as e:
+            connection.close()
+            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
+        self._put_back(connection)
+        return [((classid, objid), query or "") for classid, objid, query in rows]
+
+    def inspect(self, name: str) -> LockInfo | None:
+        holders = self._holders(" AND l.classid = %s AND l.objid = %s", lock_ids(self.key(name)))
+        if not holders:
+            return None
+        record = _record(holders[0][1], self.strategy) or LockInfo(name, self.strategy)
+        return replace(record, name=name, alive=True)  # the server says the session holds it
+
+    def list(self) -> Iterator[LockInfo]:
+        for ids, query in self._holders(" AND a.application_name LIKE 'isolatable%%'"):
+            record = _record(query, self.strategy)  # only this KEY_PREFIX's names map to ids
+            if record is not None and record.name and lock_ids(self.key(record.name)) == ids:
+                yield replace(record, alive=True)
+
+    def force_release(self, name: str) -> bool:
+        connection = self._connect()
+        sql = (
+            # Waits up to 5 s for the session to end (PostgreSQL 14+), so the lock is free after.
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_locks "
+            "WHERE locktype = 'advisory' "
+            "AND granted AND objsubid = 1 AND classid = %s AND objid = %s "
+            "AND pid <> pg_backend_pid()"
+        )
+        terminated = self._run(connection, sql, lock_ids(self.key(name)))[0]
+        self._put_back(connection)
+        return bool(terminated)
+
+    def wait(self, name: str, timeout: float) -> None:
+        import psycopg
+
+        connection = self._connect()
+        milliseconds = max(1, int(timeout * 1000))
+        try:  # integers only: safe to inline, and one round trip with two statements
+            connection.execute(
+                f"SET lock_timeout = {milliseconds}; SELECT pg_advisory_lock({self.key(name)})"
+            )
+        except psycopg.errors.LockNotAvailable:
+            # The timeout can fire just as the lock is granted: the statement fails, the
+            # session lock stays. Keep it then, or the session would hold it unknowingly.
+            if not self._holds(connection, self.key(name)):
+                self._put_back(connection)
+                return
+        except psycopg.Error as e:
+            connection.close()
+            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
+        _waited[(self.alias, name, threading.get_ident())] = connection
+
+
+def _alias_error(alias: str, problem: str) -> Error:
+    return Error(
+        f'settings.ISOLATABLE["DATABASE_ALIAS"] is {alias!r}, which {problem}; the postgres '
+        "strategy needs a PostgreSQL database alias.",
+        id="isolatable.E031",
+    )

@@ -1,0 +1,190 @@
+"""The redis strategy: ``SET key "<token> <record>" NX PX ttl``, renewed by a heartbeat.
+
+The holder's record lives in the lock key's own value, after the owner token, so it has the
+lock's expiry by construction and one ``SET`` takes the lock and records the holder. Release and
+renewal are Lua compare-and-delete / compare-and-pexpire on the token: a holder never touches a
+lock that is no longer its own. A release pushes onto a per-name wake-up list that waiters block
+on with ``BLPOP`` (FIFO, like python-redis-lock), so handoff does not wait for a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+from django.core.checks import CheckMessage, Error
+
+from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.errors import LockIOError
+from django_isolatable.holders import LockInfo, utcnow
+
+if TYPE_CHECKING:
+    import redis
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+#: A wake-up nobody consumed is dropped after this long.
+WAKE_TTL_MS = 5000
+
+_COMPARE = (
+    "local v = redis.call('get', KEYS[1]) if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then "
+)
+RELEASE = _COMPARE + (
+    "redis.call('del', KEYS[1]) redis.call('del', KEYS[2]) redis.call('lpush', KEYS[2], 1) "
+    "redis.call('pexpire', KEYS[2], ARGV[2]) return 1 end return 0"
+)
+REFRESH = _COMPARE + "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+FORCE_RELEASE = (
+    "local n = redis.call('del', KEYS[1]) redis.call('del', KEYS[2]) "
+    "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[1]) return n"
+)
+
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL per process; redis-py resets pools after fork."""
+    with _clients_lock:
+        if url not in _clients:
+            import redis
+
+            _clients[url] = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=CONNECT_TIMEOUT * 2,
+                health_check_interval=30,
+                retry=None,
+            )
+        return _clients[url]
+
+
+class RedisBackend(Backend):
+    strategy: ClassVar[str] = "redis"
+    expiring: ClassVar[bool] = True
+    heartbeat: ClassVar[bool] = True
+    poll_interval: ClassVar[float] = 0.5  # releases wake waiters through BLPOP
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        self.url = options.redis_url
+        self.client = _client(self.url)
+        self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
+        self._release = self.client.register_script(RELEASE)
+        self._refresh = self.client.register_script(REFRESH)
+        self._force_release = self.client.register_script(FORCE_RELEASE)
+
+    @classmethod
+    def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            return [
+                Error(
+                    "The redis strategy needs the redis package: "
+                    "pip install 'django-isolatable[redis]'.",
+                    id="isolatable.E020",
+                )
+            ]
+        if urlsplit(options.redis_url).scheme not in ("redis", "rediss", "unix"):
+            return [
+                Error(
+                    f'settings.ISOLATABLE["REDIS_URL"] is {safe_url(options.redis_url)!r}; use a '
+                    "redis://, rediss:// or unix:// URL.",
+                    id="isolatable.E021",
+                )
+            ]
+        return []
+
+    def _keys(self, name: str) -> tuple[bytes, bytes]:
+        encoded = name.encode("utf-8", "surrogatepass")
+        return self._prefix + b"lock:" + encoded, self._prefix + b"wake:" + encoded
+
+    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return function(*args, **kwargs)
+        except redis.ConnectionError as e:
+            raise LockIOError(
+                f"Redis at {safe_url(self.url)} is unreachable ({e}); check that it runs and "
+                'settings.ISOLATABLE["REDIS_URL"].'
+            ) from e
+        except redis.RedisError as e:
+            raise LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {e}.") from e
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        token = info.token or ""
+        value = f"{token} {info.to_json()}".encode()
+        key, _ = self._keys(name)
+        ttl_ms = max(1, int(self.options.ttl * 1000))
+        if not self._call("lock", self.client.set, key, value, nx=True, px=ttl_ms):
+            return None
+        return Lease(name=name, token=token, info=info)
+
+    def release(self, lease: Lease) -> bool:
+        keys = self._keys(lease.name)
+        owner = f"{lease.token} ".encode()
+        return bool(self._call("release", self._release, keys=keys, args=[owner, WAKE_TTL_MS]))
+
+    def refresh(self, lease: Lease, ttl: float) -> bool:
+        key, _ = self._keys(lease.name)
+        owner = f"{lease.token} ".encode()
+        ttl_ms = max(1, int(ttl * 1000))
+        return bool(self._call("renew", self._refresh, keys=[key], args=[owner, ttl_ms]))
+
+    def _records(self, keys: list[bytes]) -> Iterator[LockInfo]:
+        pipeline = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipeline.get(key)
+            pipeline.pttl(key)
+        replies = self._call("read", pipeline.execute)
+        now = utcnow()
+        for key, value, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
+            if value is None:
+                continue  # released between SCAN and GET
+            name = key[len(self._prefix) + len(b"lock:") :].decode("utf-8", "surrogatepass")
+            token, _, record = value.decode("utf-8", "replace").partition(" ")
+            info = LockInfo.from_json(name, self.strategy, record) or LockInfo(name, self.strategy)
+            expires_at = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
+            yield replace(info, token=token, expires_at=expires_at)
+
+    def inspect(self, name: str) -> LockInfo | None:
+        key, _ = self._keys(name)
+        return next(self._records([key]), None)
+
+    def list(self) -> Iterator[LockInfo]:
+        pattern = _glob_escape(self._prefix + b"lock:") + b"*"
+        keys = self._call("list locks", lambda: list(self.client.scan_iter(pattern, count=500)))
+        yield from self._records(sorted(keys))
+
+    def force_release(self, name: str) -> bool:
+        keys = self._keys(name)
+        return bool(self._call("release", self._force_release, keys=keys, args=[WAKE_TTL_MS]))
+
+    def wait(self, name: str, timeout: float) -> None:
+        _, wake = self._keys(name)
+        seconds = max(timeout, 0.001)  # BLPOP treats 0 as "forever"
+        self._call("wait", self.client.blpop, [wake], timeout=seconds)
+
+
+def _glob_escape(pattern: bytes) -> bytes:
+    for special in (b"\\", b"*", b"?", b"[", b"]"):
+        pattern = pattern.replace(special, b"\\" + special)
+    return pattern

@@ -1,0 +1,29 @@
+"""The database strategy's table. Unmanaged, with no migration: the backend creates the table
+itself when it is missing, so isolating ``migrate`` works on a brand-new empty database."""
+
+from django.db import models
+
+
+class Lock(models.Model):
+    """One held (or expired, not yet taken over) lock of the database strategy."""
+
+    #: SHA-256 of KEY_PREFIX + name, hex: a fixed-size unique key for names of any length.
+    name_hash = models.CharField(max_length=64, primary_key=True)
+    name = models.TextField()
+    token = models.CharField(max_length=64)
+    pid = models.IntegerField(null=True)
+    hostname = models.CharField(max_length=255)
+    host_id = models.CharField(max_length=255)
+    process_started_at = models.DateTimeField(null=True)
+    acquired_at = models.DateTimeField(null=True)
+    argv = models.TextField()  # JSON list
+    #: Judged by the database server's clock, never a client's.
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "django_isolatable_lock"
+        app_label = "django_isolatable"
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid} on {self.hostname})"

@@ -1,0 +1,425 @@
+"""The file strategy between real processes and threads: exclusion, crashes, forks, handoff.
+
+Every test here runs real processes (``tests/workers.py``) or real threads against real lock
+files; nothing is mocked. Workers report events on stdout, so the tests await events and never
+sleep to let something happen. Time bounds are generous on purpose: they catch a lock that
+hangs, not one that is slow (speed is the benchmarks' job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import itertools
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from django_isolatable import AlreadyRunning, CommandIsolation, LockTimeout
+from django_isolatable.holders import is_alive, new_record, process_started_at
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "import_data"
+EVENT_TIMEOUT = 30.0  # seconds to wait for a worker's event: only a hang should ever hit it
+
+
+class Worker:
+    """A ``python -m tests.workers`` process whose stdout lines are read as events."""
+
+    def __init__(self, stderr_path: Path, *args: str) -> None:
+        self.stderr_path = stderr_path
+        with open(stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.workers", *args],
+                cwd=ROOT,
+                env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+            )
+        self.pid = self.process.pid
+        self._events: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_events, daemon=True)
+        self._reader.start()
+
+    def _read_events(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._events.put(line.strip())
+        self._events.put(None)  # EOF: the worker exited
+
+    def expect(self, event: str, timeout: float = EVENT_TIMEOUT) -> list[str]:
+        """Wait for the next event line, check its first word, return the rest of its words."""
+        try:
+            line = self._events.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"worker {self.pid} sent no {event!r} within {timeout} s{self._stderr()}")
+        if line is None:
+            pytest.fail(f"worker {self.pid} exited before {event!r}{self._stderr()}")
+        word, *rest = line.split()
+        assert word == event, f"worker {self.pid} sent {line!r}, expected {event!r}"
+        return rest
+
+    def send(self, line: str = "") -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def finish(self) -> None:
+        """Tell the worker to let go, and check that it exits cleanly."""
+        self.send("release")
+        assert self.process.wait(EVENT_TIMEOUT) == 0, self._stderr()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and reap it (its descriptors, and so its flock, are gone after)."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(EVENT_TIMEOUT)
+
+    def close(self) -> None:
+        """Kill the worker if it still runs, and close its pipes."""
+        if self.process.poll() is None:
+            self.kill()
+        self._reader.join(EVENT_TIMEOUT)  # EOF follows the exit: the reader is done with stdout
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def _stderr(self) -> str:
+        return f"; its stderr:\n{self.stderr_path.read_text()}"
+
+
+@pytest.fixture
+def spawn(lock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """``spawn(command, *options)`` starts a worker on ``NAME`` in this test's LOCK_DIR.
+
+    Every worker still running at the end of the test is killed.
+    """
+    workers: list[Worker] = []
+
+    def start(command: str, *options: str) -> Worker:
+        stderr_path = tmp_path / f"worker-{len(workers)}-{command}.stderr"
+        worker = Worker(stderr_path, command, NAME, str(lock_dir), *options)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.close()
+
+
+def run_counting_workers(spawn, tmp_path: Path, workers: int, *options: str) -> list[Path]:
+    """Start ``workers`` ``count`` workers on one counter, release them at once, await them.
+
+    Returns their journal files.
+    """
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    journals = [tmp_path / f"journal-{n}" for n in range(workers)]
+    started = [
+        spawn("count", "--counter", str(counter), "--journal", str(journal), *options)
+        for journal in journals
+    ]
+    for worker in started:
+        worker.expect("ready")
+    for worker in started:  # all set up (Django imported): now they contend from the start
+        worker.send("go")
+    for worker in started:
+        worker.expect("done", timeout=60)
+        assert worker.process.wait(EVENT_TIMEOUT) == 0
+    return journals
+
+
+def read_intervals(journals: list[Path]) -> list[tuple[float, float, int]]:
+    """Every critical section from the journals as ``(start, end, pid)``, sorted by start."""
+    intervals = []
+    for journal in journals:
+        for line in journal.read_text().splitlines():
+            pid, start, end = line.split()
+            intervals.append((float(start), float(end), int(pid)))
+    return sorted(intervals)
+
+
+def assert_no_overlap(intervals: list[tuple[float, float, int]]) -> None:
+    """No critical section started before the previous one ended (one monotonic clock)."""
+    for (start, end, pid), (next_start, next_end, next_pid) in itertools.pairwise(intervals):
+        assert end < next_start, (
+            f"pid {pid} held [{start}, {end}] while pid {next_pid} held [{next_start}, {next_end}]"
+        )
+
+
+def assert_exclusive_counting(journals: list[Path], counter: Path, expected: int) -> None:
+    intervals = read_intervals(journals)
+    assert len(intervals) == expected
+    assert_no_overlap(intervals)
+    assert int(counter.read_text()) == expected
+
+
+def record_in(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_eight_processes_count_exactly(spawn, tmp_path):
+    """8 processes x 200 racy increments inside the lock lose no update and never overlap."""
+    journals = run_counting_workers(spawn, tmp_path, 8, "--iterations", "200")
+    assert_exclusive_counting(journals, tmp_path / "counter", 1600)
+
+
+def test_sigkilled_holder_frees_the_lock_for_a_waiter(spawn):
+    """A holder killed with SIGKILL frees the lock at once: the kernel drops its flock."""
+    holder = spawn("hold")
+    holder.expect("held")
+    waiter = spawn("wait", "--timeout", "30")
+    waiter.expect("waiting")  # blocked in lock(timeout=30) behind the holder
+    killed_at = time.monotonic()
+    holder.kill()
+    acquired_at, waiter_pid, _token = waiter.expect("acquired")
+    assert float(acquired_at) - killed_at < 2.0
+    assert CommandIsolation(NAME).holder().pid == int(waiter_pid) == waiter.pid
+    waiter.finish()
+
+
+def test_leftover_record_of_a_sigkilled_holder(spawn):
+    """After SIGKILL the record stays (alive=False, the dead pid) but the lock is free."""
+    holder = spawn("hold")
+    pid, token = holder.expect("held")
+    holder.kill()
+    isolation = CommandIsolation(NAME)
+
+    leftover = isolation.holder()
+    assert leftover is not None
+    assert (leftover.pid, leftover.token, leftover.alive) == (int(pid), token, False)
+    assert isolation.is_locked() is False
+    with isolation.try_lock() as guard:
+        assert guard.info.pid == os.getpid()
+        assert record_in(isolation.lock_path())["pid"] == os.getpid()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process other than this one."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_pid_reuse_is_judged_by_start_time(sleeper, lock_dir):
+    """A live pid whose start time differs from the record's is a reused pid: not the holder.
+
+    ``holder()`` on a free file lock always says alive=False (the kernel is the truth for this
+    strategy), so the psutil judgement is checked with ``is_alive`` on the same records too.
+    """
+    isolation = CommandIsolation(NAME)
+    path = isolation.lock_path()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    real_start = process_started_at(sleeper.pid)
+    live = dataclasses.replace(
+        new_record(NAME, "file"), pid=sleeper.pid, process_started_at=real_start, alive=None
+    )
+    reused = dataclasses.replace(live, process_started_at=real_start - timedelta(hours=1))
+    elsewhere = dataclasses.replace(live, host_id="boot=another-host pid:[1]")
+
+    for record, judgement in [(reused, False), (live, True), (elsewhere, None)]:
+        path.write_text(record.to_json())
+        leftover = isolation.holder()
+        assert leftover is not None
+        assert (leftover.pid, leftover.token) == (sleeper.pid, record.token)
+        assert leftover.alive is False, "a free file lock's record is stale, whoever it names"
+        assert isolation.is_locked() is False
+        assert is_alive(leftover) is judgement, record
+
+    sleeper.kill()
+    sleeper.wait(EVENT_TIMEOUT)
+    assert is_alive(live) is False  # the process is gone (and reaped) now
+
+
+def test_many_processes_hand_the_lock_around_without_overlap(spawn, tmp_path, lock_dir):
+    """6 processes take and release one lock with short holds while the others wait.
+
+    Lock files are never unlinked on release, so the unlink race cannot happen: the journal
+    shows one holder at a time, and the lock file keeps its inode throughout.
+    """
+    with CommandIsolation(NAME).lock():
+        pass  # create the lock file, to compare its inode afterwards
+    path = CommandIsolation(NAME).lock_path()
+    inode = path.stat().st_ino
+    journals = run_counting_workers(
+        spawn, tmp_path, 6, "--iterations", "150", "--hold", "0.0002", "--timeout", "30"
+    )
+    assert_exclusive_counting(journals, tmp_path / "counter", 900)
+    assert path.stat().st_ino == inode
+
+
+def test_holders_deleting_the_lock_file_never_let_two_in(spawn, tmp_path):
+    """Each holder deletes the lock file just before releasing, under waiters that have it open.
+
+    A waiter that opened the file before the deletion and gets its flock after the release must
+    notice (the inode check after flock) and lock the new file instead; otherwise it would hold
+    the deleted file while another process holds the new one. The window is microseconds wide,
+    so a run meets it only a few times: without the inode check this test fails in about half
+    of its runs, not every time.
+    """
+    journals = run_counting_workers(
+        spawn, tmp_path, 6, "--iterations", "100", "--timeout", "30", "--unlink-before-release"
+    )
+    assert_exclusive_counting(journals, tmp_path / "counter", 600)
+
+
+def test_lock_file_deleted_by_hand_while_a_waiter_waits(spawn):
+    """Deleting a held lock file by hand force-releases it: the waiter recreates the file.
+
+    This is what ``release_all()`` does to a live holder. The old holder runs on with the
+    deleted file; its release later must not touch the new holder's record.
+    """
+    isolation = CommandIsolation(NAME)
+    path = isolation.lock_path()
+    old_holder = spawn("hold")
+    old_holder.expect("held")
+    old_inode = path.stat().st_ino
+    waiter = spawn("wait", "--timeout", "30")
+    waiter.expect("waiting")
+
+    deleted_at = time.monotonic()
+    path.unlink()
+    acquired_at, waiter_pid, waiter_token = waiter.expect("acquired")
+    assert float(acquired_at) - deleted_at < 2.0
+    assert path.stat().st_ino != old_inode
+
+    old_holder.finish()
+    assert old_holder.expect("released") == []
+    assert record_in(path)["token"] == waiter_token
+    with pytest.raises(AlreadyRunning) as caught:
+        isolation.try_lock()
+    assert caught.value.holder.pid == int(waiter_pid)
+    waiter.finish()
+
+
+def test_handoff_to_a_blocked_waiter_is_prompt(spawn):
+    """A waiter blocked in lock(timeout=10) gets the lock right after the holder releases."""
+    guard = CommandIsolation(NAME).lock()
+    waiter = spawn("wait", "--timeout", "10")
+    waiter.expect("waiting")
+    released_at = time.monotonic()
+    guard.release()
+    acquired_at, _pid, _token = waiter.expect("acquired")
+    latency = float(acquired_at) - released_at
+    print(f"handoff latency: {latency * 1000:.2f} ms")
+    assert latency < 1.0
+    waiter.finish()
+
+
+def test_forked_children_never_release_the_parents_lock(spawn):
+    """Children of a holder, releasing the guard or finalizing it, leave the parent's lock held.
+
+    One child calls ``guard.release()`` and leaves with ``os._exit``; the other drops the guard
+    (``__del__`` runs) and leaves with ``sys.exit``. The parent still holds the lock afterwards
+    and the lock file still holds its record.
+    """
+    parent = spawn("fork-holder")
+    pid, token = parent.expect("held")
+    assert parent.expect("children") == ["0", "0"]
+
+    isolation = CommandIsolation(NAME)
+    with pytest.raises(AlreadyRunning) as caught:
+        isolation.try_lock()
+    assert caught.value.holder.pid == int(pid)
+    record = record_in(isolation.lock_path())
+    assert (record["pid"], record["token"]) == (int(pid), token)
+    parent.finish()
+    with isolation.try_lock():
+        pass
+
+
+def test_lock_descriptor_is_not_inherited_across_exec(tmp_path):
+    """A program the holder runs (even with close_fds=False) inherits no lock descriptor.
+
+    The lock file is opened with O_CLOEXEC; a control descriptor made inheritable on purpose
+    shows that the listing would reveal an inherited one.
+    """
+    isolation = CommandIsolation(NAME)
+    control = tmp_path / "control"
+    control_fd = os.open(control, os.O_RDONLY | os.O_CREAT)
+    os.set_inheritable(control_fd, True)
+    try:
+        with isolation.lock():
+            listing = subprocess.run(
+                ["ls", "-l", "/proc/self/fd"],
+                close_fds=False,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+    finally:
+        os.close(control_fd)
+    assert os.path.realpath(control) in listing
+    assert os.path.realpath(isolation.lock_path()) not in listing
+
+
+def test_threads_exclude_each_other():
+    """4 threads x 200 racy increments, each thread with its own CommandIsolation object."""
+    counter = {"value": 0}
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def increment_repeatedly() -> None:
+        isolation = CommandIsolation(NAME)
+        start.wait()
+        try:
+            for _ in range(200):
+                with isolation.lock(timeout=30):
+                    value = counter["value"]
+                    time.sleep(0)  # let another thread run in the middle of the update
+                    counter["value"] = value + 1
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=increment_repeatedly) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(EVENT_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors
+    assert counter["value"] == 800
+
+
+def inotify_descriptors() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used is gone
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux only")
+def test_timed_out_waits_leave_no_descriptor_behind(spawn):
+    """Waits that time out behind another process's lock must not leak inotify descriptors:
+    a thread keeps at most one inotify instance, reused by all its waits."""
+    holder = spawn("hold")
+    holder.expect("held")
+    before = inotify_descriptors()
+    isolations = [CommandIsolation(NAME) for _ in range(3)]
+    try:
+        for isolation in isolations:
+            with pytest.raises(LockTimeout):
+                isolation.lock(timeout=0.05)
+        gc.collect()
+        assert inotify_descriptors() <= before + 1
+    finally:
+        for isolation in isolations:
+            isolation.backend.close()
+    holder.finish()
