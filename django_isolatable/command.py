@@ -13,12 +13,19 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 from django.core.management.color import color_style, no_style
 
 from django_isolatable.backends import LockStrategy
 from django_isolatable.conf import isolatable_settings
-from django_isolatable.errors import AlreadyRunning, LockLost, LockTimeout, describe_holder
+from django_isolatable.errors import (
+    AlreadyRunning,
+    IsolationError,
+    LockLost,
+    LockTimeout,
+    describe_holder,
+)
 from django_isolatable.holders import LockInfo, utcnow
 from django_isolatable.isolation import CommandIsolation
 
@@ -139,6 +146,10 @@ class IsolatableCommand(BaseCommand):
                 if not from_cli:
                     raise
                 raise _Exit(self._report_not_run(e, options)) from e
+            except (IsolationError, ImproperlyConfigured) as e:
+                if not from_cli:
+                    raise
+                raise CommandError(f"Could not take the lock {name}: {e}") from e
             finally:
                 self._end_progress_line()
             with guard:

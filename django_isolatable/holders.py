@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cache
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 import psutil
@@ -49,16 +50,38 @@ class LockInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values (datetimes as ISO 8601); ``alive`` is left out."""
-        data: dict[str, Any] = {}
-        for field in _RECORD_FIELDS:  # not dataclasses.asdict: it deep-copies, 20x slower
-            value = getattr(self, field)
-            data[field] = value.isoformat() if isinstance(value, datetime) else value
-        data["argv"] = list(self.argv)
-        return data
+        return {
+            "name": self.name,
+            "strategy": self.strategy,
+            "token": self.token,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "host_id": self.host_id,
+            "process_started_at": _iso(self.process_started_at),
+            "acquired_at": _iso(self.acquired_at),
+            "expires_at": _iso(self.expires_at),
+            "argv": list(self.argv),
+        }
 
     def to_json(self) -> str:
-        # One line: json's C encoder does not do indentation, and this is on every acquire.
-        return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+        """``to_dict`` as one line of JSON (written on every acquire, so it is made fast: the
+        fields that are the same for every lock of a process are encoded once)."""
+        process = (self.pid, self.hostname, self.host_id, self.process_started_at, self.argv)
+        tail = _process_json.get(process)
+        if tail is None:
+            data = self.to_dict()
+            fields = {key: data[key] for key in _PROCESS_FIELDS}
+            tail = json.dumps(fields, ensure_ascii=False)
+            if not _utf8_safe(tail):
+                tail = json.dumps(fields)
+            if len(_process_json) > 64:
+                _process_json.clear()
+            _process_json[process] = tail
+        return (
+            f'{{"name": {_string(self.name)}, "strategy": {_string(self.strategy)}, '
+            f'"token": {_string(self.token)}, "acquired_at": {_string(_iso(self.acquired_at))}, '
+            f'"expires_at": {_string(_iso(self.expires_at))}, {tail[1:]}\n'
+        )
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -95,7 +118,27 @@ class LockInfo:
         return cls.from_dict(name, strategy, data)
 
 
-_RECORD_FIELDS = [f.name for f in dataclasses.fields(LockInfo) if f.name != "alive"]
+_PROCESS_FIELDS = ("pid", "hostname", "host_id", "process_started_at", "argv")
+_process_json: dict[tuple[Any, ...], str] = {}
+
+
+def _utf8_safe(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # lone surrogates: from undecodable argv bytes, or odd names
+        return False
+    return True
+
+
+def _string(value: str | None) -> str:
+    """A JSON string that always encodes to UTF-8 (lone surrogates are escaped)."""
+    if value is None:
+        return "null"
+    return encode_basestring(value) if _utf8_safe(value) else encode_basestring_ascii(value)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 def _typed(value: object, kind: type[Any]) -> Any:

@@ -39,13 +39,11 @@ class _Default:
 SETTINGS_TIMEOUT: Any = _Default()
 
 
-def _check_timeout(value: object, what: str = "timeout") -> float | None:
+def _check_timeout(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{what} must be None (wait forever) or seconds >= 0, not {value!r}.")
-    if value < 0:
-        raise ValueError(f"{what} must be None (wait forever) or seconds >= 0, not {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"timeout must be None (wait forever) or seconds >= 0, not {value!r}.")
     return float(value)
 
 
@@ -81,8 +79,10 @@ class CommandIsolation:
         self._strategy = strategy
         self._lock_dir = None if lock_dir is None else Path(lock_dir)
         self._timeout = timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
-        if ttl is not None and not (_check_timeout(ttl, "ttl") or 0) > 0:
-            raise ValueError(f"ttl must be a number of seconds > 0, not {ttl!r}.")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf
+        ):
+            raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}.")
         self._ttl = ttl
 
     def __repr__(self) -> str:
@@ -250,8 +250,9 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
-        self._stop_heartbeat = threading.Event()
+        self._stop_heartbeat: threading.Event | None = None
         if self._backend.heartbeat:
+            self._stop_heartbeat = threading.Event()
             threading.Thread(
                 target=_heartbeat,
                 args=(weakref.ref(self), self._backend, lease, isolation.ttl, self._stop_heartbeat),
@@ -294,7 +295,8 @@ class LockGuard:
             if self._released:
                 return
             self._released = True
-        self._stop_heartbeat.set()
+        if self._stop_heartbeat is not None:
+            self._stop_heartbeat.set()
         try:
             released = self._backend.release(self._lease)
         except IsolationError as e:  # never hide the result of the work the lock protected

@@ -146,7 +146,9 @@ class DatabaseBackend(Backend):
         ops = self._connection().ops
         return [
             _name_hash(self.options.key_prefix + name),
-            name,
+            # Text columns take UTF-8 only: a name with lone surrogates is stored with them
+            # escaped (its hash, the key, is exact; such a lock is not listed by `locks status`).
+            name.encode("utf-8", "backslashreplace").decode(),
             info.token,
             info.pid,
             (info.hostname or "")[:255],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ _held_lock = threading.Lock()
 os.register_at_fork(after_in_child=_held.clear)
 
 
+@functools.lru_cache(maxsize=4096)
 def file_name(name: str) -> str:
     """Map a lock name to a file name, injectively: safe characters stay, the rest is %XX.
 
@@ -85,9 +87,13 @@ class FileBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.lock_dir = options.lock_dir
+        self._dir = str(options.lock_dir)
 
     def lock_path(self, name: str) -> Path:
-        return self.lock_dir / file_name(name)
+        return Path(self._path(name))
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._dir, file_name(name))
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
@@ -107,7 +113,7 @@ class FileBackend(Backend):
         return []
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        path = str(self.lock_path(name))
+        path = self._path(name)
         with _held_lock:
             if path in _held:
                 return None
@@ -126,12 +132,12 @@ class FileBackend(Backend):
 
     def _lock(self, name: str, path: str, info: LockInfo) -> FileLease | None:
         for _ in range(5):
-            fd = self._open(path, os.O_RDWR | os.O_CREAT)
+            fd, opened = self._open(path, os.O_RDWR | os.O_CREAT)
             try:
                 if not _try_flock(fd, path):
                     os.close(fd)
                     return None
-                if _same_file(fd, path):
+                if _is_at(opened, path):
                     _write_record(fd, path, info)
                     return FileLease(name=name, token=info.token or "", info=info, fd=fd, path=path)
             except BaseException:
@@ -165,9 +171,9 @@ class FileBackend(Backend):
 
     def _clear_stale(self, lease: Lease) -> bool:
         """Empty the record of a dead holder, if ``lease.token`` is still the one recorded."""
-        path = str(self.lock_path(lease.name))
+        path = self._path(lease.name)
         try:
-            fd = self._open(path, os.O_RDWR)
+            fd, _ = self._open(path, os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
@@ -189,13 +195,13 @@ class FileBackend(Backend):
         empty unless its holder died. A record is checked with an instant's shared lock, which
         only an acquirer racing for a dead holder's lock can see (and it retries).
         """
-        path = str(self.lock_path(name))
+        path = self._path(name)
         with _held_lock:
             mine = _held.get(path)
         if mine is not None:
             return mine  # reading would open and close the file, which drops locks on NFS
         try:
-            fd = self._open(path, os.O_RDONLY)
+            fd, _ = self._open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -229,7 +235,7 @@ class FileBackend(Backend):
         candidates = [unquote(entry_name[: -len(_SUFFIX)], errors="surrogatepass")]
         if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
             try:
-                fd = self._open(path, os.O_RDONLY)
+                fd, _ = self._open(path, os.O_RDONLY)
                 try:
                     data = json.loads(os.pread(fd, _MAX_RECORD, 0))
                 finally:
@@ -241,9 +247,9 @@ class FileBackend(Backend):
         return next((c for c in candidates if c and file_name(c) == entry_name), None)
 
     def force_release(self, name: str) -> bool:
-        path = str(self.lock_path(name))
+        path = self._path(name)
         try:
-            fd = self._open(path, os.O_RDWR)
+            fd, _ = self._open(path, os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
@@ -261,7 +267,7 @@ class FileBackend(Backend):
             os.close(fd)
 
     def wait(self, name: str, timeout: float) -> None:
-        file_watch, new = inotify.watch(str(self.lock_path(name)))
+        file_watch, new = inotify.watch(self._path(name))
         if file_watch is None:
             super().wait(name, timeout)  # no inotify here: poll
         elif not new:
@@ -269,7 +275,8 @@ class FileBackend(Backend):
         # A new watch returns at once: the caller retries with the watch in place, so a release
         # between its last attempt and now is not missed.
 
-    def _open(self, path: str, flags: int) -> int:
+    def _open(self, path: str, flags: int) -> tuple[int, os.stat_result]:
+        """Open a lock file (never through a link, never blocking); its descriptor and stat."""
         for attempt in range(2):
             try:
                 fd = os.open(path, flags | _OPEN_FLAGS, 0o600)
@@ -280,10 +287,11 @@ class FileBackend(Backend):
                 continue
             except OSError as e:
                 raise _os_error(e, path, self.lock_dir) from e
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
                 os.close(fd)
                 raise LockFileError(f"{path} is not a regular file; remove it so locks can use it.")
-            return fd
+            return fd, opened
         raise AssertionError("unreachable")
 
     def _make_dir(self) -> None:
@@ -305,6 +313,8 @@ def _os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
         return LockFileError(
             f"{path} is a symbolic link; lock files never follow links, remove it."
         )
+    if e.errno == errno.EISDIR:
+        return LockFileError(f"{path} is a directory; remove it so locks can use that name.")
     if e.errno == errno.ENOTDIR:
         return LockFileError(
             f"LOCK_DIR {lock_dir} is not a directory; point "
@@ -347,13 +357,13 @@ def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
         raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
 
 
-def _same_file(fd: int, path: str) -> bool:
+def _is_at(opened: os.stat_result, path: str) -> bool:
+    """Whether the file we opened (and locked) is still the one at ``path``."""
     try:
         current = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    mine = os.fstat(fd)
-    return (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _write_record(fd: int, path: str, info: LockInfo) -> None:

@@ -81,12 +81,12 @@ def _comment(info: LockInfo) -> str:
     never open or close a comment; "%" is doubled for psycopg's placeholder syntax.
     """
     data = info.to_dict()
-    text = json.dumps(data, ensure_ascii=False).replace("/", "\\/")
+    text = json.dumps(data).replace("/", "\\/")  # ASCII: lone surrogates cannot break it
     for field in ("argv", "name"):
-        if len(text.encode()) <= _RECORD_BUDGET:
+        if len(text) <= _RECORD_BUDGET:
             break
         data[field] = None
-        text = json.dumps(data, ensure_ascii=False).replace("/", "\\/")
+        text = json.dumps(data).replace("/", "\\/")
     return f" /*{_MARK}{text}*/".replace("%", "%%")
 
 

@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, utcnow
 from django_isolatable.isolation import CommandIsolation
 
@@ -60,10 +62,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.strategy = options["strategy"]
-        if options["action"] == "status":
-            self.status(options["names"], as_json=options["json"])
-        else:
-            self.release(options["names"], options["stale"], options["all"], options["force"])
+        try:
+            if options["action"] == "status":
+                self.status(options["names"], as_json=options["json"])
+            else:
+                self.release(options["names"], options["stale"], options["all"], options["force"])
+        except (IsolationError, ImproperlyConfigured) as e:
+            raise CommandError(str(e)) from e
 
     def isolation(self, name: str) -> CommandIsolation:
         return CommandIsolation(name, strategy=self.strategy)
