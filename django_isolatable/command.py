@@ -70,7 +70,8 @@ def _exit_status(value: str) -> int:
     return int(value)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``42s``, ``3m 07s``, ``2h 05m``: how long, for people."""
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -134,6 +135,7 @@ class IsolatableCommand(BaseCommand):
 
     def execute(self, *args: Any, **options: Any) -> str | None:
         self._set_up_output(options)
+        self._held = False
         from_cli = getattr(self, "_called_from_command_line", False)
         name = self.get_isolation_name(*args, **options)
         isolation = CommandIsolation(name, strategy=self.isolation_strategy)
@@ -152,6 +154,7 @@ class IsolatableCommand(BaseCommand):
                 raise CommandError(f"Could not take the lock {name}: {e}") from e
             finally:
                 self._end_progress_line()
+            self._held = True
             with guard:
                 result: str | None = super().execute(*args, **options)
         if guard.lost:
@@ -202,10 +205,10 @@ class IsolatableCommand(BaseCommand):
             held_for = ""
             if holder is not None and holder.acquired_at is not None:
                 running = (utcnow() - holder.acquired_at).total_seconds()
-                held_for = f", running for {_duration(running)}"
+                held_for = f", running for {duration(running)}"
             line = (
                 f"Waiting for {name} ({describe_holder(holder)}{held_for}); "
-                f"waited {_duration(waited)}"
+                f"waited {duration(waited)}"
             )
             if live:
                 self.stderr.write(f"\r\033[K{line}", ending="")
@@ -239,7 +242,8 @@ class IsolatableCommand(BaseCommand):
             yield
         except Interrupted as e:
             self._end_progress_line()
-            self.stderr.write(f"{name} {e}; stopped, its lock is released.", self.style.ERROR)
+            outcome = "its lock is released" if self._held else "it never held the lock"
+            self.stderr.write(f"{name} {e}; stopped, {outcome}.", self.style.ERROR)
             raise _Exit(128 + e.signum) from e
         finally:
             for signum, handler in previous.items():

@@ -272,7 +272,7 @@ class LockConformance:
             assert name in [row["name"] for row in listed]
             table = self.locks("status", name)
             assert table.splitlines()[0].split() == [
-                "NAME", "STATE", "PID", "HOST", "STARTED", "AGE", "COMMAND",
+                "NAME", "STATE", "PID", "HOST", "STARTED", "(UTC)", "AGE", "COMMAND",
             ]  # fmt: skip
             assert f"  held   {os.getpid()}  " in table
 

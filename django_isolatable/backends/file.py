@@ -261,7 +261,7 @@ class FileBackend(Backend):
             # file so the next acquirer locks a new one. The old holder keeps running.
             os.unlink(path)
             _forget(path)
-            logger.warning("Force-released %s held by another process by removing %s", name, path)
+            logger.info("Removed %s: its holder runs on without the lock", path)
             return True
         finally:
             os.close(fd)

@@ -9,11 +9,12 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_isolatable.command import duration
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, utcnow
 from django_isolatable.isolation import CommandIsolation
 
-COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED", "AGE", "COMMAND")
+COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
 
 
 def state_of(info: LockInfo | None) -> str:
@@ -25,15 +26,6 @@ def state_of(info: LockInfo | None) -> str:
 
 def _age(info: LockInfo) -> float | None:
     return None if info.acquired_at is None else (utcnow() - info.acquired_at).total_seconds()
-
-
-def _age_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class Command(BaseCommand):
@@ -131,7 +123,11 @@ class Command(BaseCommand):
             self.stdout.write(f"Released stale lock {name} ({who}).", self.style.SUCCESS)
         elif force:
             isolation.release_all()
-            self.stdout.write(f"Force-released {name} ({who}).", self.style.WARNING)
+            self.stdout.write(
+                f"Force-released {name} ({who}); if that process still runs, it runs on "
+                "without the lock.",
+                self.style.WARNING,
+            )
         else:
             judgement = "is alive" if holder.alive else "cannot be judged from this host"
             self.stderr.write(
@@ -151,13 +147,14 @@ def _row(name: str, info: LockInfo | None) -> tuple[str, ...]:
     if info is None:
         return (name, "free", "-", "-", "-", "-", "")
     started = "-" if info.acquired_at is None else f"{info.acquired_at:%Y-%m-%d %H:%M:%S}"
+    age = _age(info)
     return (
         name,
         state_of(info),
         str(info.pid) if info.pid is not None else "?",
         info.hostname or "?",
         started,
-        _age_text(_age(info)),
+        "-" if age is None else duration(age),
         " ".join(info.argv),
     )
 
