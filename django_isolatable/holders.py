@@ -196,16 +196,16 @@ def new_record(
     name: str, strategy: str, *, ttl: float | None = None, now: datetime | None = None
 ) -> LockInfo:
     """A fresh record for the current process taking ``name`` (with a new random owner token)."""
-    acquired_at = now or utcnow()
-    pid = os.getpid()
+    acquired_at = now or datetime.now(timezone.utc)
+    pid, hostname, started = _this_process()
     return LockInfo(
         name=name,
         strategy=strategy,
         token=secrets.token_hex(16),
         pid=pid,
-        hostname=socket.gethostname(),
+        hostname=hostname,
         host_id=host_id(),
-        process_started_at=_own_start_time(pid),
+        process_started_at=started,
         acquired_at=acquired_at,
         expires_at=None if ttl is None else acquired_at + timedelta(seconds=ttl),
         argv=tuple(sys.argv),
@@ -213,14 +213,17 @@ def new_record(
     )
 
 
-_own_start: dict[int, datetime] = {}
+_process: tuple[int, str, datetime] | None = None
 
 
-def _own_start_time(pid: int) -> datetime:
-    # Cached per PID (a forked child has a new one): reading /proc costs more than the lock.
-    if pid not in _own_start:
-        _own_start[pid] = process_started_at(pid)
-    return _own_start[pid]
+def _this_process() -> tuple[int, str, datetime]:
+    """(pid, hostname, start time) of this process, read once per process: reading /proc
+    costs more than taking a lock. A forked child has another PID, so it reads its own."""
+    global _process
+    pid = os.getpid()
+    if _process is None or _process[0] != pid:
+        _process = (pid, socket.gethostname(), process_started_at(pid))
+    return _process
 
 
 def is_alive(info: LockInfo) -> bool | None:
