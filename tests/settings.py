@@ -43,6 +43,7 @@ DATABASES = {
         "PASSWORD": os.environ.get("TEST_MARIADB_PASSWORD", ""),
         "HOST": os.environ.get("TEST_MARIADB_HOST", "127.0.0.1"),
         "PORT": os.environ.get("TEST_MARIADB_PORT", "3306"),
+        "OPTIONS": {"charset": "utf8mb4"},
     },
     "sqlite": {"ENGINE": "django.db.backends.sqlite3", "NAME": SQLITE_PATH},
 }

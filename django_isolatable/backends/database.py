@@ -202,7 +202,12 @@ class DatabaseBackend(Backend):
         )
         return bool(self._execute(sql, [param, name_hash, lease.token]))
 
-    def _records(self, where: str, params: list[Any]) -> Iterator[LockInfo]:
+    def _records(
+        self, where: str, params: list[Any], name: str | None = None
+    ) -> Iterator[LockInfo]:
+        """Rows as records. Without ``name`` (listing), rows whose stored name does not hash to
+        their key are skipped: another KEY_PREFIX's, or a name the connection's character set
+        could not carry (MySQL's 3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4)."""
         now, _, _ = self._now()
         sql = (
             "SELECT name_hash, name, token, pid, hostname, host_id, process_started_at, "
@@ -210,15 +215,16 @@ class DatabaseBackend(Backend):
             f"FROM {{table}} {where}"
         )
         for row in self._execute(sql, params, fetch=True):
-            name_hash, name, token, pid, hostname, host_id, started, acquired, argv = row[:9]
-            if name_hash != _name_hash(self.options.key_prefix + name):
-                continue  # another KEY_PREFIX's lock
+            name_hash, stored, token, pid, hostname, host_id, started, acquired, argv = row[:9]
+            if name is None and name_hash != _name_hash(self.options.key_prefix + stored):
+                continue
+            lock_name = stored if name is None else name
             try:
                 command = tuple(json.loads(argv))
             except (TypeError, ValueError):
                 command = ()
             yield LockInfo(
-                name=name,
+                name=lock_name,
                 strategy=self.strategy,
                 token=token,
                 pid=pid,
@@ -233,7 +239,7 @@ class DatabaseBackend(Backend):
 
     def inspect(self, name: str) -> LockInfo | None:
         name_hash = _name_hash(self.options.key_prefix + name)
-        return next(self._records("WHERE name_hash = %s", [name_hash]), None)
+        return next(self._records("WHERE name_hash = %s", [name_hash], name), None)
 
     def list(self) -> Iterator[LockInfo]:
         return self._records("ORDER BY name", [])
