@@ -22,10 +22,9 @@ from typing import Any
 
 import psutil
 
-# psutil derives a process's start time from the boot time, which the kernel recomputes when the
-# wall clock is stepped; a small tolerance keeps an NTP correction from making a live holder
-# look like a reused PID.
-START_TIME_TOLERANCE = 1.0
+# Start times are compared within one "clock frame" (see host_id), where they are computed the
+# same way, so they agree to the clock tick; this only absorbs float rounding.
+START_TIME_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -173,19 +172,31 @@ def _read_first_line(path: str) -> str | None:
 
 @cache
 def host_id() -> str:
-    """This host's identity for liveness checks: boot id plus PID namespace where Linux has them.
+    """This host's identity for liveness checks, read once per process.
 
-    Two containers on one machine share the boot id but not the PID namespace, so a PID recorded
-    in one is never judged from the other.
+    The boot id and PID namespace where Linux has them: two containers on one machine share the
+    boot id but not the PID namespace, so a PID recorded in one is never judged from the other.
+    Plus the boot time as the kernel reports it (``btime``), which is what process start times
+    are computed from: stepping the wall clock moves it, and start times recorded before and
+    after such a step cannot be compared, so their holders are judged "cannot tell".
     """
+    btime = int(psutil.boot_time())
     boot = _read_first_line("/proc/sys/kernel/random/boot_id")
     if boot is None:
-        return f"host={socket.gethostname()} boot={int(psutil.boot_time())}"
+        return f"host={socket.gethostname()} btime={btime}"
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
         namespace = "unknown"
-    return f"boot={boot} {namespace}"
+    return f"boot={boot} {namespace} btime={btime}"
+
+
+os.register_at_fork(after_in_child=host_id.cache_clear)  # a child reads its own clock frame
+
+
+def _clock_frame_moved() -> bool:
+    """Whether the wall clock was stepped since this process computed its ``host_id``."""
+    return f"btime={int(psutil.boot_time())}" != host_id().rsplit(" ", 1)[-1]
 
 
 def process_started_at(pid: int) -> datetime:
@@ -222,18 +233,25 @@ def _this_process() -> tuple[int, str, datetime]:
     global _process
     pid = os.getpid()
     if _process is None or _process[0] != pid:
+        host_id()  # first: the start time must be computed in the host_id's clock frame
         _process = (pid, socket.gethostname(), process_started_at(pid))
     return _process
 
 
 def is_alive(info: LockInfo) -> bool | None:
-    """Judge the recorded holder: True alive, False dead (with proof), None cannot tell."""
+    """Judge the recorded holder: True alive, False dead (with proof), None cannot tell.
+
+    Dead means: on this host (same boot, PID namespace and clock frame), and its PID is gone, a
+    zombie, or now names a process that started at another time (the PID was reused).
+    """
     if info.pid is None or info.process_started_at is None or info.host_id != host_id():
         return None
     try:
         process = psutil.Process(info.pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
+        if _clock_frame_moved():  # also refreshes the boot time psutil computes start times from
+            return None
         started = process.create_time()
     except psutil.NoSuchProcess:  # ZombieProcess is a subclass: a zombie is dead too
         return False

@@ -1,0 +1,79 @@
+"""Holder liveness: dead only with proof (same host, boot, PID namespace and clock frame)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from datetime import timedelta
+
+import psutil
+import pytest
+
+from django_isolatable.holders import host_id, is_alive, new_record, process_started_at
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def record_of(pid: int, **changes):
+    """A record naming ``pid`` with its real start time, as its holder would have written it."""
+    info = dataclasses.replace(
+        new_record("x", "file"),
+        pid=pid,
+        process_started_at=process_started_at(pid),
+        alive=None,
+    )
+    return dataclasses.replace(info, **changes)
+
+
+def test_this_process_is_alive():
+    assert is_alive(dataclasses.replace(new_record("x", "file"), alive=None)) is True
+
+
+def test_live_pid_with_its_start_time_is_alive(sleeper):
+    assert is_alive(record_of(sleeper.pid)) is True
+
+
+def test_reused_pid_is_dead(sleeper):
+    info = record_of(sleeper.pid)
+    reused = dataclasses.replace(info, process_started_at=info.process_started_at - timedelta(1))
+    assert is_alive(reused) is False
+
+
+def test_gone_pid_is_dead(sleeper):
+    info = record_of(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    assert is_alive(info) is False
+
+
+def test_another_host_boot_or_namespace_cannot_be_judged(sleeper):
+    for other in ("boot=another pid:[1] btime=1", host_id().replace("pid:[", "pid:[9")):
+        assert is_alive(record_of(sleeper.pid, host_id=other)) is None
+
+
+def test_a_stepped_wall_clock_never_makes_a_live_holder_look_dead(sleeper, monkeypatch):
+    """Stepping the clock moves the boot time psutil derives start times from: a live holder's
+    start time then differs from its record. That must read "cannot tell", not "PID reused"."""
+    info = record_of(sleeper.pid)
+    stepped = psutil.boot_time() + 3600
+    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
+    shifted = dataclasses.replace(info, process_started_at=info.process_started_at - timedelta(1))
+    assert is_alive(shifted) is None
+    sleeper.kill()
+    sleeper.wait()
+    assert is_alive(info) is False  # a PID that is gone is dead whatever the clock says
+
+
+def test_unknown_fields_cannot_be_judged():
+    info = dataclasses.replace(new_record("x", "file"), alive=None)
+    assert is_alive(dataclasses.replace(info, pid=None)) is None
+    assert is_alive(dataclasses.replace(info, process_started_at=None)) is None
+    assert is_alive(dataclasses.replace(info, host_id=None)) is None
+    assert os.getpid() == info.pid
