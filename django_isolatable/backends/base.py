@@ -80,7 +80,9 @@ class Backend:
     def release(self, lease: Lease) -> bool:
         """Release ``lease`` if it is still ours (by owner token).
 
-        Returns False, quietly, when it is not held by this lease any more.
+        Returns False, quietly, when it is not held by this lease any more, and for a lease a
+        forked child inherited (``lease.pid`` is not this process): that drops only what the
+        child inherited, never its parent's lock.
         """
         raise NotImplementedError
 

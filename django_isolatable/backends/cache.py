@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import math
 import threading
 from collections.abc import Iterator
@@ -110,6 +111,8 @@ class CacheBackend(Backend):
         return isinstance(value, dict) and value.get("token") == lease.token
 
     def release(self, lease: Lease) -> bool:
+        if lease.pid != os.getpid():
+            return False  # a forked child's copy: the lock is its parent's
         if not self._owned(lease):
             return False
         released = bool(self._call("release", self.cache.delete, self._key(lease.name)))

@@ -189,6 +189,8 @@ class DatabaseBackend(Backend):
         return Lease(name=name, token=info.token or "", info=info) if taken == 1 else None
 
     def release(self, lease: Lease) -> bool:
+        if lease.pid != os.getpid():
+            return False  # a forked child's copy: the lock is its parent's
         name_hash = _name_hash(self.options.key_prefix + lease.name)
         sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
         return bool(self._execute(sql, [name_hash, lease.token]))

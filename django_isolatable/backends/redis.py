@@ -10,6 +10,7 @@ on with ``BLPOP`` (FIFO, like python-redis-lock), so handoff does not wait for a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -139,6 +140,8 @@ class RedisBackend(Backend):
         return Lease(name=name, token=token, info=info)
 
     def release(self, lease: Lease) -> bool:
+        if lease.pid != os.getpid():
+            return False  # a forked child's copy: the lock is its parent's
         keys = self._keys(lease.name)
         owner = f"{lease.token} ".encode()
         return bool(self._call("release", self._release, keys=keys, args=[owner, WAKE_TTL_MS]))

@@ -1,0 +1,325 @@
+"""Injected faults: a store restarted under a held lease, a full disk, a frozen directory, clock
+jumps, forks, and signals while waiting. Each names the fault and what must happen."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from django_isolatable import (
+    AlreadyRunning,
+    CommandIsolation,
+    LockIOError,
+    LockPermissionError,
+)
+from django_isolatable.signals import lock_lost
+from tests import services
+from tests.settings import KEY_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, without persistence, that the test may restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("ISOLATABLE_REQUIRE_SERVICES") == "1":
+            pytest.fail("redis-server is not installed, and ISOLATABLE_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def lost_events() -> Iterator[list[str]]:
+    names: list[str] = []
+
+    def receiver(sender, name, guard, **kwargs):
+        names.append(name)
+
+    lock_lost.connect(receiver)
+    yield names
+    lock_lost.disconnect(receiver)
+
+
+def test_redis_restarted_under_a_held_lease(settings, private_redis, lost_events):
+    """Redis without persistence forgets every lease when it restarts: the holder's guard
+    reports the loss within about one renewal interval, and a new holder can proceed."""
+    ttl = 1.5
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": ttl}
+    guard = CommandIsolation("nightly").lock(timeout=0)
+    private_redis.stop()
+    private_redis.start()
+    deadline = time.monotonic() + ttl * 3
+    while not guard.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert guard.lost
+    assert lost_events == ["nightly"]
+    with CommandIsolation("nightly").lock(timeout=0) as new:
+        assert CommandIsolation("nightly").holder().token == new.info.token
+        guard.release()  # the lost guard's release is a quiet no-op: the new lease survives
+        assert CommandIsolation("nightly").holder().token == new.info.token
+
+
+def test_redis_down_at_acquire_is_a_prompt_lock_io_error(settings, private_redis):
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    private_redis.stop()
+    started = time.monotonic()
+    with pytest.raises(LockIOError, match=f"Redis at redis://127.0.0.1:{private_redis.port}/0"):
+        CommandIsolation("nightly").try_lock()
+    assert time.monotonic() - started < 15
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_full_disk_still_locks_without_a_record(tmp_path, caplog):
+    """No space for the holder's record: the lock is still taken and excludes others; the
+    record is left empty (never torn) and a warning says why."""
+    with tmpfs(tmp_path / "full", "size=16k") as mount:
+        directory = mount / "locks"
+        directory.mkdir()
+        (directory / "existing.lock").touch()
+        with contextlib.suppress(OSError):
+            (mount / "filler").write_bytes(b"x" * 64 * 1024)
+        isolation = CommandIsolation("existing", lock_dir=directory)
+        with isolation.lock(timeout=0):
+            assert (directory / "existing.lock").read_bytes() == b""
+            assert "could not write its holder record" in caplog.text
+            thread_result: list[BaseException] = []
+            thread = threading.Thread(
+                target=lambda: thread_result.append(_try(isolation.with_timeout(0)))
+            )
+            thread.start()
+            thread.join(10)
+            assert isinstance(thread_result[0], AlreadyRunning)
+        isolation.try_lock().release()
+
+
+def _try(isolation: CommandIsolation) -> BaseException:
+    try:
+        isolation.lock().release()
+    except BaseException as e:
+        return e
+    return AssertionError("took a lock that was held")
+
+
+def test_no_inodes_left_is_a_clear_lock_io_error(tmp_path):
+    with tmpfs(tmp_path / "noinodes", "size=1m,nr_inodes=3") as mount:
+        directory = mount / "locks"
+        directory.mkdir()
+        for n in range(10):
+            with contextlib.suppress(OSError):
+                (mount / f"f{n}").touch()
+        with pytest.raises(LockIOError, match="No space left on device"):
+            CommandIsolation("new", lock_dir=directory).try_lock()
+
+
+def test_lock_dir_frozen_while_held(tmp_path):
+    """A directory that stops accepting new files (immutable, read-only remount) while a lock is
+    held: its holder releases normally, an existing lock file still works, and a new name gets
+    a LockPermissionError that names the directory and the setting."""
+    directory = tmp_path / "locks"
+    guard = CommandIsolation("held", lock_dir=directory).lock(timeout=0)
+    frozen = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+    if frozen.returncode != 0:
+        guard.release()
+        pytest.skip(f"cannot make a directory immutable here: {frozen.stderr.decode().strip()}")
+    try:
+        guard.release()
+        CommandIsolation("held", lock_dir=directory).try_lock().release()
+        with pytest.raises(LockPermissionError) as raised:
+            CommandIsolation("new", lock_dir=directory).try_lock()
+        assert raised.value.path == directory
+        assert 'settings.ISOLATABLE["LOCK_DIR"]' in str(raised.value)
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+EXPIRING = [
+    pytest.param({"STRATEGY": "redis", "REDIS_URL": services.REDIS_URL}, "redis", id="redis"),
+    pytest.param({"STRATEGY": "database", "DATABASE_ALIAS": "sqlite"}, None, id="database-sqlite"),
+    pytest.param(
+        {"STRATEGY": "database", "DATABASE_ALIAS": "postgres"}, "postgres", id="database-pg"
+    ),
+    pytest.param({"STRATEGY": "cache", "CACHE_ALIAS": "redis"}, "redis", id="cache"),
+]
+
+
+@pytest.mark.parametrize("jump", [timedelta(days=1), -timedelta(days=1)], ids=["ahead", "behind"])
+@pytest.mark.parametrize(("strategy_settings", "service"), EXPIRING)
+def test_a_holder_with_a_wrong_clock_keeps_its_lease_for_the_ttl(
+    settings, django_db_blocker, monkeypatch, strategy_settings, service, jump
+):
+    """Expiry is judged by the store's clock: a holder whose wall clock is a day off (ahead or
+    behind) still holds for the TTL, and its lease still runs out after it."""
+    if service:
+        services.require(service)
+    ttl = 2.0
+    settings.ISOLATABLE = {**strategy_settings, "TTL": ttl, "KEY_PREFIX": KEY_PREFIX}
+
+    class WrongClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + jump
+
+    from django_isolatable import holders
+
+    name = f"clock-{jump.days}-{time.monotonic_ns()}"
+    with django_db_blocker.unblock():
+        monkeypatch.setattr(holders, "datetime", WrongClock)
+        isolation = CommandIsolation(name, strategy=strategy_settings["STRATEGY"])
+        lease = isolation.backend.acquire(name, holders.new_record(name, "x", ttl=ttl))
+        monkeypatch.undo()
+        assert lease is not None
+        taken = time.monotonic()
+        with pytest.raises(AlreadyRunning):
+            CommandIsolation(name).try_lock()  # not expired, whatever the holder's clock said
+        assert time.monotonic() - taken < ttl, "the check itself took longer than the TTL"
+        with CommandIsolation(name).lock(timeout=ttl * 5):
+            assert time.monotonic() - taken >= ttl * 0.9
+
+
+WAIT_THEN_SIGNAL = """
+import os, signal, sys, django
+django.setup()
+from django_isolatable import CommandIsolation
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_waiting_ends_cleanly_with_nothing_held(tmp_path, signum):
+    """SIGTERM/SIGINT to a command waiting with --wait: it exits 128+signal at once, says it
+    never held the lock, and nothing of it is left: the holder is undisturbed, and once the
+    holder is done the lock is free."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "example_project.settings",
+        "ISOLATABLE_LOCK_DIR": str(tmp_path),
+    }
+    manage = [sys.executable, "manage.py", "import_data"]
+    holder = subprocess.Popen([*manage, "--seconds", "60"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    waiter = None
+    try:
+        assert holder.stdout is not None
+        assert "importing" in holder.stdout.readline()
+        waiter = subprocess.Popen([*manage, "--seconds", "0", "--wait"], cwd=ROOT, env=env,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert waiter.stderr is not None
+        assert waiter.stderr.readline().startswith("Waiting for import_data")
+        waiter.send_signal(signum)
+        assert waiter.wait(10) == 128 + signum
+        assert "never held the lock" in waiter.stderr.read()
+        isolation = CommandIsolation("import_data", lock_dir=tmp_path)
+        assert isolation.holder().pid == holder.pid
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(10)
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+    assert CommandIsolation("import_data", lock_dir=tmp_path).holder() is None
+
+
+FORKING = [
+    pytest.param({"STRATEGY": "redis", "REDIS_URL": services.REDIS_URL}, "redis", id="redis"),
+    pytest.param({"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}, "postgres", id="postgres"),
+    pytest.param({"STRATEGY": "database", "DATABASE_ALIAS": "postgres"}, "postgres", id="database"),
+]
+
+
+@pytest.mark.parametrize(("strategy_settings", "service"), FORKING)
+def test_a_forked_child_never_releases_its_parents_lock(
+    settings, django_db_blocker, strategy_settings, service
+):
+    """A child forked while the parent holds the lock: neither the child's release() nor the
+    finalizers of what it inherited (the guard, connections) touch the parent's lock or its
+    connection."""
+    services.require(service)
+    settings.ISOLATABLE = {**strategy_settings, "KEY_PREFIX": KEY_PREFIX}
+    name = f"fork-{time.monotonic_ns()}"
+    with django_db_blocker.unblock():
+        guard = CommandIsolation(name).lock(timeout=0)
+        for collect in (False, True):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                status = 0
+                try:
+                    guard.release()
+                    if collect:  # finalizers of the guard and of inherited connections run
+                        guard = None
+                        gc.collect()
+                except BaseException:
+                    status = 1
+                os._exit(status)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            holder = CommandIsolation(name).holder()
+            assert holder is not None, "the child released the parent's lock"
+            assert holder.pid == os.getpid()
+        guard.check()
+        guard.release()
+        assert CommandIsolation(name).holder() is None
