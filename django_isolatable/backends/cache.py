@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import math
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
