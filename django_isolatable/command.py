@@ -27,7 +27,7 @@ from django_isolatable.errors import (
     describe_holder,
 )
 from django_isolatable.holders import LockInfo, utcnow
-from django_isolatable.isolation import CommandIsolation
+from django_isolatable.isolation import CommandIsolation, LockGuard
 
 #: Signals that end a running command the normal way: finally blocks run, the lock is released.
 UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -70,6 +70,11 @@ def _exit_status(value: str) -> int:
     return int(value)
 
 
+def plain(text: str) -> str:
+    """A style function that leaves text as it is (stderr's default style is red)."""
+    return text
+
+
 def duration(seconds: float) -> str:
     """``42s``, ``3m 07s``, ``2h 05m``: how long, for people."""
     seconds = int(seconds)
@@ -92,6 +97,9 @@ class IsolatableCommand(BaseCommand):
     isolation_name: str | None = None
     isolation_timeout: float | None = 0
     isolation_strategy: LockStrategy | str | None = None
+    #: The held lock while ``handle()`` runs: ``self.isolation_guard.check()`` raises
+    #: ``LockLost`` if an expiring lease was lost, for long jobs that want to stop early.
+    isolation_guard: LockGuard | None = None
 
     def get_isolation_id(self, *args: Any, **options: Any) -> str | None:
         """A suffix that makes runs with different arguments independent (``import:customers``)."""
@@ -155,8 +163,15 @@ class IsolatableCommand(BaseCommand):
             finally:
                 self._end_progress_line()
             self._held = True
-            with guard:
-                result: str | None = super().execute(*args, **options)
+            self.isolation_guard = guard
+            try:
+                with guard:
+                    result: str | None = super().execute(*args, **options)
+            except LockLost as e:  # handle() called guard.check() and stopped
+                if not from_cli:
+                    raise
+                self.stderr.write(f"{e} Stopped.", self.style.ERROR)
+                raise _Exit(1) from e
         if guard.lost:
             message = str(LockLost(name))
             if not from_cli:
@@ -211,11 +226,11 @@ class IsolatableCommand(BaseCommand):
                 f"waited {duration(waited)}"
             )
             if live:
-                self.stderr.write(f"\r\033[K{line}", ending="")
+                self.stderr.write(f"\r\033[K{line}", plain, ending="")
                 self.stderr.flush()
                 self._progress_line = True
             elif time.monotonic() - last_plain >= PLAIN_PROGRESS_EVERY:
-                self.stderr.write(line + ".")
+                self.stderr.write(line + ".", plain)
                 last_plain = time.monotonic()
 
         return report

@@ -46,6 +46,7 @@ TRICKY_NAMES = [
     "~tilde",
     "a%41",
     "aA",
+    "index",  # the cache strategy's index entry once had this key
 ]
 
 

@@ -130,3 +130,23 @@ def test_interrupted_is_not_an_exception():
     """``except Exception`` in handle() must not swallow a SIGTERM."""
     assert not issubclass(Interrupted, Exception)
     assert str(Interrupted(signal.SIGTERM)) == "interrupted by SIGTERM"
+
+
+def test_locks_takes_strategy_after_the_subcommand_too():
+    stdout = io.StringIO()
+    call_command("locks", "status", "--strategy", "memory", "--json", stdout=stdout)
+    assert stdout.getvalue().strip() == "[]"
+
+
+def test_handle_sees_its_guard():
+    seen = []
+
+    class Command(IsolatableCommand):
+        isolation_name = "guarded"
+
+        def handle(self, *args, **options):
+            self.isolation_guard.check()
+            seen.append(self.isolation_guard.info.name)
+
+    call_command(Command())
+    assert seen == ["guarded"]

@@ -323,3 +323,38 @@ def test_a_forked_child_never_releases_its_parents_lock(
         guard.check()
         guard.release()
         assert CommandIsolation(name).holder() is None
+
+
+def test_a_pooler_sharing_sessions_is_caught_not_trusted(settings, django_db_blocker, monkeypatch):
+    """Through PgBouncer in transaction mode, two clients' statements can run in one server
+    session, where advisory locks are reentrant: the second "gets" the first's lock. Simulated
+    here by handing both clients the same session: the second must get a clear LockIOError,
+    and the first keeps its lock."""
+    services.require("postgres")
+    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
+    from django_isolatable.backends import postgres
+
+    name = f"pooled-{time.monotonic_ns()}"
+    with django_db_blocker.unblock():
+        first = CommandIsolation(name).lock(timeout=0)
+        shared = first._lease.connection  # type: ignore[attr-defined]
+        monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
+        monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
+        with pytest.raises(LockIOError, match="pooler that shares server sessions"):
+            CommandIsolation(name).try_lock()
+        monkeypatch.undo()
+        assert CommandIsolation(name).is_locked()  # (its record, the session's last statement,
+        first.check()  # is gone: the pooled statements overwrote it)
+        first.release()
+        assert CommandIsolation(name).holder() is None
+
+
+def test_database_strategy_without_use_tz(settings, django_db_blocker):
+    """USE_TZ = False: the record's datetimes are stored the way Django stores them then."""
+    settings.USE_TZ = False
+    settings.ISOLATABLE = {"STRATEGY": "database", "DATABASE_ALIAS": "sqlite", "TTL": 5}
+    name = f"naive-{time.monotonic_ns()}"
+    with django_db_blocker.unblock(), CommandIsolation(name).lock(timeout=0) as guard:
+        holder = CommandIsolation(name).holder()
+        assert holder.token == guard.info.token
+        assert abs(holder.acquired_at - guard.info.acquired_at) < timedelta(seconds=1)

@@ -173,3 +173,31 @@ def test_bad_timeouts_are_value_errors(bad):
 def test_bad_ttl_is_a_value_error(bad):
     with pytest.raises(ValueError, match="ttl must be a finite"):
         CommandIsolation("x", ttl=bad)
+
+
+def test_database_strategy_on_in_memory_sqlite_is_a_check_error(settings):
+    settings.ISOLATABLE = {"STRATEGY": "database", "DATABASE_ALIAS": "default"}
+    assert messages() == [
+        (
+            "isolatable.E041",
+            "settings.ISOLATABLE[\"DATABASE_ALIAS\"] is 'default', which is an in-memory SQLite "
+            "database: every connection has its own, so its locks exclude nothing. Use a "
+            "database file.",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "django.core.cache.backends.locmem.LocMemCache",
+        "django.core.cache.backends.filebased.FileBasedCache",
+        "django.core.cache.backends.db.DatabaseCache",
+    ],
+)
+def test_cache_strategy_on_an_unsafe_cache_is_a_warning(settings, backend):
+    settings.CACHES = {**settings.CACHES, "unsafe": {"BACKEND": backend, "LOCATION": "x"}}
+    settings.ISOLATABLE = {"STRATEGY": "cache", "CACHE_ALIAS": "unsafe"}
+    ((check_id, message),) = messages()
+    assert check_id == "isolatable.W050"
+    assert f"The cache strategy uses cache 'unsafe' ({backend}), where " in message

@@ -1,7 +1,9 @@
 """The cache strategy: Django's cache ``add()`` (atomic set-if-absent) with a TTL.
 
-Safe only on caches whose ``add`` is atomic and shared by every process: Redis, Memcached and
-the database cache. LocMem is per process and Dummy stores nothing (a system check warns).
+Safe only on caches whose ``add`` is atomic and shared by every process: Redis (Django's
+RedisCache, django-redis) and Memcached. A system check warns about the others: LocMem is per
+process, Dummy stores nothing, and the file-based and database caches implement ``add`` as a
+read then a write, which two processes can both win (measured: several holders at once).
 Renewal is ``touch`` and release is ``delete``, each after checking that the stored token is
 ours: the cache API has no compare-and-delete, so there is a window of one round trip in which
 a lease that expires right then could be taken by another process and then deleted by us.
@@ -29,10 +31,13 @@ from django_isolatable.backends.base import Backend, BackendOptions, Lease
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
-PER_PROCESS_CACHES = (
-    "django.core.cache.backends.locmem.LocMemCache",
-    "django.core.cache.backends.dummy.DummyCache",
-)
+#: Django caches whose add() cannot make a lock, and why.
+UNSAFE_CACHES = {
+    "django.core.cache.backends.locmem.LocMemCache": "other processes cannot see it",
+    "django.core.cache.backends.dummy.DummyCache": "it stores nothing",
+    "django.core.cache.backends.filebased.FileBasedCache": "its add() is a read then a write",
+    "django.core.cache.backends.db.DatabaseCache": "its add() is a read then a write",
+}
 _index_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
@@ -46,7 +51,8 @@ class CacheBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.alias = options.cache_alias
-        self._index = self._key("index")
+        prefix = self.options.key_prefix.encode("utf-8", "surrogatepass")
+        self._index = f"isolatable-index:{hashlib.sha256(prefix).hexdigest()}"
         self.cache  # noqa: B018 - fail now, with the alias in the message, if it is wrong
 
     @classmethod
@@ -62,12 +68,13 @@ class CacheBackend(Backend):
                     id="isolatable.E050",
                 )
             ]
-        if configured.get("BACKEND") in PER_PROCESS_CACHES:
+        reason = UNSAFE_CACHES.get(configured.get("BACKEND", ""))
+        if reason is not None:
             return [
                 Warning(
                     f"The cache strategy uses cache {options.cache_alias!r} "
-                    f"({configured['BACKEND']}), which other processes cannot see: locks "
-                    "will not exclude other processes. Use Redis, Memcached or the database cache.",
+                    f"({configured['BACKEND']}), where {reason}: its locks will not reliably "
+                    "exclude other processes. Use a Redis or Memcached cache.",
                     id="isolatable.W050",
                 )
             ]

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
+from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.db import DatabaseError, IntegrityError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -58,6 +59,17 @@ def _name_hash(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _for_django(value: datetime | None) -> datetime | None:
+    """Aware UTC as Django stores it: naive UTC when USE_TZ is off (read back as UTC)."""
+    if value is None or settings.USE_TZ:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _in_memory(name: str) -> bool:
+    return name in ("", ":memory:") or "mode=memory" in name
+
+
 def _datetime(value: object) -> datetime | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
@@ -80,15 +92,20 @@ class DatabaseBackend(Backend):
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
-        if options.database_alias in connections.settings:
-            return []
-        return [
-            Error(
-                f'settings.ISOLATABLE["DATABASE_ALIAS"] is {options.database_alias!r}, which is '
-                "not in settings.DATABASES.",
-                id="isolatable.E040",
-            )
-        ]
+        alias = options.database_alias
+        setting = f'settings.ISOLATABLE["DATABASE_ALIAS"] is {alias!r}, which'
+        if alias not in connections.settings:
+            return [Error(f"{setting} is not in settings.DATABASES.", id="isolatable.E040")]
+        database = connections.settings[alias]
+        if "sqlite" in database.get("ENGINE", "") and _in_memory(str(database.get("NAME", ""))):
+            return [
+                Error(
+                    f"{setting} is an in-memory SQLite database: every connection has its own, "
+                    "so its locks exclude nothing. Use a database file.",
+                    id="isolatable.E041",
+                )
+            ]
+        return []
 
     def _connection(self) -> BaseDatabaseWrapper:
         wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.setdefault("wrappers", {})
@@ -153,8 +170,8 @@ class DatabaseBackend(Backend):
             info.pid,
             (info.hostname or "")[:255],
             (info.host_id or "")[:255],
-            ops.adapt_datetimefield_value(info.process_started_at),
-            ops.adapt_datetimefield_value(info.acquired_at),
+            ops.adapt_datetimefield_value(_for_django(info.process_started_at)),
+            ops.adapt_datetimefield_value(_for_django(info.acquired_at)),
             json.dumps(list(info.argv)),
         ]
 

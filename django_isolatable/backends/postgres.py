@@ -40,12 +40,34 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5
 _MARK = "isolatable:"
-_RECORD_BUDGET = 800  # bytes of JSON; the statements around it take the rest of 1024
+# pg_stat_activity.query keeps 1024 bytes by default: the longest statement that carries the
+# record (_TRY_LOCK) takes about 290 of them, the record gets the rest with some margin.
+_RECORD_BUDGET = 680
 _HOLDERS = (
     "SELECT l.classid::bigint, l.objid::bigint, a.query FROM pg_locks l "
     "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
     "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database "
     "WHERE datname = current_database())"
+)
+
+# One statement each (a transaction-mode pooler could run two on different sessions). The owner
+# setting is read before the lock is tried, so a session that already held it for another
+# client (advisory locks are reentrant) is caught; CTEs that reference each other run in order.
+_TRY_LOCK = (
+    "WITH b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o), "
+    "a AS MATERIALIZED (SELECT pg_try_advisory_lock(%(key)s) g FROM b) "
+    "SELECT o, g, CASE WHEN g THEN set_config(%(owner)s, %(token)s, false) END, "
+    "CASE WHEN g THEN set_config('application_name', %(label)s, false) END FROM b, a"
+)
+_CLAIM = (
+    "WITH b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o) "
+    "SELECT o, true, set_config(%(owner)s, %(token)s, false), "
+    "set_config('application_name', %(label)s, false) FROM b"
+)
+_UNDO_CLAIM = "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, %(previous)s, false)"
+_UNLOCK = (
+    "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, '', false), "
+    "set_config('application_name', 'isolatable', false)"
 )
 
 _idle: dict[str, list[psycopg.Connection[Any]]] = {}
@@ -161,13 +183,9 @@ class PostgresBackend(Backend):
             second = connection.execute("SELECT pg_backend_pid()").fetchone()
         except psycopg.Error as e:
             raise LockIOError(f"PostgreSQL {where} is unreachable: {e}".strip()) from e
-        if first != second:
+        if first != second:  # a busy transaction-mode pooler; a quiet one is caught at acquire
             connection.close()
-            raise LockIOError(
-                f"PostgreSQL {where} runs each statement on another server process: a pooler in "
-                "transaction mode (PgBouncer?) is in between, and session advisory locks need a "
-                "session. Point ISOLATABLE['DATABASE_ALIAS'] at a direct connection."
-            )
+            raise LockIOError(_pooled(where))
         return connection
 
     def _put_back(self, connection: psycopg.Connection[Any]) -> None:
@@ -177,7 +195,7 @@ class PostgresBackend(Backend):
         with _idle_lock:
             _idle.setdefault(self.alias, []).append(connection)
 
-    def _run(self, connection: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    def _run(self, connection: Any, sql: str, params: Any = ()) -> Any:
         import psycopg
 
         try:
@@ -189,18 +207,27 @@ class PostgresBackend(Backend):
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
         comment = _comment(info)
-        label = f"isolatable {info.pid}@{info.hostname}"[:63]
+        params = {
+            "key": key,
+            "owner": _owner_setting(key),
+            "token": info.token or "",
+            "label": f"isolatable {info.pid}@{info.hostname}"[:63],
+        }
         connection = _waited.pop((self.alias, name, threading.get_ident()), None)
-        if connection is not None:  # wait() took it in the server's queue: say who holds it
-            self._run(
-                connection, "SELECT set_config('application_name', %s, false)" + comment, (label,)
-            )
+        if connection is not None:  # wait() took it in the server's queue: claim it
+            previous_owner, got = self._run(connection, _CLAIM + comment, params)[:2]
         else:
             connection = self._connect()
-            sql = "SELECT set_config('application_name', %s, false), pg_try_advisory_lock(%s)"
-            if not self._run(connection, sql + comment, (label, key))[1]:
+            previous_owner, got = self._run(connection, _TRY_LOCK + comment, params)[:2]
+            if not got:
                 self._put_back(connection)
                 return None
+        if previous_owner:
+            # Another client's lock in this very server session, granted again because advisory
+            # locks are reentrant: only a pooler sharing sessions between clients does that.
+            self._run(connection, _UNDO_CLAIM, {**params, "previous": previous_owner})
+            self._put_back(connection)
+            raise LockIOError(_pooled(f"database {self.alias!r}"))
         token = info.token or ""
         return PostgresLease(name, token, info, connection=connection, key=key, comment=comment)
 
@@ -210,11 +237,9 @@ class PostgresBackend(Backend):
         connection, lease.connection = lease.connection, None
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the session is the parent's
+        params = {"key": lease.key, "owner": _owner_setting(lease.key)}
         try:
-            sql = (
-                "SELECT pg_advisory_unlock(%s), set_config('application_name', 'isolatable', false)"
-            )
-            released = bool(self._run(connection, sql, (lease.key,))[0])
+            released = bool(self._run(connection, _UNLOCK, params)[0])
         except LockIOError:
             return False  # the session is gone, and the lock with it
         self._put_back(connection)
@@ -298,6 +323,19 @@ class PostgresBackend(Backend):
             connection.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
         _waited[(self.alias, name, threading.get_ident())] = connection
+
+
+def _owner_setting(key: int) -> str:
+    """The session setting that names this session's holder of advisory lock ``key``."""
+    return f"isolatable.owner_{key & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _pooled(where: str) -> str:
+    return (
+        f"PostgreSQL {where} is reached through a pooler that shares server sessions between "
+        "clients (PgBouncer in transaction mode?); session advisory locks need a session of "
+        "their own. Point ISOLATABLE['DATABASE_ALIAS'] at a direct or session-pooled connection."
+    )
 
 
 def _alias_error(alias: str, problem: str) -> Error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -32,18 +33,18 @@ class Command(BaseCommand):
     help = "Show and release the locks of isolated commands."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--strategy",
-            help='Lock strategy to look at (default: settings.ISOLATABLE["STRATEGY"]).',
-        )
+        strategy_help = 'Lock strategy to look at (default: settings.ISOLATABLE["STRATEGY"]).'
+        parser.add_argument("--strategy", help=strategy_help)
         actions = parser.add_subparsers(dest="action", required=True, metavar="{status,release}")
         status = actions.add_parser("status", help="Show locks: held, stale or free.")
+        status.add_argument("--strategy", help=strategy_help, default=argparse.SUPPRESS)
         status.add_argument("names", nargs="*", metavar="NAME", help="Only these locks.")
         status.add_argument("--json", action="store_true", help="Print a JSON list.")
         release = actions.add_parser(
             "release", help="Release locks whose holders are dead (or any, with --force)."
         )
         release.add_argument("names", nargs="*", metavar="NAME")
+        release.add_argument("--strategy", help=strategy_help, default=argparse.SUPPRESS)
         release.add_argument("--stale", action="store_true", help="Release every stale lock.")
         release.add_argument("--all", action="store_true", help="Release every lock (--force).")
         release.add_argument(
