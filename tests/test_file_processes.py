@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import itertools
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -28,77 +25,15 @@ import pytest
 
 from django_isolatable import AlreadyRunning, CommandIsolation, LockTimeout
 from django_isolatable.holders import is_alive, new_record, process_started_at
+from tests.processes import (
+    EVENT_TIMEOUT,
+    Worker,
+    Workers,
+    assert_exclusive_counting,
+    run_counting_workers,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "import_data"
-EVENT_TIMEOUT = 30.0  # seconds to wait for a worker's event: only a hang should ever hit it
-
-
-class Worker:
-    """A ``python -m tests.workers`` process whose stdout lines are read as events."""
-
-    def __init__(self, stderr_path: Path, *args: str) -> None:
-        self.stderr_path = stderr_path
-        with open(stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.workers", *args],
-                cwd=ROOT,
-                env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                bufsize=1,
-            )
-        self.pid = self.process.pid
-        self._events: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read_events, daemon=True)
-        self._reader.start()
-
-    def _read_events(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._events.put(line.strip())
-        self._events.put(None)  # EOF: the worker exited
-
-    def expect(self, event: str, timeout: float = EVENT_TIMEOUT) -> list[str]:
-        """Wait for the next event line, check its first word, return the rest of its words."""
-        try:
-            line = self._events.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"worker {self.pid} sent no {event!r} within {timeout} s{self._stderr()}")
-        if line is None:
-            pytest.fail(f"worker {self.pid} exited before {event!r}{self._stderr()}")
-        word, *rest = line.split()
-        assert word == event, f"worker {self.pid} sent {line!r}, expected {event!r}"
-        return rest
-
-    def send(self, line: str = "") -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-
-    def finish(self) -> None:
-        """Tell the worker to let go, and check that it exits cleanly."""
-        self.send("release")
-        assert self.process.wait(EVENT_TIMEOUT) == 0, self._stderr()
-
-    def kill(self) -> None:
-        """SIGKILL the worker and reap it (its descriptors, and so its flock, are gone after)."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(EVENT_TIMEOUT)
-
-    def close(self) -> None:
-        """Kill the worker if it still runs, and close its pipes."""
-        if self.process.poll() is None:
-            self.kill()
-        self._reader.join(EVENT_TIMEOUT)  # EOF follows the exit: the reader is done with stdout
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
-
-    def _stderr(self) -> str:
-        return f"; its stderr:\n{self.stderr_path.read_text()}"
 
 
 @pytest.fixture
@@ -107,64 +42,9 @@ def spawn(lock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
     Every worker still running at the end of the test is killed.
     """
-    workers: list[Worker] = []
-
-    def start(command: str, *options: str) -> Worker:
-        stderr_path = tmp_path / f"worker-{len(workers)}-{command}.stderr"
-        worker = Worker(stderr_path, command, NAME, str(lock_dir), *options)
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
-
-
-def run_counting_workers(spawn, tmp_path: Path, workers: int, *options: str) -> list[Path]:
-    """Start ``workers`` ``count`` workers on one counter, release them at once, await them.
-
-    Returns their journal files.
-    """
-    counter = tmp_path / "counter"
-    counter.write_text("0")
-    journals = [tmp_path / f"journal-{n}" for n in range(workers)]
-    started = [
-        spawn("count", "--counter", str(counter), "--journal", str(journal), *options)
-        for journal in journals
-    ]
-    for worker in started:
-        worker.expect("ready")
-    for worker in started:  # all set up (Django imported): now they contend from the start
-        worker.send("go")
-    for worker in started:
-        worker.expect("done", timeout=60)
-        assert worker.process.wait(EVENT_TIMEOUT) == 0
-    return journals
-
-
-def read_intervals(journals: list[Path]) -> list[tuple[float, float, int]]:
-    """Every critical section from the journals as ``(start, end, pid)``, sorted by start."""
-    intervals = []
-    for journal in journals:
-        for line in journal.read_text().splitlines():
-            pid, start, end = line.split()
-            intervals.append((float(start), float(end), int(pid)))
-    return sorted(intervals)
-
-
-def assert_no_overlap(intervals: list[tuple[float, float, int]]) -> None:
-    """No critical section started before the previous one ended (one monotonic clock)."""
-    for (start, end, pid), (next_start, next_end, next_pid) in itertools.pairwise(intervals):
-        assert end < next_start, (
-            f"pid {pid} held [{start}, {end}] while pid {next_pid} held [{next_start}, {next_end}]"
-        )
-
-
-def assert_exclusive_counting(journals: list[Path], counter: Path, expected: int) -> None:
-    intervals = read_intervals(journals)
-    assert len(intervals) == expected
-    assert_no_overlap(intervals)
-    assert int(counter.read_text()) == expected
+    workers = Workers(tmp_path, NAME, lock_dir)
+    yield workers.start
+    workers.close()
 
 
 def record_in(path: Path) -> dict:

@@ -1,11 +1,12 @@
-"""Worker processes for ``tests/test_file_processes.py``.
+"""Worker processes for the process tests (``tests/processes.py`` starts them).
 
 Run as ``python -m tests.workers COMMAND NAME LOCK_DIR [options]`` with
-``DJANGO_SETTINGS_MODULE=tests.settings`` from the repository root. Every command takes the lock
-through ``CommandIsolation(NAME, lock_dir=LOCK_DIR)`` and reports each event as one line on
-stdout (``held <pid> <token>``, ``acquired <monotonic> <pid> <token>``, ...), so a test awaits
-events instead of sleeping. A worker that keeps a lock keeps it until it reads a line (or EOF)
-on stdin.
+``DJANGO_SETTINGS_MODULE=tests.settings`` from the repository root. The strategy is the
+settings' (``ISOLATABLE_TEST_SETTINGS`` in the environment; the file strategy by default). Every
+command takes the lock through ``CommandIsolation(NAME, lock_dir=LOCK_DIR)`` and reports each
+event as one line on stdout (``held <pid> <token>``, ``acquired <monotonic> <pid> <token>``,
+...), so a test awaits events instead of sleeping. A worker that keeps a lock keeps it until it
+reads a line (or EOF) on stdin.
 
 Commands:
 
@@ -14,7 +15,9 @@ Commands:
     non-atomic read-modify-write of the integer in ``--counter``. Each critical section's
     ``time.monotonic()`` interval is written to ``--journal`` as ``<pid> <start> <end>`` lines.
 ``hold``
-    Take the lock at once (``try_lock``), print ``held``, keep it until told.
+    Take the lock at once (``try_lock``), print ``held``, keep it until told. While it holds,
+    each ``lost?`` line on stdin is answered with ``lost True`` or ``lost False``
+    (``guard.lost``).
 ``wait``
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
@@ -97,7 +100,8 @@ def increment_non_atomically(counter: Path) -> None:
 def hold(args: argparse.Namespace) -> None:
     guard = isolation_of(args).try_lock()
     report("held", os.getpid(), guard.info.token)
-    await_line()
+    while await_line() == "lost?":
+        report("lost", guard.lost)
     guard.release()
     report("released")
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -66,6 +67,20 @@ def _for_django(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
+class Contended(Exception):
+    """The database gave up on a statement because of concurrent ones; trying again is fine."""
+
+
+#: MySQL/MariaDB: deadlock, lock wait timeout. SQLite: another connection is writing.
+_CONTENTION_CODES = (1213, 1205)
+
+
+def _contended(error: DatabaseError) -> bool:
+    cause = error.__cause__
+    code = cause.args[0] if cause is not None and cause.args else None
+    return code in _CONTENTION_CODES or "database is locked" in str(error)
+
+
 def _in_memory(name: str) -> bool:
     return name in ("", ":memory:") or "mode=memory" in name
 
@@ -114,10 +129,13 @@ class DatabaseBackend(Backend):
         return wrappers[self.alias]
 
     def _execute(self, sql: str, params: list[Any], fetch: bool = False) -> Any:
-        """Run one statement on the private connection; create the table if it is missing."""
+        """Run one statement on the private connection, creating the table if it is missing.
+
+        Raises ``Contended`` when the database gave up on the statement because of concurrent
+        statements (a deadlock, a busy SQLite file), ``LockIOError`` on other failures.
+        """
         connection = self._connection()
-        table = Lock._meta.db_table
-        sql = sql.format(table=connection.ops.quote_name(table))
+        sql = sql.format(table=connection.ops.quote_name(Lock._meta.db_table))
         for attempt in range(2):
             try:
                 with connection.cursor() as cursor:
@@ -126,18 +144,21 @@ class DatabaseBackend(Backend):
             except IntegrityError:
                 raise
             except DatabaseError as e:
-                if attempt or not self._create_table_if_missing(connection):
+                if _contended(e):
+                    raise Contended(str(e)) from e
+                if attempt:
                     raise LockIOError(
                         f"The lock table of database {self.alias!r} ({connection.vendor}) "
                         f"failed: {e}"
                     ) from e
+                self._ensure_table(connection)  # then try once more: it may have been missing
         raise AssertionError("unreachable")
 
-    def _create_table_if_missing(self, connection: BaseDatabaseWrapper) -> bool:
-        """Create the lock table if it is missing; False if it was there (so not the error)."""
+    def _ensure_table(self, connection: BaseDatabaseWrapper) -> None:
+        """Create the lock table unless it exists; fine when another process races to it."""
         try:
             if Lock._meta.db_table in connection.introspection.table_names():
-                return False
+                return
             with connection.schema_editor() as editor:
                 editor.create_model(Lock)
         except DatabaseError as e:  # another process created it first, or the database is down
@@ -147,7 +168,17 @@ class DatabaseBackend(Backend):
                 raise LockIOError(f"Database {self.alias!r} is unreachable: {e}") from e
             if not exists:
                 raise LockIOError(f"Could not create the lock table in {self.alias!r}: {e}") from e
-        return True
+
+    def _retrying(self, what: str, sql: str, params: list[Any]) -> Any:
+        """``_execute`` for statements that must not be lost to contention (release, renew)."""
+        for attempt in range(5):
+            try:
+                return self._execute(sql, params)
+            except Contended as e:
+                if attempt == 4:
+                    raise LockIOError(f"Could not {what} in database {self.alias!r}: {e}") from e
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _now(self) -> tuple[str, str, Any]:
         """(now SQL, now-plus-TTL SQL, the TTL parameter) for this database."""
@@ -178,9 +209,17 @@ class DatabaseBackend(Backend):
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         now, later, ttl = self._now()
         row = self._row(name, info)
+        vendor = self._connection().vendor
+        try:
+            taken = self._take(vendor, row, now, later, ttl)
+        except Contended:  # the database aborted us in favour of a concurrent statement
+            return None
+        return Lease(name=name, token=info.token or "", info=info) if taken == 1 else None
+
+    def _take(self, vendor: str, row: list[Any], now: str, later: str, ttl: Any) -> int:
+        """Insert the row, or take over an expired one; the number of rows taken (0 or 1)."""
         columns = ", ".join(COLUMNS)
         values = ", ".join(["%s"] * len(row) + [later])
-        vendor = self._connection().vendor
         if vendor in UPSERT_VENDORS:
             updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
             taken = self._execute(
@@ -203,14 +242,14 @@ class DatabaseBackend(Backend):
                     f"WHERE name_hash = %s AND expires_at < {now}",
                     [*row[1:], ttl, row[0]],
                 )
-        return Lease(name=name, token=info.token or "", info=info) if taken == 1 else None
+        return int(taken)
 
     def release(self, lease: Lease) -> bool:
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the lock is its parent's
         name_hash = _name_hash(self.options.key_prefix + lease.name)
         sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
-        return bool(self._execute(sql, [name_hash, lease.token]))
+        return bool(self._retrying("release a lock", sql, [name_hash, lease.token]))
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         now, later, param = self._now()
@@ -219,7 +258,7 @@ class DatabaseBackend(Backend):
             f"UPDATE {{table}} SET expires_at = {later} "
             f"WHERE name_hash = %s AND token = %s AND expires_at >= {now}"
         )
-        return bool(self._execute(sql, [param, name_hash, lease.token]))
+        return bool(self._retrying("renew a lease", sql, [param, name_hash, lease.token]))
 
     def _records(
         self, where: str, params: list[Any], name: str | None = None
@@ -265,7 +304,8 @@ class DatabaseBackend(Backend):
 
     def force_release(self, name: str) -> bool:
         name_hash = _name_hash(self.options.key_prefix + name)
-        return bool(self._execute("DELETE FROM {table} WHERE name_hash = %s", [name_hash]))
+        sql = "DELETE FROM {table} WHERE name_hash = %s"
+        return bool(self._retrying("release a lock", sql, [name_hash]))
 
     def close(self) -> None:
         wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.get("wrappers", {})
