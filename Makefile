@@ -29,6 +29,12 @@ test: lint
 demo: install
 	@$(BIN)/python example_project/demo.py
 
+# Benchmarks against raw locks and the peers: about 3 minutes; BENCH_ARGS=--quick for a smoke run.
+.PHONY: bench
+bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache example_project/.locks
 
@@ -41,3 +47,13 @@ COMPAT_TESTS := tests/test_conformance.py tests/test_command.py tests/test_setti
 compat:
 	@bash .ci/compat "3.10" "django>=4.2,<5" .venv-django42 $(COMPAT_TESTS)
 	@bash .ci/compat "3.13 3.12" "django>=6" .venv-django6 $(COMPAT_TESTS)
+
+# The reliability gauntlet at full size: 16 processes x 500 acquisitions and 50 crash rounds
+# per strategy (STRESS_ARGS / CRASH_ARGS scale it); make test runs a small version of both.
+STRESS_ARGS ?= --workers 16 --acquisitions 500
+CRASH_ARGS ?= --rounds 50
+
+.PHONY: stress
+stress: install
+	$(BIN)/python -m tests.stress stress $(STRESS_ARGS)
+	$(BIN)/python -m tests.stress crash $(CRASH_ARGS)

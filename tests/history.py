@@ -8,6 +8,7 @@ intervals and a counter equal to the number of sections.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def overlaps(sections: list[Section]) -> list[tuple[Section, Section]]:
 
 def handoffs(sections: list[Section]) -> list[float]:
     """Gaps between one section's end and the next one's start, in seconds."""
-    return [b.start - a.end for a, b in zip(sections, sections[1:]) if b.start >= a.end]
+    return [b.start - a.end for a, b in itertools.pairwise(sections) if b.start >= a.end]
 
 
 @dataclass(frozen=True)

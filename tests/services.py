@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -33,3 +35,44 @@ def require(service: str) -> None:
     if os.environ.get("ISOLATABLE_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{reason}, and ISOLATABLE_REQUIRE_SERVICES=1 requires it")
     pytest.skip(f"{reason} (set ISOLATABLE_REQUIRE_SERVICES=1 to fail instead)")
+
+
+LOCK_TABLE = "django_isolatable_lock"
+SERVER_DATABASES = {"postgres": "postgres", "mariadb": "mariadb"}  # alias: service
+
+
+@contextlib.contextmanager
+def left_as_found() -> Iterator[None]:
+    """Run the block, then drop the lock tables it created on the shared servers, delete this
+    session's Redis keys and its SQLite file. (Database access must be allowed.)"""
+    from django.db import DatabaseError, connections
+
+    from tests.settings import KEY_PREFIX, SQLITE_PATH
+
+    def has_table(alias: str) -> bool:
+        with connections[alias].cursor():
+            return LOCK_TABLE in connections[alias].introspection.table_names()
+
+    existed = {}
+    for alias, service in SERVER_DATABASES.items():
+        if reachable(service):
+            with contextlib.suppress(DatabaseError):
+                existed[alias] = has_table(alias)
+    try:
+        yield
+    finally:
+        for alias, had_table in existed.items():
+            with contextlib.suppress(DatabaseError):
+                if not had_table and has_table(alias):
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute(f"DROP TABLE {LOCK_TABLE}")
+            connections[alias].close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(SQLITE_PATH)
+        if reachable("redis"):
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL)
+            for key in client.scan_iter(f"{KEY_PREFIX}*", count=500):
+                client.delete(key)
+            client.close()
