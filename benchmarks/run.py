@@ -1,144 +1,113 @@
-"""Benchmarks: `python benchmarks/run.py` (or `make bench`) prints tables.
+"""Benchmarks of django-isolatable: `python benchmarks/run.py` (or `make bench`) prints tables.
 
-Uncontended acquire+release (µs/op, median and p90 of repeated batches) next to the raw limit
-under each strategy, and handoff latency: how long after the holder calls release() a waiter
-blocked in the library's own wait returns from lock(). Ratios to the raw limit of the same run
-are what to compare: the machine is noisy, ratios much less so.
+Four sections, each next to the raw limit of the same run (the ``x raw`` column) and next to the
+peers: uncontended acquire+release, handoff latency between processes, 8 processes contending
+for one lock, and the overhead of an isolated management command. Ratios are what to compare:
+the machine is noisy, ratios much less so. Rows whose server or peer is missing are skipped
+with a note. ``--quick`` is a smoke run of a few seconds.
+
+Exit status 1 if a measurement failed or a lock let two processes in at once (a contention
+counter did not end exact); a missed target is reported, not failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import multiprocessing
+import datetime
 import os
-import random
-import statistics
+import platform
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from multiprocessing.connection import Connection
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
-import django
+from benchmarks import environment
+from benchmarks.report import print_targets
+from benchmarks.targets import Results, targets
 
-django.setup()
-
-from django_isolatable import CommandIsolation  # noqa: E402
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+SECTIONS = ("uncontended", "handoff", "contention", "commands")
+FULL = {"batches": 30, "batch_ms": 40.0, "trials": 40, "acquisitions": 500, "runs": 20}
+QUICK = {"batches": 5, "batch_ms": 10.0, "trials": 5, "acquisitions": 20, "runs": 3}
 
 
-def per_op(operation: Callable[[], None], batches: int, per_batch: int) -> list[float]:
-    """Microseconds per operation for each batch."""
-    operation()
-    results = []
-    for _ in range(batches):
-        started = time.perf_counter()
-        for _ in range(per_batch):
-            operation()
-        results.append((time.perf_counter() - started) / per_batch * 1e6)
-    return results
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run (well under 30 s)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--batches", type=int, help="uncontended: batches per row (30)")
+    parser.add_argument("--batch-ms", type=float, help="uncontended: ms per batch (40)")
+    parser.add_argument("--trials", type=int, help="handoff: trials per row (40)")
+    parser.add_argument("--processes", type=int, default=8, help="contention: processes (8)")
+    parser.add_argument("--acquisitions", type=int, help="contention: per process (500)")
+    parser.add_argument("--runs", type=int, help="commands: runs of each command (20)")
+    args = parser.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
 
 
-def uncontended(lock_dir: Path, batches: int, per_batch: int) -> list[tuple[str, list[float]]]:
-    path = lock_dir / "raw.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def main() -> int:
+    args = _arguments()
+    began = time.monotonic()
+    failed = False
+    results = Results()
+    with tempfile.TemporaryDirectory(prefix="isolatable-bench-") as directory:
+        environment.configure(Path(directory))
+        from benchmarks import commands, contention, handoff, uncontended
 
-    def raw_flock() -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def raw_open_flock_close() -> None:
-        f = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.close(f)
-
-    thread_lock = threading.Lock()
-
-    def threading_lock() -> None:
-        thread_lock.acquire()
-        thread_lock.release()
-
-    file_isolation = CommandIsolation("bench", lock_dir=lock_dir, strategy="file")
-    memory_isolation = CommandIsolation("bench", strategy="memory")
-    rows = [
-        ("raw flock on an open fd", raw_flock),
-        ("raw open+flock+close", raw_open_flock_close),
-        ("file strategy", lambda: file_isolation.try_lock().release()),
-        ("threading.Lock", threading_lock),
-        ("memory strategy", lambda: memory_isolation.try_lock().release()),
-    ]
-    results = [(label, per_op(op, batches, per_batch)) for label, op in rows]
-    os.close(fd)
-    return results
-
-
-def _waiter(strategy: str, lock_dir: str, conn: Connection, trials: int) -> None:
-    isolation = CommandIsolation("handoff", lock_dir=lock_dir, strategy=strategy)
-    for _ in range(trials):
-        conn.recv()  # "start waiting"
-        conn.send("waiting")
-        guard = isolation.lock(timeout=30)
-        acquired = time.monotonic()
-        guard.release()
-        conn.send(acquired)
-
-
-def handoff(strategy: str, lock_dir: Path, trials: int) -> list[float]:
-    """Milliseconds from release() in one process to lock() returning in another."""
-    context = multiprocessing.get_context("fork")
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_waiter, args=(strategy, str(lock_dir), theirs, trials))
-    process.start()
-    isolation = CommandIsolation("handoff", lock_dir=lock_dir, strategy=strategy)
-    latencies = []
-    for _ in range(trials):
-        guard = isolation.lock(timeout=30)
-        ours.send("go")
-        ours.recv()
-        time.sleep(random.uniform(0.02, 0.08))  # the waiter is blocked; poll phases do not align
-        released = time.monotonic()
-        guard.release()
-        latencies.append((ours.recv() - released) * 1000)
-    process.join(30)
-    return latencies
-
-
-def table(title: str, unit: str, rows: list[tuple[str, list[float]]], base: str) -> None:
-    print(f"\n{title}")
-    print(f"{'':32} {'median':>10} {'p90':>10} {'max':>10}  ratio to {base!r} (median)")
-    medians = {label: statistics.median(values) for label, values in rows}
-    for label, values in rows:
-        ratio = medians[label] / medians[base] if medians[base] else float("nan")
+        now = datetime.datetime.now().astimezone()
+        print(f"django-isolatable benchmarks, {now:%Y-%m-%d %H:%M %Z}")
+        print(f"$ python benchmarks/run.py {' '.join(sys.argv[1:])}".rstrip())
+        print(f"django-isolatable at commit {environment.commit()}")
         print(
-            f"{label:32} {statistics.median(values):>8.2f}{unit} "
-            f"{percentile(values, 0.9):>8.2f}{unit} {max(values):>8.2f}{unit}  {ratio:>6.2f}x"
+            f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
+            f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}); "
+            f"{environment.versions()}"
         )
 
+        def run_commands() -> None:
+            results.commands, results.drivers = commands.run(args.runs)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--per-batch", type=int, default=500)
-    parser.add_argument("--trials", type=int, default=50, help="handoff trials (>= 30)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="isolatable-bench-") as directory:
-        lock_dir = Path(directory)
-        rows = uncontended(lock_dir, args.batches, args.per_batch)
-        table("Uncontended acquire+release (µs/op)", "µs", rows[:3], "raw open+flock+close")
-        table("", "µs", rows[3:], "threading.Lock")
-        handoffs = [("file strategy", handoff("file", lock_dir, args.trials))]
-        table(f"Handoff latency, {args.trials} trials (ms)", "ms", handoffs, "file strategy")
+        sections = {
+            "uncontended": lambda: setattr(
+                results, "uncontended", uncontended.run(args.batches, args.batch_ms / 1000)
+            ),
+            "handoff": lambda: setattr(
+                results, "handoff", handoff.run(args.trials, 0.05 if args.quick else 0.25)
+            ),
+            "contention": lambda: setattr(
+                results, "contention", contention.run(args.processes, args.acquisitions)
+            ),
+            "commands": run_commands,
+        }
+        try:
+            for name in args.only:
+                try:
+                    sections[name]()
+                except Exception:
+                    failed = True
+                    print(f"\n{name}: FAILED\n{traceback.format_exc()}", file=sys.stderr)
+            if any(not outcome.exact for outcome in results.contention.values()):
+                failed = True
+                print("\nA lock let two processes in at once: see 'exact' above.", file=sys.stderr)
+            smoke = ": a --quick run is too short to judge them" if args.quick else ""
+            print_targets(targets(results), smoke)
+        finally:
+            environment.leave_as_found()
+    took = time.monotonic() - began
+    print(f"\nFinished in {took:.0f} s (load average {os.getloadavg()[0]:.1f}).")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

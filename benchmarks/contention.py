@@ -1,0 +1,133 @@
+"""Contention: N processes each take the lock K times and increment a shared counter under it.
+
+The counter is a read-modify-write on a file that nothing else protects, so it ends at exactly
+N x K only if the lock excluded every time. Throughput is acquisitions per second from the first
+worker's start to the last one's end; the worst wait is the longest single acquire() call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier
+
+from benchmarks import candidates, environment, processes
+from benchmarks.candidates import Candidate
+from benchmarks.report import Group, Row, percentile, print_table, ratio
+
+COUNTER_WIDTH = 20
+
+GROUPS = [
+    (
+        "file",
+        "File locks (raw: blocking flock)",
+        [candidates.RAW_FLOCK, candidates.FILE, candidates.FILELOCK],
+    ),
+    (
+        "redis",
+        "Redis (raw: SET NX + BLPOP wake-up)",
+        [
+            candidates.RAW_REDIS,
+            candidates.REDIS,
+            candidates.REDIS_PY,
+            candidates.PYTHON_REDIS_LOCK,
+            candidates.CACHE,
+        ],
+    ),
+    (
+        "postgres",
+        "PostgreSQL (raw: blocking pg_advisory_lock)",
+        [candidates.RAW_ADVISORY, candidates.POSTGRES, candidates.DATABASE],
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    throughput: float  # acquisitions per second
+    worst_wait: float  # ms
+    p99_wait: float  # ms
+    exact: bool  # the counter ended at processes x acquisitions
+
+
+def _contender(
+    connection: Connection,
+    candidate: Candidate,
+    slug: str,
+    counter: str,
+    acquisitions: int,
+    start: Barrier,
+) -> None:
+    lock = candidate.open(slug)
+    fd = os.open(counter, os.O_RDWR)
+    start.wait(candidates.WAIT_LIMIT)
+    started = time.monotonic()
+    waits = []
+    for _ in range(acquisitions):
+        asked = time.monotonic()
+        lock.acquire()
+        waits.append(time.monotonic() - asked)
+        value = int(os.pread(fd, COUNTER_WIDTH, 0))
+        os.pwrite(fd, b"%0*d" % (COUNTER_WIDTH, value + 1), 0)
+        lock.release()
+    connection.send((started, time.monotonic(), waits))
+    os.close(fd)
+    lock.close()
+
+
+def measure(candidate: Candidate, slug: str, count: int, acquisitions: int) -> Outcome:
+    environment.lock_name(slug)  # the workers' lock: remembered here for the cleanup
+    counter = environment.work_file(f"{slug}.counter")
+    with open(counter, "wb") as f:
+        f.write(b"0" * COUNTER_WIDTH)
+    start = processes.CONTEXT.Barrier(count)
+    with processes.workers(
+        _contender, count, candidate, slug, counter, acquisitions, start
+    ) as pipes:
+        reports = [processes.receive(pipe) for pipe in pipes]
+    with open(counter, "rb") as f:
+        final = int(f.read())
+    elapsed = max(end for _, end, _ in reports) - min(started for started, _, _ in reports)
+    waits = [wait * 1000 for _, _, worker_waits in reports for wait in worker_waits]
+    return Outcome(
+        throughput=count * acquisitions / elapsed,
+        worst_wait=max(waits),
+        p99_wait=percentile(waits, 0.99),
+        exact=final == count * acquisitions,
+    )
+
+
+def run(count: int, acquisitions: int) -> dict[str, Outcome]:
+    """Measure and print every group; return the outcomes by "group key/label"."""
+    results: dict[str, Outcome] = {}
+    groups = []
+    for key, title, members in GROUPS:
+        group = Group(title)
+        base: float | None = None
+        for candidate in members:
+            reason = candidates.missing(candidate)
+            if reason:
+                group.skipped.append(f"{candidate.label}: {reason}")
+                continue
+            slug = f"contention-{key}-{len(results)}"
+            outcome = measure(candidate, slug, count, acquisitions)
+            results[f"{key}/{candidate.label}"] = outcome
+            if candidate is members[0]:
+                base = outcome.throughput
+            cells = [
+                f"{outcome.throughput:.0f}",
+                f"{outcome.p99_wait:.1f}",
+                f"{outcome.worst_wait:.1f}",
+                "yes" if outcome.exact else "NO",
+            ]
+            group.rows.append(Row(candidate.label, cells, ratio(outcome.throughput, base)))
+        groups.append(group)
+    print_table(
+        f"Contention, {count} processes x {acquisitions} acquisitions, counter incremented "
+        "under the lock",
+        ["acq/s", "p99 ms", "worst ms", "exact"],
+        groups,
+    )
+    return results

@@ -1,0 +1,106 @@
+"""Handoff latency: from a holder calling release() in one process to a waiter in another,
+blocked in the lock's own wait, returning from acquire().
+
+The holder keeps the lock for a random time, at least 20 ms and spread over one poll interval of
+the lock, so a polling waiter's attempts fall at every phase of its cycle, as in real life.
+Both processes read the same monotonic clock.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from multiprocessing.connection import Connection
+
+from benchmarks import candidates, processes
+from benchmarks.candidates import Candidate
+from benchmarks.report import Group, Row, median, percentile, print_table, ratio
+
+HOLD_AT_LEAST = 0.02
+
+GROUPS = [
+    (
+        "file",
+        "File locks (raw: blocking flock)",
+        [candidates.RAW_FLOCK, candidates.FILE, candidates.FILELOCK, candidates.PORTALOCKER],
+    ),
+    (
+        "redis",
+        "Redis (raw: SET NX + BLPOP wake-up)",
+        [
+            candidates.RAW_REDIS,
+            candidates.REDIS,
+            candidates.CACHE,
+            candidates.REDIS_PY,
+            candidates.PYTHON_REDIS_LOCK,
+        ],
+    ),
+    (
+        "postgres",
+        "PostgreSQL (raw: blocking pg_advisory_lock)",
+        [candidates.RAW_ADVISORY, candidates.POSTGRES, candidates.DATABASE],
+    ),
+]
+
+
+def _waiter(connection: Connection, candidate: Candidate, slug: str) -> None:
+    lock = candidate.open(slug)
+    connection.send("ready")
+    while connection.recv():
+        connection.send("waiting")
+        lock.acquire()
+        acquired = time.monotonic()
+        lock.release()
+        connection.send(acquired)
+    lock.close()
+
+
+def measure(candidate: Candidate, slug: str, trials: int, longest_span: float) -> list[float]:
+    """Milliseconds from release() to the waiter having the lock, one per trial."""
+    span = min(max(candidate.poll, HOLD_AT_LEAST), longest_span)
+    latencies = []
+    with processes.workers(_waiter, 1, candidate, slug) as (waiter,):
+        processes.receive(waiter)
+        lock = candidate.open(slug)
+        try:
+            for _ in range(trials):
+                lock.acquire()
+                waiter.send(True)
+                processes.receive(waiter)  # it calls acquire() next, and blocks
+                time.sleep(HOLD_AT_LEAST + random.uniform(0, span))
+                released = time.monotonic()
+                lock.release()
+                latencies.append((processes.receive(waiter) - released) * 1000)
+            waiter.send(False)
+        finally:
+            lock.close()
+    return latencies
+
+
+def run(trials: int, longest_span: float) -> dict[str, list[float]]:
+    """Measure and print every group; return the latencies (ms) by "group key/label"."""
+    results: dict[str, list[float]] = {}
+    groups = []
+    for key, title, members in GROUPS:
+        group = Group(title)
+        base: float | None = None
+        for candidate in members:
+            reason = candidates.missing(candidate)
+            if reason:
+                group.skipped.append(f"{candidate.label}: {reason}")
+                continue
+            slug = f"handoff-{key}-{len(results)}"
+            latencies = measure(candidate, slug, trials, longest_span)
+            results[f"{key}/{candidate.label}"] = latencies
+            value = median(latencies)
+            if candidate is members[0]:
+                base = value
+            cells = [f"{value:.2f}", f"{percentile(latencies, 0.9):.2f}", f"{max(latencies):.2f}"]
+            group.rows.append(Row(candidate.label, cells, ratio(value, base)))
+        groups.append(group)
+    print_table(
+        f"Handoff latency, ms from release() to the waiter holding the lock ({trials} trials)",
+        ["median", "p90", "max"],
+        groups,
+    )
+    return results
