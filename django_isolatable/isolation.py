@@ -8,7 +8,6 @@ import math
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -25,8 +24,9 @@ from django_isolatable.backends import (
 from django_isolatable.conf import isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
 from django_isolatable.holders import LockInfo, judged, new_record
+from django_isolatable.renewal import renewer
 from django_isolatable.signals import lock_lost
-from django_isolatable.waiting import wait_for
+from django_isolatable.waiting import FIRST_PAUSE, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class _Default:
 
 
 SETTINGS_TIMEOUT: Any = _Default()
+#: Seconds between two looks of a waiter at whether an expiring lock's holder died.
+STALE_CHECK_EVERY = 0.1
 
 
 def _check_timeout(value: object) -> float | None:
@@ -84,6 +86,7 @@ class CommandIsolation:
         ):
             raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}.")
         self._ttl = ttl
+        self._next_stale_check = 0.0
 
     def __repr__(self) -> str:
         return f"<CommandIsolation {self.name!r} strategy={self.strategy!r}>"
@@ -162,6 +165,7 @@ class CommandIsolation:
             lambda seconds: backend.wait(self.name, seconds),
             wait,
             poll_interval=backend.poll_interval,
+            first_pause=backend.poll_interval if backend.queued_wait else FIRST_PAUSE,
             progress=report,
         )
         if lease is None:
@@ -176,11 +180,25 @@ class CommandIsolation:
         backend = self.backend
         ttl = self.ttl if backend.expiring else None
         lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
-        if lease is None and backend.expiring and self.release_if_stale():
+        if (
+            lease is None
+            and backend.expiring
+            and self._stale_check_due()
+            and self.release_if_stale()
+        ):
             logger.warning("Took over lock %s from a dead holder", self.name)
             lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
         logger.debug("Attempt to lock %s: %s", self.name, "taken" if lease else "held")
         return lease
+
+    def _stale_check_due(self) -> bool:
+        """At most every STALE_CHECK_EVERY seconds: a waiter that lost a race to a live holder
+        need not ask the store and psutil about that holder again at once."""
+        now = time.monotonic()
+        if now < self._next_stale_check:
+            return False
+        self._next_stale_check = now + STALE_CHECK_EVERY
+        return True
 
     def lock_with_timeout(self, seconds: float) -> LockGuard:
         """``lock(timeout=seconds)``."""
@@ -250,15 +268,9 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
-        self._stop_heartbeat: threading.Event | None = None
+        self._renewal: int | None = None
         if self._backend.heartbeat:
-            self._stop_heartbeat = threading.Event()
-            threading.Thread(
-                target=_heartbeat,
-                args=(weakref.ref(self), self._backend, lease, isolation.ttl, self._stop_heartbeat),
-                name=f"isolatable-heartbeat-{isolation.name}"[:60],
-                daemon=True,
-            ).start()
+            self._renewal = renewer.add(self, self._backend, lease, isolation.ttl)
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "held"
@@ -295,8 +307,8 @@ class LockGuard:
             if self._released:
                 return
             self._released = True
-        if self._stop_heartbeat is not None:
-            self._stop_heartbeat.set()
+        if self._renewal is not None:
+            renewer.remove(self._renewal)
         try:
             released = self._backend.release(self._lease)
         except IsolationError as e:  # never hide the result of the work the lock protected
@@ -322,46 +334,3 @@ class LockGuard:
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
             self.release()
-
-
-def _heartbeat(
-    guard_ref: weakref.ref[LockGuard],
-    backend: Backend,
-    lease: Lease,
-    ttl: float,
-    stop: threading.Event,
-) -> None:
-    """Renew the lease every TTL/3 until released; mark the guard lost when renewal fails.
-
-    Holds the guard only weakly, so a guard that is dropped is still garbage collected (and
-    released). A store that cannot be reached is retried until the lease must have expired.
-    """
-    try:
-        _renew_until_stopped(guard_ref, backend, lease, ttl, stop)
-    finally:
-        backend.close()  # this thread's connections
-
-
-def _renew_until_stopped(
-    guard_ref: weakref.ref[LockGuard],
-    backend: Backend,
-    lease: Lease,
-    ttl: float,
-    stop: threading.Event,
-) -> None:
-    renewed = time.monotonic()
-    while not stop.wait(ttl / 3):
-        try:
-            held = backend.refresh(lease, ttl)
-        except IsolationError as e:
-            logger.warning("Could not renew lock %s: %s", lease.name, e)
-            held = time.monotonic() - renewed < ttl
-        else:
-            renewed = time.monotonic() if held else renewed
-        guard = guard_ref()
-        if guard is None or stop.is_set():
-            return
-        if not held:
-            guard._mark_lost()
-            return
-        del guard

@@ -19,14 +19,16 @@ def wait_for(
     timeout: float | None,
     *,
     poll_interval: float,
+    first_pause: float = FIRST_PAUSE,
     progress: Callable[[float], None] | None = None,
 ) -> T | None:
     """Call ``attempt`` until it returns a result, or return None after ``timeout`` seconds.
 
     ``timeout`` None waits forever; 0 makes exactly one attempt. Between attempts ``pause(s)``
     blocks up to ``s`` seconds; a backend with a wake-up returns early when the holder lets go.
-    Pauses grow from 1 ms to ``poll_interval`` and start over after an early wake-up, so a
-    waiter retries within milliseconds of a release and costs almost nothing while it waits.
+    Pauses grow from ``first_pause`` (1 ms) to ``poll_interval`` and start over after an early
+    wake-up, so a waiter retries within milliseconds of a release and costs almost nothing
+    while it waits.
     ``progress(waited_seconds)`` is called about once a second while waiting.
     """
     result = attempt()
@@ -35,7 +37,7 @@ def wait_for(
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     next_progress = start + PROGRESS_EVERY
-    delay = FIRST_PAUSE
+    delay = first_pause
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -43,7 +45,7 @@ def wait_for(
         step = delay if deadline is None else min(delay, deadline - now)
         pause(step)
         woke_early = time.monotonic() - now < step / 2
-        delay = FIRST_PAUSE if woke_early else min(delay * 2, poll_interval)
+        delay = first_pause if woke_early else min(delay * 2, poll_interval)
         result = attempt()
         if result is not None:
             return result

@@ -56,6 +56,10 @@ class Backend:
     heartbeat: ClassVar[bool] = False
     #: Longest pause between two attempts of a waiter; ``wait`` may wake it sooner.
     poll_interval: ClassVar[float] = 0.05
+    #: ``wait`` holds a place in the store's own queue or wake-up list (pg_advisory_lock,
+    #: BLPOP): waiters then block for the whole ``poll_interval`` at once, where others start
+    #: with short pauses and lengthen them.
+    queued_wait: ClassVar[bool] = False
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options

@@ -110,7 +110,7 @@ class CacheBackend(Backend):
             "lock", self.cache.add, self._key(name), value, self._ttl(self.options.ttl)
         ):
             return None
-        self._update_index(name, add=True)
+        self._update_index(name)
         return Lease(name=name, token=info.token or "", info=info)
 
     def _owned(self, lease: Lease) -> bool:
@@ -122,9 +122,7 @@ class CacheBackend(Backend):
             return False  # a forked child's copy: the lock is its parent's
         if not self._owned(lease):
             return False
-        released = bool(self._call("release", self.cache.delete, self._key(lease.name)))
-        self._update_index(lease.name, add=False)
-        return released
+        return bool(self._call("release", self.cache.delete, self._key(lease.name)))
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         if not self._owned(lease):
@@ -138,25 +136,26 @@ class CacheBackend(Backend):
     def list(self) -> Iterator[LockInfo]:
         index: dict[str, str] = self._call("read", self.cache.get, self._index) or {}
         found = self._call("read", self.cache.get_many, list(index))
+        if len(found) < len(index):  # released, or expired: prune them
+            self._update_index(keep=set(found))
         for key, name in sorted(index.items(), key=lambda item: item[1]):
-            if key in found:  # the others expired (their holders died) or were released
+            if key in found:
                 yield _info(name, found[key])
 
     def force_release(self, name: str) -> bool:
-        released = bool(self._call("release", self.cache.delete, self._key(name)))
-        self._update_index(name, add=False)
-        return released
+        return bool(self._call("release", self.cache.delete, self._key(name)))
 
-    def _update_index(self, name: str, *, add: bool) -> None:
-        """Best effort (get, change, set): a concurrent update from another process may drop a
-        name, and a failure here never fails the lock operation itself."""
+    def _update_index(self, add: str | None = None, keep: set[str] | None = None) -> None:
+        """Add a name to the index, or keep only the keys in ``keep``. Best effort (get,
+        change, set): a concurrent update from another process may drop a name, and a failure
+        here never fails the lock operation itself."""
         with _index_lock:
             try:
                 index: dict[str, str] = self.cache.get(self._index) or {}
-                if add:
-                    index[self._key(name)] = name
-                else:
-                    index.pop(self._key(name), None)
+                if add is not None:
+                    index[self._key(add)] = add
+                if keep is not None:
+                    index = {key: name for key, name in index.items() if key in keep}
                 self.cache.set(self._index, index, None)
             except Exception as e:
                 logger.warning("Could not update the lock index in cache %r: %s", self.alias, e)

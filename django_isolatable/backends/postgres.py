@@ -134,7 +134,8 @@ class PostgresLease(Lease):
 
 class PostgresBackend(Backend):
     strategy: ClassVar[str] = "postgres"
-    heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
+    heartbeat: ClassVar[bool] = True
+    queued_wait: ClassVar[bool] = True  # checks that the session still holds the lock
     poll_interval: ClassVar[float] = 2.0  # waits block in the server's lock queue
 
     def __init__(self, options: BackendOptions) -> None:

@@ -80,6 +80,7 @@ class RedisBackend(Backend):
     strategy: ClassVar[str] = "redis"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
+    queued_wait: ClassVar[bool] = True
     poll_interval: ClassVar[float] = 0.5  # releases wake waiters through BLPOP
 
     def __init__(self, options: BackendOptions) -> None:

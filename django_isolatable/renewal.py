@@ -1,0 +1,107 @@
+"""Lease renewal: one thread per process renews every held lease every TTL/3.
+
+Taking a lock only registers its lease here (no thread is started per lock). A lease found
+lost (expired, taken, its session gone) marks its guard lost; a store that cannot be reached
+is retried until the lease must have expired. Guards are held weakly, so a dropped guard is
+still garbage collected, and released.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from django_isolatable.backends import Backend, Lease
+from django_isolatable.errors import IsolationError
+
+if TYPE_CHECKING:
+    from django_isolatable.isolation import LockGuard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Renewal:
+    guard: weakref.ref[LockGuard]
+    backend: Backend
+    lease: Lease
+    ttl: float
+    due: float  # monotonic time of the next renewal
+    renewed: float  # monotonic time of the last successful one
+
+
+class Renewer:
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._renewals: dict[int, _Renewal] = {}
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float) -> int:
+        """Renew ``lease`` until ``remove`` is called with the key returned."""
+        now = time.monotonic()
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="isolatable-renewal", daemon=True
+                )
+                self._thread.start()
+            key = next(self._keys)
+            self._renewals[key] = _Renewal(
+                weakref.ref(guard), backend, lease, ttl, now + ttl / 3, now
+            )
+            self._changed.notify()
+        return key
+
+    def remove(self, key: int) -> None:
+        with self._changed:
+            self._renewals.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                due = self._wait_for_due()
+                for _, renewal in due:
+                    renewal.due = time.monotonic() + renewal.ttl / 3
+            for key, renewal in due:
+                self._renew(key, renewal)
+
+    def _wait_for_due(self) -> list[tuple[int, _Renewal]]:
+        while True:
+            now = time.monotonic()
+            due = [(key, r) for key, r in self._renewals.items() if r.due <= now]
+            if due:
+                return due
+            next_due = min((r.due for r in self._renewals.values()), default=None)
+            self._changed.wait(None if next_due is None else next_due - now)
+
+    def _renew(self, key: int, renewal: _Renewal) -> None:
+        try:
+            held = renewal.backend.refresh(renewal.lease, renewal.ttl)
+        except IsolationError as e:
+            logger.warning("Could not renew lock %s: %s", renewal.lease.name, e)
+            held = time.monotonic() - renewal.renewed < renewal.ttl
+        else:
+            if held:
+                renewal.renewed = time.monotonic()
+        guard = renewal.guard()
+        if guard is None or not held:
+            self.remove(key)
+        if guard is not None and not held:
+            guard._mark_lost()
+
+    def _forget_after_fork(self) -> None:
+        # The parent's leases are not the child's to renew, and its thread did not survive.
+        self._changed = threading.Condition()
+        self._renewals.clear()
+        self._thread = None
+
+
+renewer = Renewer()
+os.register_at_fork(after_in_child=renewer._forget_after_fork)
