@@ -22,8 +22,8 @@ from typing import Any
 
 import psutil
 
-# Start times are compared within one "clock frame" (see host_id), where they are computed the
-# same way, so they agree to the clock tick; this only absorbs float rounding.
+# Start times are compared net of boot-time changes (see host_id), so one process's start times
+# agree to the clock tick; this only absorbs float rounding.
 START_TIME_TOLERANCE = 0.05
 
 
@@ -176,9 +176,9 @@ def host_id() -> str:
 
     The boot id and PID namespace where Linux has them: two containers on one machine share the
     boot id but not the PID namespace, so a PID recorded in one is never judged from the other.
-    Plus the boot time as the kernel reports it (``btime``), which is what process start times
-    are computed from: stepping the wall clock moves it, and start times recorded before and
-    after such a step cannot be compared, so their holders are judged "cannot tell".
+    Plus the boot time as the kernel reported it (``btime``) when this process computed its own
+    start time: start times are boot time plus clock ticks, and the kernel's boot time moves when
+    the wall clock is stepped or slewed, so ``is_alive`` compares start times net of it.
     """
     btime = int(psutil.boot_time())
     boot = _read_first_line("/proc/sys/kernel/random/boot_id")
@@ -191,12 +191,13 @@ def host_id() -> str:
     return f"boot={boot} {namespace} btime={btime}"
 
 
-os.register_at_fork(after_in_child=host_id.cache_clear)  # a child reads its own clock frame
+os.register_at_fork(after_in_child=host_id.cache_clear)  # a child reads its own boot time
 
 
-def _clock_frame_moved() -> bool:
-    """Whether the wall clock was stepped since this process computed its ``host_id``."""
-    return f"btime={int(psutil.boot_time())}" != host_id().rsplit(" ", 1)[-1]
+def _machine_and_btime(identity: str) -> tuple[str, int | None]:
+    """(the host part of a host id, the boot time it recorded)."""
+    machine, _, btime = identity.rpartition(" btime=")
+    return (machine, int(btime)) if machine and btime.isdigit() else (identity, None)
 
 
 def process_started_at(pid: int) -> datetime:
@@ -233,7 +234,7 @@ def _this_process() -> tuple[int, str, datetime]:
     global _process
     pid = os.getpid()
     if _process is None or _process[0] != pid:
-        host_id()  # first: the start time must be computed in the host_id's clock frame
+        host_id()  # first: the start time is computed from the boot time host_id() recorded
         _process = (pid, socket.gethostname(), process_started_at(pid))
     return _process
 
@@ -241,23 +242,28 @@ def _this_process() -> tuple[int, str, datetime]:
 def is_alive(info: LockInfo) -> bool | None:
     """Judge the recorded holder: True alive, False dead (with proof), None cannot tell.
 
-    Dead means: on this host (same boot, PID namespace and clock frame), and its PID is gone, a
-    zombie, or now names a process that started at another time (the PID was reused).
+    Dead means: on this host (same boot and PID namespace), and its PID is gone, a zombie, or
+    now names a process that started at another time (the PID was reused). Start times are
+    compared net of any change of the kernel's boot time since the record was written, so a
+    stepped wall clock never makes a live holder look like a reused PID.
     """
-    if info.pid is None or info.process_started_at is None or info.host_id != host_id():
+    if info.pid is None or info.process_started_at is None or info.host_id is None:
+        return None
+    machine, recorded_btime = _machine_and_btime(info.host_id)
+    if recorded_btime is None or machine != _machine_and_btime(host_id())[0]:
         return None
     try:
         process = psutil.Process(info.pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        if _clock_frame_moved():  # also refreshes the boot time psutil computes start times from
-            return None
+        btime = psutil.boot_time()  # refreshes the boot time psutil computes start times from
         started = process.create_time()
     except psutil.NoSuchProcess:  # ZombieProcess is a subclass: a zombie is dead too
         return False
     except psutil.Error:
         return None
-    return abs(started - info.process_started_at.timestamp()) <= START_TIME_TOLERANCE
+    shift = started - info.process_started_at.timestamp()
+    return abs(shift - (btime - recorded_btime)) <= START_TIME_TOLERANCE
 
 
 def judged(info: LockInfo) -> LockInfo:

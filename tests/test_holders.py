@@ -7,7 +7,6 @@ import os
 import subprocess
 from datetime import timedelta
 
-import psutil
 import pytest
 
 from django_isolatable.holders import host_id, is_alive, new_record, process_started_at
@@ -54,21 +53,29 @@ def test_gone_pid_is_dead(sleeper):
 
 
 def test_another_host_boot_or_namespace_cannot_be_judged(sleeper):
-    for other in ("boot=another pid:[1] btime=1", host_id().replace("pid:[", "pid:[9")):
+    for other in ("boot=another pid:[1] btime=1", host_id().replace("pid:[", "pid:[9"), "x"):
         assert is_alive(record_of(sleeper.pid, host_id=other)) is None
 
 
-def test_a_stepped_wall_clock_never_makes_a_live_holder_look_dead(sleeper, monkeypatch):
-    """Stepping the clock moves the boot time psutil derives start times from: a live holder's
-    start time then differs from its record. That must read "cannot tell", not "PID reused"."""
+def test_a_stepped_wall_clock_never_makes_a_live_holder_look_dead(sleeper):
+    """Stepping the clock moves the kernel's boot time, which start times are computed from: a
+    record written an hour of clock ago carries both its start time and its boot time an hour
+    earlier. The holder is still alive; a reused PID is still dead."""
     info = record_of(sleeper.pid)
-    stepped = psutil.boot_time() + 3600
-    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
-    shifted = dataclasses.replace(info, process_started_at=info.process_started_at - timedelta(1))
-    assert is_alive(shifted) is None
+    machine, btime = host_id().rsplit(" btime=", 1)
+    before_step = dataclasses.replace(
+        info,
+        host_id=f"{machine} btime={int(btime) - 3600}",
+        process_started_at=info.process_started_at - timedelta(hours=1),
+    )
+    assert is_alive(before_step) is True
+    reused = dataclasses.replace(
+        before_step, process_started_at=before_step.process_started_at - timedelta(seconds=5)
+    )
+    assert is_alive(reused) is False
     sleeper.kill()
     sleeper.wait()
-    assert is_alive(info) is False  # a PID that is gone is dead whatever the clock says
+    assert is_alive(before_step) is False
 
 
 def test_unknown_fields_cannot_be_judged():
