@@ -201,3 +201,29 @@ def test_cache_strategy_on_an_unsafe_cache_is_a_warning(settings, backend):
     ((check_id, message),) = messages()
     assert check_id == "isolatable.W050"
     assert f"The cache strategy uses cache 'unsafe' ({backend}), where " in message
+
+
+@pytest.mark.parametrize(
+    ("strategy", "module", "check_id", "extra"),
+    [
+        ("redis", "redis", "isolatable.E020", "redis"),
+        ("postgres", "psycopg", "isolatable.E030", "postgres"),
+    ],
+)
+def test_a_missing_driver_is_a_check_error(
+    settings, monkeypatch, strategy, module, check_id, extra
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
+    )
+    settings.ISOLATABLE = {"STRATEGY": strategy, "DATABASE_ALIAS": "postgres"}
+    assert messages() == [
+        (
+            check_id,
+            f"The {strategy} strategy needs the {module} package: "
+            f"pip install 'django-isolatable[{extra}]'.",
+        )
+    ]

@@ -7,6 +7,7 @@ and nothing else.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Iterable
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from django.core.checks import CheckMessage
+from django.core.checks import CheckMessage, Error
 
 from django_isolatable.holders import LockInfo
 
@@ -43,6 +44,19 @@ class Lease:
     token: str
     info: LockInfo
     pid: int = field(default_factory=os.getpid)
+
+
+def missing_driver(strategy: str, module: str, extra: str, check_id: str) -> list[CheckMessage]:
+    """The check error for a strategy whose optional driver is not installed, if it is not."""
+    if importlib.util.find_spec(module) is not None:
+        return []
+    return [
+        Error(
+            f"The {strategy} strategy needs the {module} package: "
+            f"pip install 'django-isolatable[{extra}]'.",
+            id=check_id,
+        )
+    ]
 
 
 class Backend:

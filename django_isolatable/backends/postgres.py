@@ -29,7 +29,7 @@ from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
@@ -147,16 +147,9 @@ class PostgresBackend(Backend):
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            return [
-                Error(
-                    "The postgres strategy needs psycopg 3: "
-                    "pip install 'django-isolatable[postgres]'.",
-                    id="isolatable.E030",
-                )
-            ]
+        missing = missing_driver("postgres", "psycopg", "postgres", "isolatable.E030")
+        if missing:
+            return missing
         if options.database_alias not in connections.settings:
             return [_alias_error(options.database_alias, "is not in settings.DATABASES")]
         if connections[options.database_alias].vendor != "postgresql":

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.core.checks import CheckMessage, Error
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, utcnow
 
@@ -94,16 +94,9 @@ class RedisBackend(Backend):
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            return [
-                Error(
-                    "The redis strategy needs the redis package: "
-                    "pip install 'django-isolatable[redis]'.",
-                    id="isolatable.E020",
-                )
-            ]
+        missing = missing_driver("redis", "redis", "redis", "isolatable.E020")
+        if missing:
+            return missing
         if urlsplit(options.redis_url).scheme not in ("redis", "rediss", "unix"):
             return [
                 Error(
