@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Longest sleep of the renewal thread, in seconds, even with nothing due.
+IDLE_WAKE = 1.0
+
 
 @dataclass
 class _Renewal:
@@ -42,6 +45,7 @@ class Renewer:
         self._renewals: dict[int, _Renewal] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
+        self._asleep_until = 0.0  # when the thread wakes up next on its own (monotonic)
 
     def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float) -> int:
         """Renew ``lease`` until ``remove`` is called with the key returned."""
@@ -78,8 +82,12 @@ class Renewer:
             due = [(key, r) for key, r in self._renewals.items() if r.due <= now]
             if due:
                 return due
-            next_due = min((r.due for r in self._renewals.values()), default=None)
-            self._changed.wait(None if next_due is None else next_due - now)
+            # Idle, it still looks every IDLE_WAKE seconds, so taking a lock with a longer
+            # renewal interval need not wake it (most locks: the default TTL is 60 s).
+            next_due = min((r.due for r in self._renewals.values()), default=now + IDLE_WAKE)
+            self._asleep_until = min(next_due, now + IDLE_WAKE)
+            self._changed.wait(self._asleep_until - now)
+            self._asleep_until = 0.0
 
     def _renew(self, key: int, renewal: _Renewal) -> None:
         try:
