@@ -3,11 +3,13 @@
 Each held lock keeps one psycopg connection of its own (opened from the ``DATABASE_ALIAS``
 settings, never the ORM's connection, so Django closing or rolling back its connection cannot
 drop the lock); connections are pooled per process and reused. The key is the first 8 bytes of
-SHA-256(KEY_PREFIX + name) as a signed bigint. The holder's record travels as a comment of the
-statements the holding session runs, which ``pg_stat_activity.query`` shows to ``locks status``;
-``application_name`` says ``isolatable <pid>@<host>``. A killed holder's lock disappears with
-its connection. Waiters queue on the server (``pg_advisory_lock`` with ``lock_timeout``), so
-handoff is immediate.
+SHA-256(KEY_PREFIX + name) as a signed bigint. The holder's record travels in what
+``pg_stat_activity`` shows of the holding session, which ``locks status`` reads: the fields that
+are the same for every lock of a process (name, pid, host, start time, command line) as a comment
+of its statements, whose text therefore repeats and gets prepared; the owner token and the time
+it took the lock as its ``application_name`` (``isolatable <token> <µs>``). A killed holder's
+lock disappears with its connection. Waiters queue on the server (``pg_advisory_lock`` with
+``lock_timeout``), so handoff is immediate.
 
 Session advisory locks need a session: a PgBouncer in transaction pooling mode breaks them.
 A new connection checks that two statements run on the same server process and refuses
@@ -23,6 +25,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.checks import CheckMessage, Error
@@ -40,11 +43,12 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5
 _MARK = "isolatable:"
+_COMMENT_FIELDS = ("name", "pid", "hostname", "host_id", "process_started_at", "argv")
 # pg_stat_activity.query keeps 1024 bytes by default: the longest statement that carries the
 # record (_TRY_LOCK) takes about 290 of them, the record gets the rest with some margin.
 _RECORD_BUDGET = 680
 _HOLDERS = (
-    "SELECT l.classid::bigint, l.objid::bigint, a.query FROM pg_locks l "
+    "SELECT l.classid::bigint, l.objid::bigint, a.query, a.application_name FROM pg_locks l "
     "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
     "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database "
     "WHERE datname = current_database())"
@@ -96,13 +100,15 @@ def lock_ids(key: int) -> tuple[int, int]:
 
 
 def _comment(info: LockInfo) -> str:
-    """The record as a SQL comment that fits ``pg_stat_activity.query`` (1024 bytes by default).
+    """The process's part of the record as a SQL comment that fits ``pg_stat_activity.query``
+    (1024 bytes by default). The same for every lock of a name in a process, so statements that
+    carry it get prepared.
 
     A long command line is shortened first, then a long name (``inspect`` knows the name it
     asks for; ``list`` cannot show such a lock). "\\/" is valid JSON for "/", so the record can
     never open or close a comment; "%" is doubled for psycopg's placeholder syntax.
     """
-    data = info.to_dict()
+    data = {key: value for key, value in info.to_dict().items() if key in _COMMENT_FIELDS}
     text = json.dumps(data).replace("/", "\\/")  # ASCII: lone surrogates cannot break it
     for field in ("argv", "name"):
         if len(text) <= _RECORD_BUDGET:
@@ -112,7 +118,14 @@ def _comment(info: LockInfo) -> str:
     return f" /*{_MARK}{text}*/".replace("%", "%%")
 
 
-def _record(query: str, strategy: str) -> LockInfo | None:
+def _label(info: LockInfo) -> str:
+    """The lease's part of the record, as the session's ``application_name`` (63 bytes)."""
+    acquired = info.acquired_at
+    microseconds = 0 if acquired is None else round(acquired.timestamp() * 1_000_000)
+    return f"isolatable {info.token} {microseconds}"  # at most 60 bytes
+
+
+def _record(query: str, application_name: str, strategy: str) -> LockInfo | None:
     start = query.find("/*" + _MARK)
     end = query.rfind("*/")
     if start < 0 or end < start:
@@ -122,7 +135,13 @@ def _record(query: str, strategy: str) -> LockInfo | None:
     except ValueError:
         return None
     name = data.get("name") if isinstance(data, dict) else None
-    return LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
+    info = LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
+    _, token, microseconds = [*application_name.split(" "), "", "", ""][:3]
+    acquired_at = None
+    if microseconds.isdigit() and int(microseconds):
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        acquired_at = epoch + timedelta(microseconds=int(microseconds))
+    return replace(info, token=token or None, acquired_at=acquired_at)
 
 
 @dataclass
@@ -141,6 +160,7 @@ class PostgresBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.alias = options.database_alias
+        self._comments: dict[str, str] = {}  # by lock name: this process's part of the record
         problems = self.check_settings(options)
         if problems:
             raise ImproperlyConfigured(problems[0].msg)
@@ -200,12 +220,16 @@ class PostgresBackend(Backend):
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
-        comment = _comment(info)
+        comment = self._comments.get(name)
+        if comment is None or len(self._comments) > 256:
+            if len(self._comments) > 256:
+                self._comments.clear()
+            comment = self._comments[name] = _comment(info)
         params = {
             "key": key,
             "owner": _owner_setting(key),
             "token": info.token or "",
-            "label": f"isolatable {info.pid}@{info.hostname}"[:63],
+            "label": _label(info),
         }
         connection = _waited.pop((self.alias, name, threading.get_ident()), None)
         if connection is not None:  # wait() took it in the server's queue: claim it
@@ -261,8 +285,9 @@ class PostgresBackend(Backend):
 
     def _holders(
         self, where: str = "", params: tuple[Any, ...] = ()
-    ) -> list[tuple[tuple[int, int], str]]:
-        """(pg_locks ids, the holding session's last statement) of granted advisory locks."""
+    ) -> list[tuple[tuple[int, int], str, str]]:
+        """(pg_locks ids, the holding session's last statement and application_name) of granted
+        advisory locks."""
         connection = self._connect()
         try:
             rows = connection.execute(_HOLDERS + where, params).fetchall()
@@ -270,18 +295,21 @@ class PostgresBackend(Backend):
             connection.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
         self._put_back(connection)
-        return [((classid, objid), query or "") for classid, objid, query in rows]
+        return [
+            ((classid, objid), query or "", label or "") for classid, objid, query, label in rows
+        ]
 
     def inspect(self, name: str) -> LockInfo | None:
         holders = self._holders(" AND l.classid = %s AND l.objid = %s", lock_ids(self.key(name)))
         if not holders:
             return None
-        record = _record(holders[0][1], self.strategy) or LockInfo(name, self.strategy)
+        _, query, label = holders[0]
+        record = _record(query, label, self.strategy) or LockInfo(name, self.strategy)
         return replace(record, name=name, alive=True)  # the server says the session holds it
 
     def list(self) -> Iterator[LockInfo]:
-        for ids, query in self._holders(" AND a.application_name LIKE 'isolatable%%'"):
-            record = _record(query, self.strategy)  # only this KEY_PREFIX's names map to ids
+        for ids, query, label in self._holders(" AND a.application_name LIKE 'isolatable%%'"):
+            record = _record(query, label, self.strategy)  # only this prefix's names map to ids
             if record is not None and record.name and lock_ids(self.key(record.name)) == ids:
                 yield replace(record, alive=True)
 
