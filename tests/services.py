@@ -6,14 +6,21 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SERVERS = {
-    "redis": ("127.0.0.1", 6379),
-    "postgres": (os.environ.get("TEST_POSTGRES_HOST", "127.0.0.1"), 5432),
-    "mariadb": (os.environ.get("TEST_MARIADB_HOST", "127.0.0.1"), 3306),
+    "redis": (urlsplit(REDIS_URL).hostname or "127.0.0.1", urlsplit(REDIS_URL).port or 6379),
+    "postgres": (
+        os.environ.get("TEST_POSTGRES_HOST", "127.0.0.1"),
+        int(os.environ.get("TEST_POSTGRES_PORT", "5432")),
+    ),
+    "mariadb": (
+        os.environ.get("TEST_MARIADB_HOST", "127.0.0.1"),
+        int(os.environ.get("TEST_MARIADB_PORT", "3306")),
+    ),
 }
 
 
