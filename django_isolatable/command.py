@@ -143,7 +143,7 @@ class IsolatableCommand(BaseCommand):
 
     def execute(self, *args: Any, **options: Any) -> str | None:
         self._set_up_output(options)
-        self._held = False
+        self.isolation_guard = None
         from_cli = getattr(self, "_called_from_command_line", False)
         name = self.get_isolation_name(*args, **options)
         isolation = CommandIsolation(name, strategy=self.isolation_strategy)
@@ -162,7 +162,6 @@ class IsolatableCommand(BaseCommand):
                 raise CommandError(f"Could not take the lock {name}: {e}") from e
             finally:
                 self._end_progress_line()
-            self._held = True
             self.isolation_guard = guard
             try:
                 with guard:
@@ -257,7 +256,8 @@ class IsolatableCommand(BaseCommand):
             yield
         except Interrupted as e:
             self._end_progress_line()
-            outcome = "its lock is released" if self._held else "it never held the lock"
+            held = self.isolation_guard is not None
+            outcome = "its lock is released" if held else "it never held the lock"
             self.stderr.write(f"{name} {e}; stopped, {outcome}.", self.style.ERROR)
             raise _Exit(128 + e.signum) from e
         finally:

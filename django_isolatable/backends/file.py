@@ -156,17 +156,16 @@ class FileBackend(Backend):
         if lease.pid != os.getpid():
             os.close(fd)  # a forked child's copy: closing it leaves the parent's lock alone
             return False
+        _truncate(fd)
         try:
-            _truncate(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
             _forget(lease.path, lease.info)
             # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win.
             os.utime(fd)
-        except OSError as e:
+        except OSError as e:  # closing the descriptor below unlocks it all the same
             logger.warning("Could not tidy lock file %s on release: %s", lease.path, e)
-        finally:
-            os.close(fd)
             _forget(lease.path, lease.info)
+        os.close(fd)
         return True
 
     def _clear_stale(self, lease: Lease) -> bool:

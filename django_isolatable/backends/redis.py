@@ -86,6 +86,9 @@ class RedisBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.url = options.redis_url
+        import redis.exceptions  # the driver is imported only by this strategy, when it is used
+
+        self._errors = redis.exceptions
         self.client = _client(self.url)
         self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
         self._release = self.client.register_script(RELEASE)
@@ -112,16 +115,14 @@ class RedisBackend(Backend):
         return self._prefix + b"lock:" + encoded, self._prefix + b"wake:" + encoded
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-        import redis
-
         try:
             return function(*args, **kwargs)
-        except redis.ConnectionError as e:
+        except self._errors.ConnectionError as e:
             raise LockIOError(
                 f"Redis at {safe_url(self.url)} is unreachable ({e}); check that it runs and "
                 'settings.ISOLATABLE["REDIS_URL"].'
             ) from e
-        except redis.RedisError as e:
+        except self._errors.RedisError as e:
             raise LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {e}.") from e
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
