@@ -44,6 +44,8 @@ STALE_CHECK_EVERY = 0.1
 def _check_timeout(value: object) -> float | None:
     if value is None:
         return None
+    if (type(value) is int or type(value) is float) and value >= 0:  # the common case, fast
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"timeout must be None (wait forever) or seconds >= 0, not {value!r}.")
     return float(value)
@@ -158,22 +160,24 @@ class CommandIsolation:
         ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
         """
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
-        backend = self.backend
-        report = None if progress is None else lambda waited: progress(waited, self.holder())
-        lease = wait_for(
-            self._attempt,
-            lambda seconds: backend.wait(self.name, seconds),
-            wait,
-            poll_interval=backend.poll_interval,
-            first_pause=backend.poll_interval if backend.queued_wait else FIRST_PAUSE,
-            progress=report,
-        )
+        lease = self._attempt()
+        if lease is None and wait != 0:
+            backend = self.backend
+            report = None if progress is None else lambda waited: progress(waited, self.holder())
+            lease = wait_for(
+                self._attempt,
+                lambda seconds: backend.wait(self.name, seconds),
+                wait,
+                poll_interval=backend.poll_interval,
+                first_pause=backend.poll_interval if backend.queued_wait else FIRST_PAUSE,
+                progress=report,
+            )
         if lease is None:
             holder = self.holder()
             if wait == 0:
                 raise AlreadyRunning(self.name, holder)
             raise LockTimeout(self.name, holder, wait or 0.0)
-        logger.info("Acquired lock %s (%s)", self.name, backend.strategy)
+        logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
         return LockGuard(self, lease)
 
     def _attempt(self) -> Lease | None:
@@ -331,6 +335,8 @@ class LockGuard:
         self.release()
 
     def __del__(self) -> None:
+        if getattr(self, "_released", True):
+            return
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
             self.release()

@@ -57,10 +57,10 @@ class Renewer:
                 )
                 self._thread.start()
             key = next(self._keys)
-            self._renewals[key] = _Renewal(
-                weakref.ref(guard), backend, lease, ttl, now + ttl / 3, now
-            )
-            self._changed.notify()
+            due = now + ttl / 3
+            self._renewals[key] = _Renewal(weakref.ref(guard), backend, lease, ttl, due, now)
+            if due < self._asleep_until:  # asleep and would wake too late: waking it costs a
+                self._changed.notify()  # thread switch, tens of microseconds on a busy host
         return key
 
     def remove(self, key: int) -> None:

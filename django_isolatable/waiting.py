@@ -24,16 +24,14 @@ def wait_for(
 ) -> T | None:
     """Call ``attempt`` until it returns a result, or return None after ``timeout`` seconds.
 
-    ``timeout`` None waits forever; 0 makes exactly one attempt. Between attempts ``pause(s)``
+    The caller made the first attempt, which failed: this starts with a pause. ``timeout``
+    None waits forever. Between attempts ``pause(s)``
     blocks up to ``s`` seconds; a backend with a wake-up returns early when the holder lets go.
     Pauses grow from ``first_pause`` (1 ms) to ``poll_interval`` and start over after an early
     wake-up, so a waiter retries within milliseconds of a release and costs almost nothing
     while it waits.
     ``progress(waited_seconds)`` is called about once a second while waiting.
     """
-    result = attempt()
-    if result is not None or timeout == 0:
-        return result
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     next_progress = start + PROGRESS_EVERY

@@ -25,6 +25,8 @@ from django_isolatable import (
     LockIOError,
     LockPermissionError,
 )
+from django_isolatable.backends import BackendOptions
+from django_isolatable.backends.file import FileBackend
 from django_isolatable.signals import lock_lost
 from tests import services
 from tests.settings import KEY_PREFIX
@@ -133,6 +135,8 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
     try:
         yield path
     finally:
+        # Free lock files stay open between acquisitions; close them, as unmounting needs.
+        FileBackend(BackendOptions(lock_dir=path, ttl=60)).close()  # and those below
         subprocess.run(["umount", str(path)], check=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,9 @@ from django_isolatable import (
     LockFileError,
     LockPermissionError,
 )
+from django_isolatable.backends import file as file_backend
 from django_isolatable.backends.file import file_name
+from django_isolatable.holders import new_record
 from tests.conformance import TRICKY_NAMES
 
 ROOT = Path(__file__).parent.parent
@@ -87,14 +90,27 @@ class TestFileNames:
             assert stat.S_IMODE(lock_dir.stat().st_mode) & 0o077 == 0
             assert stat.S_IMODE((lock_dir / "private.lock").stat().st_mode) == 0o600
 
-    def test_lock_file_holds_the_record_as_json_and_is_emptied_on_release(self, lock_dir):
+    def test_lock_file_holds_the_record_as_json_and_is_blanked_on_release(self, lock_dir):
         isolation = CommandIsolation("cat-me")
         with isolation.lock() as guard:
             record = json.loads((lock_dir / "cat-me.lock").read_text())
             assert record["token"] == guard.info.token
             assert record["pid"] == os.getpid()
             assert record["name"] == "cat-me"
-        assert (lock_dir / "cat-me.lock").read_text() == ""
+        assert (lock_dir / "cat-me.lock").read_text().strip() == ""
+        assert isolation.holder() is None
+
+    def test_a_longer_leftover_record_is_cut_off_after_the_new_one(self, lock_dir):
+        isolation = CommandIsolation("leftover")
+        leftover = new_record("leftover", "file")
+        leftover = dataclasses.replace(leftover, argv=("x" * 5000,), pid=1)
+        lock_dir.mkdir(exist_ok=True)
+        isolation.lock_path().write_text(leftover.to_json())
+        with isolation.lock() as guard:
+            text = isolation.lock_path().read_text()
+            assert json.loads(text)["token"] == guard.info.token
+            assert len(text) < 2000
+        assert isolation.lock_path().read_text().strip() == ""
 
 
 class TestBadInput:
@@ -222,3 +238,81 @@ def test_leftover_record_of_a_dead_holder(lock_dir):
     assert not isolation.is_locked()
     isolation.try_lock().release()
     assert isolation.holder() is None
+
+
+def _open_lock_files(lock_dir: Path) -> list[str]:
+    """The files under ``lock_dir`` this process has open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{lock_dir}/"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+class TestOpenLockFiles:
+    """Free lock files stay open between acquisitions (no open() per lock), within bounds."""
+
+    def test_taking_a_lock_again_reuses_its_descriptor(self, lock_dir):
+        isolation = CommandIsolation("again")
+        isolation.try_lock().release()
+        assert _open_lock_files(lock_dir) == [str(lock_dir / "again.lock")]
+        isolation.try_lock().release()
+        assert _open_lock_files(lock_dir) == [str(lock_dir / "again.lock")]
+
+    def test_open_lock_files_are_bounded(self, lock_dir):
+        for i in range(3 * file_backend.MAX_OPEN_FILES):
+            CommandIsolation(f"tenant-{i}").try_lock().release()
+        assert len(_open_lock_files(lock_dir)) <= file_backend.MAX_OPEN_FILES
+
+    def test_close_closes_free_lock_files_but_never_held_ones(self, lock_dir):
+        CommandIsolation("free").try_lock().release()
+        with CommandIsolation("held").lock() as guard:
+            guard.isolation.backend.close()
+            assert _open_lock_files(lock_dir) == [str(lock_dir / "held.lock")]
+            with pytest.raises(AlreadyRunning):
+                CommandIsolation("held").try_lock()
+        assert CommandIsolation("held").holder() is None
+
+    def test_a_forked_child_never_locks_through_the_parents_descriptor(self, lock_dir):
+        """The child shares the parent's open file descriptions, whose flock the parent holds:
+        it must open its own, or it would 'take' the parent's lock."""
+        isolation = CommandIsolation("forked")
+        isolation.try_lock().release()  # the parent's descriptor is now kept open
+        with isolation.lock():
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through the pipe
+                try:
+                    try:
+                        CommandIsolation("forked").try_lock()
+                        report = "taken"
+                    except AlreadyRunning:
+                        report = "already running"
+                    os.write(write_end, report.encode())
+                finally:
+                    os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end) as pipe:
+                report = pipe.read()
+            os.waitpid(pid, 0)
+            assert report == "already running"
+            assert isolation.is_locked()
+
+    def test_force_release_of_a_lock_this_process_holds(self, lock_dir):
+        """release_all() unlinks a held file; the next holder locks a new one, and the old
+        guard's release later touches neither the new file nor its descriptor."""
+        isolation = CommandIsolation("forced")
+        old = isolation.lock()
+        assert isolation.release_all()
+        new = isolation.try_lock()
+        old.release()
+        assert isolation.is_locked()
+        assert json.loads(isolation.lock_path().read_text())["token"] == new.info.token
+        new.release()
+        assert not isolation.is_locked()
+        isolation.try_lock().release()

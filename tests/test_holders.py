@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 from datetime import timedelta
 
 import pytest
 
-from django_isolatable.holders import host_id, is_alive, new_record, process_started_at
+from django_isolatable.holders import (
+    LockInfo,
+    host_id,
+    is_alive,
+    new_record,
+    process_started_at,
+)
 
 
 @pytest.fixture
@@ -84,3 +91,34 @@ def test_unknown_fields_cannot_be_judged():
     assert is_alive(dataclasses.replace(info, process_started_at=None)) is None
     assert is_alive(dataclasses.replace(info, host_id=None)) is None
     assert os.getpid() == info.pid
+
+
+@pytest.mark.parametrize(
+    "name", ["x", "tenant:ünïcode", "emoji 🔒", "lone \udc80 surrogate", 'q"uo\\te']
+)
+@pytest.mark.parametrize("ttl", [None, 30.0])
+def test_a_new_record_is_the_dataclass_its_fields_make(name, ttl):
+    info = new_record(name, "file", ttl=ttl)
+    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(LockInfo)}
+    assert info == LockInfo(**fields)
+    assert info.token
+    assert info.pid == os.getpid()
+    assert info.alive is True
+    assert (info.expires_at is None) == (ttl is None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.pid = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "name", ["x", "tenant:ünïcode", "emoji 🔒", "lone \udc80 surrogate", 'q"uo\\te']
+)
+@pytest.mark.parametrize("ttl", [None, 30.0])
+def test_the_fast_json_record_reads_back_as_written(name, ttl):
+    info = new_record(name, "redis", ttl=ttl)
+    text = info.to_json()
+    assert text.endswith("\n")
+    assert "\n" not in text[:-1]
+    text.encode()  # always valid UTF-8, lone surrogates included
+    assert json.loads(text) == info.to_dict()
+    again = LockInfo.from_json(name, "redis", text)
+    assert dataclasses.replace(again, alive=True) == info

@@ -8,6 +8,7 @@ filelock, portalocker and tendo shipped cannot happen here; an acquirer still ch
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 from urllib.parse import unquote
 
 from django.core.checks import CheckMessage, Error
@@ -46,7 +47,34 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a plante
 # per-process POSIX locks.
 _held: dict[str, LockInfo | None] = {}
 _held_lock = threading.Lock()
-os.register_at_fork(after_in_child=_held.clear)
+
+
+class _OpenFile(NamedTuple):
+    fd: int
+    dev: int
+    ino: int
+
+
+# Lock files this process keeps open between acquisitions, by path, so taking a lock again
+# costs no open(): the descriptor is locked and unlocked in place. Only the thread that claimed
+# a path in _held uses its descriptor. Free ones are closed past MAX_OPEN_FILES.
+_open_files: dict[str, _OpenFile] = {}
+MAX_OPEN_FILES = 64
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's open file descriptions, hence its flocks: it must never
+    # lock through them. Closing its copies leaves the parent's locks alone.
+    global _held_lock
+    _held_lock = threading.Lock()  # another thread may have held it at fork
+    _held.clear()
+    for entry in _open_files.values():
+        with contextlib.suppress(OSError):
+            os.close(entry.fd)
+    _open_files.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -76,6 +104,7 @@ def file_name(name: str) -> str:
 class FileLease(Lease):
     fd: int = -1
     path: str = ""
+    record_size: int = 0
 
 
 class FileBackend(Backend):
@@ -87,13 +116,13 @@ class FileBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.lock_dir = options.lock_dir
-        self._dir = str(options.lock_dir)
+        self._dir = os.path.join(options.lock_dir, "")  # with a trailing separator
 
     def lock_path(self, name: str) -> Path:
         return Path(self._path(name))
 
     def _path(self, name: str) -> str:
-        return os.path.join(self._dir, file_name(name))
+        return self._dir + file_name(name)
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
@@ -132,20 +161,46 @@ class FileBackend(Backend):
 
     def _lock(self, name: str, path: str, info: LockInfo) -> FileLease | None:
         for _ in range(5):
-            fd, opened = self._open(path, os.O_RDWR | os.O_CREAT)
+            entry = _open_files.get(path) or self._open_file(path)
             try:
-                if not _try_flock(fd, path):
-                    os.close(fd)
+                fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                locked = _try_flock(entry.fd, path)  # held, or only looked at: see _try_flock
+            except OSError as e:
+                _close(path, entry)
+                raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
+            else:
+                locked = True
+            if not locked:
+                if _is_at(entry, path):
                     return None
-                if _is_at(opened, path):
-                    _write_record(fd, path, info)
-                    return FileLease(name=name, token=info.token or "", info=info, fd=fd, path=path)
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # the file was replaced or removed after we opened it: lock the new one
+                _close(path, entry)  # held, but a person deleted the file: lock the new one
+                continue
+            if _is_at(entry, path):
+                size = _write_record(entry.fd, path, info)
+                return FileLease(
+                    name, info.token or "", info, fd=entry.fd, path=path, record_size=size
+                )
+            _close(path, entry)  # replaced or removed after it was opened: lock the new file
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
+
+    def _open_file(self, path: str) -> _OpenFile:
+        fd, opened = self._open(path, os.O_RDWR | os.O_CREAT)
+        entry = _OpenFile(fd, opened.st_dev, opened.st_ino)
+        with _held_lock:
+            if len(_open_files) >= MAX_OPEN_FILES:
+                for other in [p for p in _open_files if p not in _held]:
+                    os.close(_open_files.pop(other).fd)
+            _open_files[path] = entry
+        return entry
+
+    def close(self) -> None:
+        """Close the lock files of this LOCK_DIR that this process keeps open and holds not."""
+        with _held_lock:
+            free = [p for p in _open_files if p.startswith(self._dir) and p not in _held]
+            for path in free:
+                os.close(_open_files.pop(path).fd)
 
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, FileLease):
@@ -154,18 +209,30 @@ class FileBackend(Backend):
             return False
         fd, lease.fd = lease.fd, -1
         if lease.pid != os.getpid():
-            os.close(fd)  # a forked child's copy: closing it leaves the parent's lock alone
-            return False
-        _truncate(fd)
+            return False  # a forked child's copy: the child closed it at fork
+        _blank(fd, lease.record_size)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            _forget(lease.path, lease.info)
-            # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win.
-            os.utime(fd)
         except OSError as e:  # closing the descriptor below unlocks it all the same
-            logger.warning("Could not tidy lock file %s on release: %s", lease.path, e)
-            _forget(lease.path, lease.info)
-        os.close(fd)
+            logger.warning("Could not unlock lock file %s on release: %s", lease.path, e)
+            keep = False
+        else:
+            keep = True
+        with _held_lock:
+            if _held.get(lease.path) is lease.info:
+                del _held[lease.path]
+            cached = _open_files.get(lease.path)
+            if cached is not None and cached.fd == fd and not keep:
+                del _open_files[lease.path]
+            keep = keep and cached is not None and cached.fd == fd  # else force_release took it
+            # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win; under
+            # the lock, so no other thread closes the descriptor for room meanwhile.
+            try:  # noqa: SIM105 (a hot path: contextlib.suppress costs more than the syscall)
+                os.utime(fd)
+            except OSError:
+                pass  # waiters poll too
+        if not keep:
+            os.close(fd)
         return True
 
     def _clear_stale(self, lease: Lease) -> bool:
@@ -253,13 +320,15 @@ class FileBackend(Backend):
             return False
         try:
             if _try_flock(fd, path):
-                had_record = os.fstat(fd).st_size > 0
+                had_record = bool(os.pread(fd, _MAX_RECORD, 0).strip())
                 _truncate(fd)
                 return had_record
             # A live process holds the kernel lock and nobody can take it from it: unlink the
             # file so the next acquirer locks a new one. The old holder keeps running.
             os.unlink(path)
-            _forget(path)
+            with _held_lock:
+                _held.pop(path, None)  # our own lock: its lease closes its descriptor itself
+                _open_files.pop(path, None)
             logger.info("Removed %s: its holder runs on without the lock", path)
             return True
         finally:
@@ -356,21 +425,36 @@ def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
         raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
 
 
-def _is_at(opened: os.stat_result, path: str) -> bool:
+def _is_at(opened: _OpenFile, path: str) -> bool:
     """Whether the file we opened (and locked) is still the one at ``path``."""
     try:
         current = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+    return current.st_ino == opened.ino and current.st_dev == opened.dev
 
 
-def _write_record(fd: int, path: str, info: LockInfo) -> None:
+def _close(path: str, entry: _OpenFile) -> None:
+    """Close a lock file's descriptor (unlocking it) and drop it from the cache."""
+    with _held_lock:
+        if _open_files.get(path) is entry:
+            del _open_files[path]
+    os.close(entry.fd)
+
+
+def _write_record(fd: int, path: str, info: LockInfo) -> int:
+    """Write the holder record over the blank (or a dead holder's) one; its size in bytes.
+
+    A free lock's file is empty or blank: releasing overwrites the record with spaces instead
+    of truncating it, because freeing and reallocating the file's block on every lock costs
+    more than the rest of the lock. What a longer record left beyond this one is cut off.
+    """
     data = info.to_json().encode()
     try:
-        os.ftruncate(fd, 0)
         if os.pwrite(fd, data, 0) != len(data):
             raise OSError(errno.ENOSPC, "short write")
+        if os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
     except OSError as e:
         _truncate(fd)  # an empty record reads as "unknown holder", a torn one would too
         logger.warning(
@@ -379,6 +463,18 @@ def _write_record(fd: int, path: str, info: LockInfo) -> None:
             path,
             e.strerror or e,
         )
+        return 0
+    return len(data)
+
+
+def _blank(fd: int, size: int) -> None:
+    """Overwrite a record of ``size`` bytes with spaces: the file now reads as a free lock."""
+    try:
+        if size and os.pwrite(fd, b" " * (size - 1) + b"\n", 0) == size:
+            return
+    except OSError:
+        pass
+    _truncate(fd)
 
 
 def _read_record(fd: int, name: str) -> LockInfo | None:
