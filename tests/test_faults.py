@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from django_isolatable import (
     AlreadyRunning,
     CommandIsolation,
+    LockGuard,
     LockIOError,
     LockPermissionError,
 )
@@ -350,6 +351,74 @@ def test_a_pooler_sharing_sessions_is_caught_not_trusted(settings, django_db_blo
         assert CommandIsolation(name).is_locked()  # (its record, the session's last statement,
         first.check()  # is gone: the pooled statements overwrote it)
         first.release()
+        assert CommandIsolation(name).holder() is None
+
+
+def test_a_pooler_sharing_sessions_is_caught_in_a_queued_wait_too(
+    settings, django_db_blocker, monkeypatch
+):
+    """The same, for a waiter whose pg_advisory_lock was granted (reentrantly) in the queue:
+    its claim sees the first client's owner token and refuses."""
+    services.require("postgres")
+    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
+    from django_isolatable.backends import postgres
+    from django_isolatable.holders import new_record
+
+    name = f"pooled-wait-{time.monotonic_ns()}"
+    with django_db_blocker.unblock():
+        first = CommandIsolation(name).lock(timeout=0)
+        shared = first._lease.connection  # type: ignore[attr-defined]
+        backend = CommandIsolation(name).backend
+        monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
+        monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
+        backend.wait(name, 1.0)
+        with pytest.raises(LockIOError, match="pooler that shares server sessions"):
+            backend.acquire(name, new_record(name, "postgres"))
+        monkeypatch.undo()
+        assert CommandIsolation(name).is_locked()
+        first.check()
+        first.release()
+        assert CommandIsolation(name).holder() is None
+
+
+def test_a_postgres_waiter_claims_the_lock_in_the_statement_that_waited(
+    settings, django_db_blocker, monkeypatch
+):
+    """A waiter blocked in the server's queue records itself as it is granted: its guard, the
+    session's record and the time it got the lock agree, with no statement more after it."""
+    services.require("postgres")
+    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
+    from django_isolatable.backends import postgres
+
+    name = f"queued-{time.monotonic_ns()}"
+    claims: list[str] = []
+    run = postgres.PostgresBackend._run
+    monkeypatch.setattr(
+        postgres.PostgresBackend,
+        "_run",
+        lambda self, connection, sql, params=(): (
+            claims.append(sql) or run(self, connection, sql, params)
+        ),
+    )
+    with django_db_blocker.unblock():
+        first = CommandIsolation(name).lock(timeout=0)
+        got: list[LockGuard] = []
+        waiter = threading.Thread(target=lambda: got.append(CommandIsolation(name).lock(10)))
+        waiter.start()
+        time.sleep(0.5)  # queued on the server by now
+        claims.clear()
+        released_at = datetime.now(timezone.utc)
+        first.release()
+        waiter.join(10)
+        guard = got[0]
+        holder = CommandIsolation(name).holder()
+        assert holder is not None
+        assert holder.token == guard.info.token
+        assert holder.acquired_at == guard.info.acquired_at
+        assert guard.info.acquired_at is not None
+        assert abs((guard.info.acquired_at - released_at).total_seconds()) < 5
+        assert not any(sql.startswith(postgres._CLAIM) for sql in claims)
+        guard.release()
         assert CommandIsolation(name).holder() is None
 
 

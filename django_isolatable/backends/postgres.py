@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -34,7 +35,7 @@ from django.db import connections
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, new_record
 
 if TYPE_CHECKING:
     import psycopg
@@ -68,6 +69,17 @@ _CLAIM = (
     "SELECT o, true, set_config(%(owner)s, %(token)s, false), "
     "set_config('application_name', %(label)s, false) FROM b"
 )
+# A waiter queues on the server and claims the lock in the same statement once it is granted,
+# so a handoff costs no round trip more than the grant. lock_timeout is read when the wait
+# starts, after the first CTE set it; the grant time is the server's, in microseconds.
+_WAIT_AND_CLAIM = (
+    "WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', %(ms)s, false)), "
+    "b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o FROM t), "
+    "a AS MATERIALIZED (SELECT pg_advisory_lock(%(key)s) FROM b) "
+    "SELECT o, set_config(%(owner)s, %(token)s, false), set_config('application_name', "
+    "'isolatable ' || %(token)s || ' ' || "
+    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, false) FROM b, a"
+)
 _UNDO_CLAIM = "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, %(previous)s, false)"
 _UNLOCK = (
     "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, '', false), "
@@ -76,7 +88,19 @@ _UNLOCK = (
 
 _idle: dict[str, list[psycopg.Connection[Any]]] = {}
 _idle_lock = threading.Lock()
-_waited: dict[tuple[str, str, int], psycopg.Connection[Any]] = {}
+
+
+@dataclass
+class _Granted:
+    """What ``wait`` got from the server's queue, for the next ``acquire`` of that thread."""
+
+    connection: Any
+    token: str
+    previous_owner: str | None = None
+    label: str | None = None  # None: granted as lock_timeout fired, not claimed yet
+
+
+_waited: dict[tuple[str, str, int], _Granted] = {}
 
 
 def _forget_after_fork() -> None:
@@ -125,6 +149,14 @@ def _label(info: LockInfo) -> str:
     return f"isolatable {info.token} {microseconds}"  # at most 60 bytes
 
 
+def _label_time(label: str) -> datetime | None:
+    """The time in a ``_label``: microseconds since the epoch, after the token."""
+    microseconds = label.rpartition(" ")[2]
+    if not microseconds.isdigit() or not int(microseconds):
+        return None
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(microseconds))
+
+
 def _record(query: str, application_name: str, strategy: str) -> LockInfo | None:
     start = query.find("/*" + _MARK)
     end = query.rfind("*/")
@@ -137,11 +169,7 @@ def _record(query: str, application_name: str, strategy: str) -> LockInfo | None
     name = data.get("name") if isinstance(data, dict) else None
     info = LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
     _, token, microseconds = [*application_name.split(" "), "", "", ""][:3]
-    acquired_at = None
-    if microseconds.isdigit() and int(microseconds):
-        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-        acquired_at = epoch + timedelta(microseconds=int(microseconds))
-    return replace(info, token=token or None, acquired_at=acquired_at)
+    return replace(info, token=token or None, acquired_at=_label_time(f" {microseconds}"))
 
 
 @dataclass
@@ -220,20 +248,20 @@ class PostgresBackend(Backend):
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
-        comment = self._comments.get(name)
-        if comment is None or len(self._comments) > 256:
-            if len(self._comments) > 256:
-                self._comments.clear()
-            comment = self._comments[name] = _comment(info)
+        comment = self._comment(name, info)
         params = {
             "key": key,
             "owner": _owner_setting(key),
             "token": info.token or "",
             "label": _label(info),
         }
-        connection = _waited.pop((self.alias, name, threading.get_ident()), None)
-        if connection is not None:  # wait() took it in the server's queue: claim it
-            previous_owner, got = self._run(connection, _CLAIM + comment, params)[:2]
+        granted = _waited.pop((self.alias, name, threading.get_ident()), None)
+        if granted is not None and granted.label is not None:  # wait() took and claimed it
+            connection, previous_owner = granted.connection, granted.previous_owner
+            info = replace(info, token=granted.token, acquired_at=_label_time(granted.label))
+        elif granted is not None:  # granted as the wait timed out: claim it now
+            connection = granted.connection
+            previous_owner = self._run(connection, _CLAIM + comment, params)[0]
         else:
             connection = self._connect()
             previous_owner, got = self._run(connection, _TRY_LOCK + comment, params)[:2]
@@ -248,6 +276,15 @@ class PostgresBackend(Backend):
             raise LockIOError(_pooled(f"database {self.alias!r}"))
         token = info.token or ""
         return PostgresLease(name, token, info, connection=connection, key=key, comment=comment)
+
+    def _comment(self, name: str, info: LockInfo) -> str:
+        """This process's part of ``name``'s record, as a statement comment (made once)."""
+        comment = self._comments.get(name)
+        if comment is None:
+            if len(self._comments) > 256:
+                self._comments.clear()
+            comment = self._comments[name] = _comment(info)
+        return comment
 
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, PostgresLease) or lease.connection is None:
@@ -327,24 +364,36 @@ class PostgresBackend(Backend):
         return bool(terminated)
 
     def wait(self, name: str, timeout: float) -> None:
+        """Queue for the lock on the server for up to ``timeout`` seconds; when it is granted,
+        claim it in the same statement and keep it for this thread's next ``acquire``."""
         import psycopg
 
         connection = self._connect()
-        milliseconds = max(1, int(timeout * 1000))
-        try:  # integers only: safe to inline, and one round trip with two statements
-            connection.execute(
-                f"SET lock_timeout = {milliseconds}; SELECT pg_advisory_lock({self.key(name)})"
-            )
+        key = self.key(name)
+        token = secrets.token_hex(16)
+        params = {
+            "ms": str(max(1, int(timeout * 1000))),
+            "key": key,
+            "owner": _owner_setting(key),
+            "token": token,
+        }
+        comment = self._comment(name, new_record(name, self.strategy))
+        try:
+            previous_owner, _, label = connection.execute(
+                _WAIT_AND_CLAIM + comment, params
+            ).fetchone() or (None, None, None)
         except psycopg.errors.LockNotAvailable:
             # The timeout can fire just as the lock is granted: the statement fails, the
             # session lock stays. Keep it then, or the session would hold it unknowingly.
-            if not self._holds(connection, self.key(name)):
+            if not self._holds(connection, key):
                 self._put_back(connection)
                 return
+            previous_owner = label = None
         except psycopg.Error as e:
             connection.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
-        _waited[(self.alias, name, threading.get_ident())] = connection
+        granted = _Granted(connection, token, previous_owner, label)
+        _waited[(self.alias, name, threading.get_ident())] = granted
 
 
 def _owner_setting(key: int) -> str:
