@@ -62,6 +62,8 @@ class Target:
     at_most: bool = True
     #: How to show ``measured`` when a number says less (e.g. which modules were imported).
     shown: str | None = None
+    #: What puts the figure in context, printed after the verdict (e.g. the raw limit's own).
+    context: str = ""
 
     @property
     def verdict(self) -> str:
@@ -78,4 +80,5 @@ def print_targets(targets: list[Target], note: str = "") -> None:
         measured = "-" if target.measured is None else f"{target.measured:.2f}{target.unit}"
         measured = target.shown or measured
         limit = f"{'<=' if target.at_most else '>='} {target.limit:g}{target.unit}"
-        print(f"    {target.what:{width - 4}}{measured:>11}{limit:>12}   {target.verdict}")
+        line = f"    {target.what:{width - 4}}{measured:>11}{limit:>12}   {target.verdict:12}"
+        print(f"{line} {target.context}".rstrip())

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from django.db import connections
 from django.utils import timezone
 
-from benchmarks import environment
+from benchmarks import environment, placement
 from benchmarks.report import Group, Row, median, percentile, print_table, ratio
 
 Operation = Callable[[], object]
@@ -323,27 +323,40 @@ def run(batches: int, seconds: float) -> dict[str, float]:
     """Measure and print every group; return each row's median (µs) by "group key/label"."""
     medians: dict[str, float] = {}
     groups = []
-    for key, title, subjects in GROUPS:
-        group = Group(title)
-        with contextlib.ExitStack() as stack:
-            operations = {}
-            for subject in subjects:
-                reasons = [r for r in map(environment.unavailable, subject.needs) if r]
-                if reasons:
-                    group.skipped.append(f"{subject.label}: {reasons[0]}")
-                else:
-                    operations[subject.label] = subject.make(stack)
-            samples = _measure(operations, batches, seconds)
-        for label, values in samples.items():
-            medians[f"{key}/{label}"] = median(values)
-            base_median = medians.get(f"{key}/{subjects[0].label}")
-            cells = [f"{median(values):.1f}", f"{percentile(values, 0.9):.1f}"]
-            group.rows.append(Row(label, cells, ratio(median(values), base_median)))
-        groups.append(group)
+    with placement.servers_apart() as placed:
+        for key, title, subjects in GROUPS:
+            groups.append(_run_group(key, title, subjects, batches, seconds, medians))
     print_table(
         f"Uncontended acquire + release, µs per operation "
-        f"({batches} batches of ~{seconds * 1000:g} ms)",
+        f"({batches} batches of ~{seconds * 1000:g} ms; {placed})",
         ["median", "p90"],
         groups,
     )
     return medians
+
+
+def _run_group(
+    key: str,
+    title: str,
+    subjects: list[Subject],
+    batches: int,
+    seconds: float,
+    medians: dict[str, float],
+) -> Group:
+    """Measure one group's rows (adding their medians to ``medians``) and return its table."""
+    group = Group(title)
+    with contextlib.ExitStack() as stack:
+        operations = {}
+        for subject in subjects:
+            reasons = [r for r in map(environment.unavailable, subject.needs) if r]
+            if reasons:
+                group.skipped.append(f"{subject.label}: {reasons[0]}")
+            else:
+                operations[subject.label] = subject.make(stack)
+        samples = _measure(operations, batches, seconds)
+    for label, values in samples.items():
+        medians[f"{key}/{label}"] = median(values)
+        base_median = medians.get(f"{key}/{subjects[0].label}")
+        cells = [f"{median(values):.1f}", f"{percentile(values, 0.9):.1f}"]
+        group.rows.append(Row(label, cells, ratio(median(values), base_median)))
+    return group

@@ -36,9 +36,12 @@ WAKE_TTL_MS = 5000
 _COMPARE = (
     "local v = redis.call('get', KEYS[1]) if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then "
 )
+# One wake-up token at most: a token nobody took yet wakes the next waiter all the same, so
+# releasing with nobody waiting (the token of the last release still there) writes only the DEL.
 RELEASE = _COMPARE + (
-    "redis.call('del', KEYS[1]) redis.call('del', KEYS[2]) redis.call('lpush', KEYS[2], 1) "
-    "redis.call('pexpire', KEYS[2], ARGV[2]) return 1 end return 0"
+    "redis.call('del', KEYS[1]) if redis.call('llen', KEYS[2]) == 0 then "
+    "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[2]) end "
+    "return 1 end return 0"
 )
 REFRESH = _COMPARE + "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 FORCE_RELEASE = (
