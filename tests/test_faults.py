@@ -116,6 +116,20 @@ def test_redis_restarted_under_a_held_lease(settings, private_redis, lost_events
         assert CommandIsolation("nightly").holder().token == new.info.token
 
 
+def test_redis_scripts_flushed_under_a_held_lease(settings, private_redis):
+    """SCRIPT FLUSH (or a failover to a replica without the scripts): release and renewal load
+    their Lua scripts again and work."""
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("flushed")
+    guard = isolation.lock(timeout=0)
+    isolation.backend.client.script_flush()
+    assert isolation.backend.refresh(guard._lease, 30)
+    isolation.backend.client.script_flush()
+    guard.release()
+    assert isolation.holder() is None
+    isolation.try_lock().release()
+
+
 def test_redis_down_at_acquire_is_a_prompt_lock_io_error(settings, private_redis):
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
     private_redis.stop()

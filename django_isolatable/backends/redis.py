@@ -133,7 +133,10 @@ class RedisBackend(Backend):
         value = f"{token} {info.to_json()}".encode()
         key, _ = self._keys(name)
         ttl_ms = max(1, int(self.options.ttl * 1000))
-        if not self._call("lock", self.client.set, key, value, nx=True, px=ttl_ms):
+        # execute_command: what set() sends, without its option parsing (this is the hot path)
+        if not self._call(
+            "lock", self.client.execute_command, "SET", key, value, "NX", "PX", ttl_ms
+        ):
             return None
         return Lease(name=name, token=token, info=info)
 
@@ -142,7 +145,15 @@ class RedisBackend(Backend):
             return False  # a forked child's copy: the lock is its parent's
         keys = self._keys(lease.name)
         owner = f"{lease.token} ".encode()
-        return bool(self._call("release", self._release, keys=keys, args=[owner, WAKE_TTL_MS]))
+        return bool(self._call("release", self._script, self._release, keys, owner, WAKE_TTL_MS))
+
+    def _script(self, script: Any, keys: tuple[bytes, ...], *args: Any) -> Any:
+        """Run a registered Lua script by its SHA, loading it if the server does not have it."""
+        execute: Any = self.client.execute_command  # untyped in redis-py
+        try:
+            return execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._errors.NoScriptError:  # a restarted or flushed server: load it again
+            return script(keys=keys, args=args)
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         key, _ = self._keys(lease.name)
