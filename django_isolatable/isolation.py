@@ -160,14 +160,20 @@ class CommandIsolation:
         ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
         """
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
+        backend = self.backend
+        remaining = wait
+        if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
+            started = time.monotonic()
+            backend.wait(self.name, min(backend.poll_interval, wait or backend.poll_interval))
+            if wait is not None:
+                remaining = max(0.0, wait - (time.monotonic() - started))
         lease = self._attempt()
         if lease is None and wait != 0:
-            backend = self.backend
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             lease = wait_for(
                 self._attempt,
                 lambda seconds: backend.wait(self.name, seconds),
-                wait,
+                remaining,
                 poll_interval=backend.poll_interval,
                 first_pause=backend.poll_interval if backend.queued_wait else FIRST_PAUSE,
                 progress=report,

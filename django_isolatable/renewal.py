@@ -41,7 +41,10 @@ class _Renewal:
 
 class Renewer:
     def __init__(self) -> None:
-        self._changed = threading.Condition()
+        # add and remove, on every lock, take the plain lock (a Condition's own methods run in
+        # Python); the thread waits on the Condition built on it.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._renewals: dict[int, _Renewal] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
@@ -50,7 +53,7 @@ class Renewer:
     def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float) -> int:
         """Renew ``lease`` until ``remove`` is called with the key returned."""
         now = time.monotonic()
-        with self._changed:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="isolatable-renewal", daemon=True
@@ -64,7 +67,7 @@ class Renewer:
         return key
 
     def remove(self, key: int) -> None:
-        with self._changed:
+        with self._lock:
             self._renewals.pop(key, None)
 
     def _run(self) -> None:
@@ -106,7 +109,8 @@ class Renewer:
 
     def _forget_after_fork(self) -> None:
         # The parent's leases are not the child's to renew, and its thread did not survive.
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._renewals.clear()
         self._thread = None
 

@@ -74,6 +74,10 @@ class Backend:
     #: BLPOP): waiters then block for the whole ``poll_interval`` at once, where others start
     #: with short pauses and lengthen them.
     queued_wait: ClassVar[bool] = False
+    #: ``wait`` takes the lock when it is free (and the next ``acquire`` of the thread claims
+    #: it), returning at once: a ``lock()`` that may wait starts with ``wait`` instead of an
+    #: attempt that fails under contention (postgres: ``pg_advisory_lock`` in the server's queue).
+    wait_takes_lock: ClassVar[bool] = False
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options

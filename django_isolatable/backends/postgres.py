@@ -18,6 +18,7 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -112,6 +113,7 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+@functools.lru_cache(maxsize=4096)
 def advisory_key(name: str) -> int:
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -183,6 +185,7 @@ class PostgresBackend(Backend):
     strategy: ClassVar[str] = "postgres"
     heartbeat: ClassVar[bool] = True
     queued_wait: ClassVar[bool] = True  # checks that the session still holds the lock
+    wait_takes_lock: ClassVar[bool] = True
     poll_interval: ClassVar[float] = 2.0  # waits block in the server's lock queue
 
     def __init__(self, options: BackendOptions) -> None:
@@ -396,6 +399,7 @@ class PostgresBackend(Backend):
         _waited[(self.alias, name, threading.get_ident())] = granted
 
 
+@functools.lru_cache(maxsize=4096)
 def _owner_setting(key: int) -> str:
     """The session setting that names this session's holder of advisory lock ``key``."""
     return f"isolatable.owner_{key & 0xFFFFFFFFFFFFFFFF:016x}"
