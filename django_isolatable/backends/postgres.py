@@ -380,7 +380,7 @@ class PostgresBackend(Backend):
             "owner": _owner_setting(key),
             "token": token,
         }
-        comment = self._comment(name, new_record(name, self.strategy))
+        comment = self._comments.get(name) or self._comment(name, new_record(name, self.strategy))
         try:
             previous_owner, _, label = connection.execute(
                 _WAIT_AND_CLAIM + comment, params
