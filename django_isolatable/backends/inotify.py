@@ -10,6 +10,7 @@ Watches are kept for reuse: closing an inotify instance waits for a kernel grace
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -45,6 +46,8 @@ class FileWatch:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.paths: set[str] = set()
+        self._poller = select.poll()  # not select(): descriptors above 1024 are common
+        self._poller.register(fd, select.POLLIN)
 
     @classmethod
     def open(cls) -> FileWatch | None:
@@ -65,15 +68,12 @@ class FileWatch:
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True if a watched file changed (events consumed)."""
-        poller = select.poll()  # not select(): descriptors above 1024 are common in servers
-        poller.register(self.fd, select.POLLIN)
-        if not poller.poll(max(timeout, 0.0) * 1000):
+        if not self._poller.poll(max(timeout, 0.0) * 1000):
             return False
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        # One read takes every queued event (each is 16 bytes plus a name this mask never
+        # sets); any that arrive later make the next poll return at once, as they should.
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 65536)
         return True
 
     def close(self) -> None:
