@@ -219,9 +219,15 @@ def process_started_at(pid: int) -> datetime:
 
 
 def new_record(
-    name: str, strategy: str, *, ttl: float | None = None, now: datetime | None = None
+    name: str,
+    strategy: str,
+    *,
+    ttl: float | None = None,
+    now: datetime | None = None,
+    token: str | None = None,
 ) -> LockInfo:
-    """A fresh record for the current process taking ``name`` (with a new random owner token)."""
+    """A fresh record for the current process taking ``name``, with a new random owner token
+    (or ``token``, one the backend already gave the store)."""
     acquired_at = now or datetime.now(timezone.utc)
     pid, hostname, started = _this_process()
     # This runs on every acquire. A frozen dataclass's __init__ sets its eleven fields one
@@ -231,7 +237,7 @@ def new_record(
     info.__dict__.update(
         name=name,
         strategy=strategy,
-        token=secrets.token_hex(16),
+        token=token or secrets.token_hex(16),
         pid=pid,
         hostname=hostname,
         host_id=host_id(),

@@ -96,9 +96,8 @@ class _Granted:
     """What ``wait`` got from the server's queue, for the next ``acquire`` of that thread."""
 
     connection: Any
-    token: str
     previous_owner: str | None = None
-    label: str | None = None  # None: granted as lock_timeout fired, not claimed yet
+    record: LockInfo | None = None  # None: granted as lock_timeout fired, not claimed yet
 
 
 _waited: dict[tuple[str, str, int], _Granted] = {}
@@ -234,7 +233,7 @@ class PostgresBackend(Backend):
         return connection
 
     def _put_back(self, connection: psycopg.Connection[Any]) -> None:
-        if connection.closed or connection.info.transaction_status != 0:  # 0: idle
+        if connection.closed or connection.pgconn.transaction_status != 0:  # 0: idle
             connection.close()
             return
         with _idle_lock:
@@ -252,20 +251,20 @@ class PostgresBackend(Backend):
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
         comment = self._comment(name, info)
-        params = {
-            "key": key,
-            "owner": _owner_setting(key),
-            "token": info.token or "",
-            "label": _label(info),
-        }
+        params = {"key": key, "owner": _owner_setting(key)}
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
-        if granted is not None and granted.label is not None:  # wait() took and claimed it
-            connection, previous_owner = granted.connection, granted.previous_owner
-            info = replace(info, token=granted.token, acquired_at=_label_time(granted.label))
+        if granted is not None and granted.record is not None:  # wait() took and claimed it
+            connection, previous_owner, info = (
+                granted.connection,
+                granted.previous_owner,
+                granted.record,
+            )
         elif granted is not None:  # granted as the wait timed out: claim it now
             connection = granted.connection
+            params.update(token=info.token or "", label=_label(info))
             previous_owner = self._run(connection, _CLAIM + comment, params)[0]
         else:
+            params.update(token=info.token or "", label=_label(info))
             connection = self._connect()
             previous_owner, got = self._run(connection, _TRY_LOCK + comment, params)[:2]
             if not got:
@@ -395,8 +394,12 @@ class PostgresBackend(Backend):
         except psycopg.Error as e:
             connection.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
-        granted = _Granted(connection, token, previous_owner, label)
-        _waited[(self.alias, name, threading.get_ident())] = granted
+        record = None
+        if label is not None:  # the record as the session now shows it: this token, this time
+            record = new_record(name, self.strategy, now=_label_time(label), token=token)
+        _waited[(self.alias, name, threading.get_ident())] = _Granted(
+            connection, previous_owner, record
+        )
 
 
 @functools.lru_cache(maxsize=4096)
