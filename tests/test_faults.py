@@ -130,6 +130,62 @@ def test_redis_scripts_flushed_under_a_held_lease(settings, private_redis):
     isolation.try_lock().release()
 
 
+def _blocked_in_blpop(client) -> bool:
+    return any(c["cmd"] == "blpop" and "b" in c["flags"] for c in client.client_list())
+
+
+def test_a_redis_release_hands_the_lock_to_the_waiter(settings, private_redis):
+    """A waiter blocked in BLPOP has its take queued right behind it on the server: the
+    release hands it the lock before the releasing process can take it back, and its record
+    (token, the server's time it took the lock) is what readers see."""
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("handed")
+    client = isolation.backend.client
+    for _ in range(3):
+        holder = isolation.lock(timeout=0)
+        got: list[LockGuard] = []
+        waiter = threading.Thread(
+            target=lambda got=got: got.append(CommandIsolation("handed").lock(10))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not _blocked_in_blpop(client) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        holder.release()
+        with pytest.raises(AlreadyRunning):
+            isolation.try_lock()
+        waiter.join(10)
+        guard = got[0]
+        record = isolation.holder()
+        assert record is not None
+        assert record.token == guard.info.token
+        assert record.acquired_at == guard.info.acquired_at
+        assert abs((record.acquired_at - datetime.now(timezone.utc)).total_seconds()) < 5
+        guard.release()
+    assert isolation.holder() is None
+
+
+def test_a_redis_waiter_whose_take_meets_flushed_scripts(settings, private_redis):
+    """The take queued behind a waiter's BLPOP finds no script (SCRIPT FLUSH, a failover):
+    the waiter loads it and takes the lock by a plain attempt."""
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("flushed-wait")
+    client = isolation.backend.client
+    holder = isolation.lock(timeout=0)
+    got: list[LockGuard] = []
+    waiter = threading.Thread(target=lambda: got.append(CommandIsolation("flushed-wait").lock(10)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not _blocked_in_blpop(client) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.script_flush()
+    holder.release()
+    waiter.join(10)
+    assert isolation.holder().token == got[0].info.token
+    got[0].release()
+    assert isolation.holder() is None
+
+
 def test_redis_down_at_acquire_is_a_prompt_lock_io_error(settings, private_redis):
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
     private_redis.stop()

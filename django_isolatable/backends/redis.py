@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,7 +22,7 @@ from django.core.checks import CheckMessage, Error
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, utcnow
+from django_isolatable.holders import LockInfo, new_record, utcnow
 
 if TYPE_CHECKING:
     import redis
@@ -44,6 +44,15 @@ RELEASE = _COMPARE + (
     "return 1 end return 0"
 )
 REFRESH = _COMPARE + "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Sent right behind a waiter's BLPOP on the same connection, so the server runs it the moment
+# the BLPOP is served: a woken waiter takes the lock with no round trip after the release, ahead
+# of the releasing process coming back for it. The value carries the server's time (µs) the
+# lock was taken, which readers use for acquired_at: the record was made before the wait.
+TAKE = (
+    "local t = redis.call('time') local us = t[1] .. string.format('%06d', t[2]) "
+    "if redis.call('set', KEYS[1], ARGV[1] .. ' ' .. us .. ' ' .. ARGV[3], 'NX', 'PX', ARGV[2]) "
+    "then return us end return false"
+)
 FORCE_RELEASE = (
     "local n = redis.call('del', KEYS[1]) redis.call('del', KEYS[2]) "
     "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[1]) return n"
@@ -51,6 +60,10 @@ FORCE_RELEASE = (
 
 _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
+# What a wait took, by (url, key, thread), for that thread's next acquire of the key.
+_taken: dict[tuple[str, bytes, int], LockInfo] = {}
+os.register_at_fork(after_in_child=_taken.clear)
+_take_loaded: set[str] = set()  # URLs whose server was sent TAKE by this process
 
 
 def safe_url(url: str) -> str:
@@ -97,6 +110,7 @@ class RedisBackend(Backend):
         self._release = self.client.register_script(RELEASE)
         self._refresh = self.client.register_script(REFRESH)
         self._force_release = self.client.register_script(FORCE_RELEASE)
+        self._take = self.client.register_script(TAKE)
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
@@ -129,9 +143,12 @@ class RedisBackend(Backend):
             raise LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {e}.") from e
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        key, _ = self._keys(name)
+        taken = _taken.pop((self.url, key, threading.get_ident()), None)
+        if taken is not None:  # the wait took it
+            return Lease(name=name, token=taken.token or "", info=taken)
         token = info.token or ""
         value = f"{token} {info.to_json()}".encode()
-        key, _ = self._keys(name)
         ttl_ms = max(1, int(self.options.ttl * 1000))
         # execute_command: what set() sends, without its option parsing (this is the hot path)
         if not self._call(
@@ -173,8 +190,12 @@ class RedisBackend(Backend):
                 continue  # released between SCAN and GET
             name = key[len(self._prefix) + len(b"lock:") :].decode("utf-8", "surrogatepass")
             token, _, record = value.decode("utf-8", "replace").partition(" ")
+            taken_at, _, rest = record.partition(" ")
+            record = rest if taken_at.isdigit() else record  # a waiter's: the server's time
             info = LockInfo.from_json(name, self.strategy, record) or LockInfo(name, self.strategy)
             expires_at = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
+            if taken_at.isdigit():
+                info = replace(info, acquired_at=_from_microseconds(taken_at))
             yield replace(info, token=token, expires_at=expires_at)
 
     def inspect(self, name: str) -> LockInfo | None:
@@ -191,9 +212,35 @@ class RedisBackend(Backend):
         return bool(self._call("release", self._force_release, keys=keys, args=[WAKE_TTL_MS]))
 
     def wait(self, name: str, timeout: float) -> None:
-        _, wake = self._keys(name)
+        """BLPOP the wake-up list, with TAKE right behind it: woken (or timed out) on a free
+        lock, this thread holds it, and its next ``acquire`` returns it."""
+        key, wake = self._keys(name)
         seconds = max(timeout, 0.001)  # BLPOP treats 0 as "forever"
-        self._call("wait", self.client.blpop, [wake], timeout=seconds)
+        if self.url not in _take_loaded:  # else the first wake-up on a new server is wasted
+            self._call("load a script", self.client.script_load, TAKE)
+            _take_loaded.add(self.url)
+        record = new_record(name, self.strategy, ttl=self.options.ttl)
+        ttl_ms = max(1, int(self.options.ttl * 1000))
+        pipeline = self.client.pipeline(transaction=False)
+        pipeline.blpop([wake], timeout=seconds)
+        pipeline.evalsha(self._take.sha, 1, key, record.token or "", ttl_ms, record.to_json())
+        try:
+            _, taken_at = self._call("wait", pipeline.execute)
+        except LockIOError as e:
+            if not isinstance(e.__cause__, self._errors.NoScriptError):
+                raise
+            self._call("load a script", self.client.script_load, TAKE)  # restarted or flushed
+            return  # the caller's next attempt takes the lock if it is free
+        if taken_at:
+            microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
+            taken = _from_microseconds(microseconds)
+            expires = taken + timedelta(seconds=self.options.ttl)
+            record = replace(record, acquired_at=taken, expires_at=expires)
+            _taken[(self.url, key, threading.get_ident())] = record
+
+
+def _from_microseconds(value: str) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(value))
 
 
 def _glob_escape(pattern: bytes) -> bytes:
