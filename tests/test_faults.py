@@ -186,6 +186,43 @@ def test_a_redis_waiter_whose_take_meets_flushed_scripts(settings, private_redis
     assert isolation.holder() is None
 
 
+def test_a_redis_take_its_thread_never_claimed_is_released_not_handed_out(
+    settings, private_redis, monkeypatch
+):
+    """A wait that took the lock, then an interruption before the thread's next attempt: later,
+    that stale take (never renewed) is released by its token, and the attempt takes the lock
+    afresh under its own."""
+    from django_isolatable.backends import redis as redis_backend
+    from django_isolatable.holders import new_record
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("interrupted")
+    backend = isolation.backend
+    backend.wait("interrupted", 0.01)  # free: the take behind the BLPOP took it
+    taken = isolation.holder()
+    assert taken is not None
+    monkeypatch.setattr(redis_backend, "TAKEN_FRESH_FOR", 0.0)
+    record = new_record("interrupted", "redis", ttl=30)
+    lease = backend.acquire("interrupted", record)
+    assert lease is not None
+    assert lease.token == record.token != taken.token
+    assert isolation.holder().token == record.token
+    backend.release(lease)
+    assert isolation.holder() is None
+
+
+def test_a_redis_value_with_a_foreign_time_field_reads_as_unknown_time(settings, private_redis):
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    isolation = CommandIsolation("odd")
+    key, _ = isolation.backend._keys("odd")
+    isolation.backend.client.set(key, b"tok 99999999999999999999999999 {}")
+    holder = isolation.holder()
+    assert holder is not None
+    assert holder.token == "tok"
+    assert holder.acquired_at is None
+    assert isolation.release_all()
+
+
 def test_redis_down_at_acquire_is_a_prompt_lock_io_error(settings, private_redis):
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
     private_redis.stop()

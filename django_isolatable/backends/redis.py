@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -60,8 +61,12 @@ FORCE_RELEASE = (
 
 _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
-# What a wait took, by (url, key, thread), for that thread's next acquire of the key.
-_taken: dict[tuple[str, bytes, int], LockInfo] = {}
+# What a wait took, by (url, key, thread), for that thread's next acquire of the key, which
+# follows at once; with the monotonic time it was taken.
+_taken: dict[tuple[str, bytes, int], tuple[LockInfo, float]] = {}
+#: A take older than this was never claimed (its thread was interrupted right after the wait):
+#: it is released, not handed out, since its lease was never renewed.
+TAKEN_FRESH_FOR = 1.0
 os.register_at_fork(after_in_child=_taken.clear)
 _take_loaded: set[str] = set()  # URLs whose server was sent TAKE by this process
 
@@ -146,7 +151,11 @@ class RedisBackend(Backend):
         key, _ = self._keys(name)
         taken = _taken.pop((self.url, key, threading.get_ident()), None)
         if taken is not None:  # the wait took it
-            return Lease(name=name, token=taken.token or "", info=taken)
+            record, when = taken
+            lease = Lease(name=name, token=record.token or "", info=record)
+            if time.monotonic() - when < TAKEN_FRESH_FOR:
+                return lease
+            self.release(lease)
         token = info.token or ""
         value = f"{token} {info.to_json()}".encode()
         ttl_ms = max(1, int(self.options.ttl * 1000))
@@ -233,14 +242,17 @@ class RedisBackend(Backend):
             return  # the caller's next attempt takes the lock if it is free
         if taken_at:
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
-            taken = _from_microseconds(microseconds)
+            taken = _from_microseconds(microseconds) or utcnow()
             expires = taken + timedelta(seconds=self.options.ttl)
             record = replace(record, acquired_at=taken, expires_at=expires)
-            _taken[(self.url, key, threading.get_ident())] = record
+            _taken[(self.url, key, threading.get_ident())] = (record, time.monotonic())
 
 
-def _from_microseconds(value: str) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(value))
+def _from_microseconds(value: str) -> datetime | None:
+    try:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(value))
+    except (ValueError, OverflowError):  # not a time this code wrote
+        return None
 
 
 def _glob_escape(pattern: bytes) -> bytes:
