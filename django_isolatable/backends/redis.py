@@ -102,7 +102,9 @@ class RedisBackend(Backend):
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
     queued_wait: ClassVar[bool] = True
-    poll_interval: ClassVar[float] = 0.5  # releases wake waiters through BLPOP
+    # Releases wake waiters through BLPOP; a holder that died does not, so this is how soon a
+    # waiter on its host looks at it (and takes the lock over).
+    poll_interval: ClassVar[float] = 0.2
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
