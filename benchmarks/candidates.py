@@ -91,6 +91,30 @@ def raw_advisory(slug: str) -> Lockable:
     return Lockable(acquire, release, connection.close)
 
 
+def postgres_statements(slug: str) -> Lockable:
+    """The postgres strategy's own two statements (queue-and-claim, unlock with its record
+    cleared) on one connection, with none of the app's Python around them: what its protocol
+    costs, apart from the lock API."""
+    import psycopg
+
+    from django_isolatable.backends import postgres
+    from django_isolatable.holders import new_record
+
+    connection = psycopg.connect(**environment.postgres_params(), autocommit=True)
+    key = environment.advisory_key(slug)
+    comment = postgres._comment(new_record(environment.lock_name(slug), "postgres"))
+    owner = postgres._owner_setting(key)
+
+    def acquire() -> None:
+        params = {"ms": "60000", "key": key, "owner": owner, "token": secrets.token_hex(16)}
+        connection.execute(postgres._WAIT_AND_CLAIM + comment, params).fetchone()
+
+    def release() -> None:
+        connection.execute(postgres._UNLOCK, {"key": key, "owner": owner}).fetchone()
+
+    return Lockable(acquire, release, connection.close)
+
+
 def app(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
     """This app's ``CommandIsolation.lock()``: its own wait loop and the backend's wake-ups."""
 
@@ -152,6 +176,9 @@ PYTHON_REDIS_LOCK = Candidate(
     "python-redis-lock", peer_python_redis_lock, 0, ("redis", "python-redis-lock")
 )
 RAW_ADVISORY = Candidate("raw blocking pg_advisory_lock", raw_advisory, 0, ("postgres",))
+POSTGRES_STATEMENTS = Candidate(
+    "postgres strategy's statements alone", postgres_statements, 0, ("postgres",)
+)
 POSTGRES = _app_candidate("postgres strategy", "postgres", ("postgres",))
 DATABASE = _app_candidate(
     "database strategy (PostgreSQL)", "database", ("postgres",), DATABASE_ALIAS="postgres"

@@ -43,7 +43,12 @@ GROUPS = [
     (
         "postgres",
         "PostgreSQL (raw: blocking pg_advisory_lock)",
-        [candidates.RAW_ADVISORY, candidates.POSTGRES, candidates.DATABASE],
+        [
+            candidates.RAW_ADVISORY,
+            candidates.POSTGRES_STATEMENTS,
+            candidates.POSTGRES,
+            candidates.DATABASE,
+        ],
     ),
 ]
 
