@@ -173,6 +173,7 @@ class TestBadInput:
         with isolation.lock(timeout=5) as guard:
             assert json.loads(path.read_text())["token"] == guard.info.token
 
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_unwritable_lock_dir_is_a_permission_error(self):
         parent = Path(tempfile.mkdtemp(prefix="isolatable-readonly-"))
         directory = parent / "locks"
@@ -278,6 +279,7 @@ class TestOpenLockFiles:
                 CommandIsolation("held").try_lock()
         assert CommandIsolation("held").holder() is None
 
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_a_forked_child_never_locks_through_the_parents_descriptor(self, lock_dir):
         """The child shares the parent's open file descriptions, whose flock the parent holds:
         it must open its own, or it would 'take' the parent's lock."""
