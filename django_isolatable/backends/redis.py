@@ -114,6 +114,7 @@ class RedisBackend(Backend):
         self._errors = redis.exceptions
         self.client = _client(self.url)
         self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
+        self._key_cache: dict[str, tuple[bytes, bytes]] = {}  # by name: (lock key, wake list)
         self._release = self.client.register_script(RELEASE)
         self._refresh = self.client.register_script(REFRESH)
         self._force_release = self.client.register_script(FORCE_RELEASE)
@@ -135,8 +136,14 @@ class RedisBackend(Backend):
         return []
 
     def _keys(self, name: str) -> tuple[bytes, bytes]:
-        encoded = name.encode("utf-8", "surrogatepass")
-        return self._prefix + b"lock:" + encoded, self._prefix + b"wake:" + encoded
+        keys = self._key_cache.get(name)
+        if keys is None:
+            encoded = name.encode("utf-8", "surrogatepass")
+            keys = (self._prefix + b"lock:" + encoded, self._prefix + b"wake:" + encoded)
+            if len(self._key_cache) > 256:
+                self._key_cache.clear()
+            self._key_cache[name] = keys
+        return keys
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
