@@ -437,11 +437,11 @@ def test_a_forked_child_never_releases_its_parents_lock(
         assert CommandIsolation(name).holder() is None
 
 
-def test_a_pooler_sharing_sessions_is_caught_not_trusted(settings, django_db_blocker, monkeypatch):
-    """Through PgBouncer in transaction mode, two clients' statements can run in one server
-    session, where advisory locks are reentrant: the second "gets" the first's lock. Simulated
-    here by handing both clients the same session: the second must get a clear LockIOError,
-    and the first keeps its lock."""
+@pytest.fixture
+def shared_session(settings, django_db_blocker, monkeypatch):
+    """A postgres lock held by this test, and every connection the strategy asks for handed that
+    very server session, as a pooler sharing sessions between clients would; yields the lock's
+    name, its guard and an undo() of the sharing."""
     services.require("postgres")
     settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
     from django_isolatable.backends import postgres
@@ -452,40 +452,41 @@ def test_a_pooler_sharing_sessions_is_caught_not_trusted(settings, django_db_blo
         shared = first._lease.connection  # type: ignore[attr-defined]
         monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
         monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
-        with pytest.raises(LockIOError, match="pooler that shares server sessions"):
-            CommandIsolation(name).try_lock()
+        yield name, first, monkeypatch.undo
         monkeypatch.undo()
-        assert CommandIsolation(name).is_locked()  # (its record, the session's last statement,
-        first.check()  # is gone: the pooled statements overwrote it)
         first.release()
-        assert CommandIsolation(name).holder() is None
 
 
-def test_a_pooler_sharing_sessions_is_caught_in_a_queued_wait_too(
-    settings, django_db_blocker, monkeypatch
-):
+def test_a_pooler_sharing_sessions_is_caught_not_trusted(shared_session):
+    """Through PgBouncer in transaction mode, two clients' statements can run in one server
+    session, where advisory locks are reentrant: the second "gets" the first's lock. Simulated
+    here by handing both clients the same session: the second must get a clear LockIOError,
+    and the first keeps its lock."""
+    name, first, undo = shared_session
+    with pytest.raises(LockIOError, match="pooler that shares server sessions"):
+        CommandIsolation(name).try_lock()
+    undo()
+    assert CommandIsolation(name).is_locked()  # (its record, the session's last statement,
+    first.check()  # is gone: the pooled statements overwrote it)
+    first.release()
+    assert CommandIsolation(name).holder() is None
+
+
+def test_a_pooler_sharing_sessions_is_caught_in_a_queued_wait_too(shared_session):
     """The same, for a waiter whose pg_advisory_lock was granted (reentrantly) in the queue:
     its claim sees the first client's owner token and refuses."""
-    services.require("postgres")
-    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
-    from django_isolatable.backends import postgres
     from django_isolatable.holders import new_record
 
-    name = f"pooled-wait-{time.monotonic_ns()}"
-    with django_db_blocker.unblock():
-        first = CommandIsolation(name).lock(timeout=0)
-        shared = first._lease.connection  # type: ignore[attr-defined]
-        backend = CommandIsolation(name).backend
-        monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
-        monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
-        backend.wait(name, 1.0)
-        with pytest.raises(LockIOError, match="pooler that shares server sessions"):
-            backend.acquire(name, new_record(name, "postgres"))
-        monkeypatch.undo()
-        assert CommandIsolation(name).is_locked()
-        first.check()
-        first.release()
-        assert CommandIsolation(name).holder() is None
+    name, first, undo = shared_session
+    backend = CommandIsolation(name).backend
+    backend.wait(name, 1.0)
+    with pytest.raises(LockIOError, match="pooler that shares server sessions"):
+        backend.acquire(name, new_record(name, "postgres"))
+    undo()
+    assert CommandIsolation(name).is_locked()
+    first.check()
+    first.release()
+    assert CommandIsolation(name).holder() is None
 
 
 def test_a_postgres_waiter_claims_the_lock_in_the_statement_that_waited(
