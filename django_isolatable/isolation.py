@@ -164,7 +164,8 @@ class CommandIsolation:
         remaining = wait
         if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
             started = time.monotonic()
-            backend.wait(self.name, min(backend.poll_interval, wait or backend.poll_interval))
+            first = backend.poll_interval if wait is None else min(wait, backend.poll_interval)
+            backend.wait(self.name, first)
             if wait is not None:
                 remaining = max(0.0, wait - (time.monotonic() - started))
         lease = self._attempt()

@@ -25,8 +25,8 @@ def wait_for(
     """Call ``attempt`` until it returns a result, or return None after ``timeout`` seconds.
 
     The caller made the first attempt, which failed: this starts with a pause. ``timeout``
-    None waits forever. Between attempts ``pause(s)``
-    blocks up to ``s`` seconds; a backend with a wake-up returns early when the holder lets go.
+    None waits forever. Between attempts ``pause(s)`` blocks up to ``s`` seconds; a backend
+    with a wake-up returns early when the holder lets go.
     Pauses grow from ``first_pause`` (1 ms) to ``poll_interval`` and start over after an early
     wake-up, so a waiter retries within milliseconds of a release and costs almost nothing
     while it waits.

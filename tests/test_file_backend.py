@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -304,6 +305,26 @@ class TestOpenLockFiles:
             os.waitpid(pid, 0)
             assert report == "already running"
             assert isolation.is_locked()
+
+    def test_an_interrupted_acquire_leaves_the_file_unlocked(self, lock_dir, monkeypatch):
+        """An exception between the flock and the lease (here while writing the record) must
+        not leave the kept-open descriptor holding the kernel lock."""
+        isolation = CommandIsolation("interrupted")
+        isolation.try_lock().release()
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(file_backend, "_write_record", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            isolation.try_lock()
+        monkeypatch.undo()
+        fd = os.open(isolation.lock_path(), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free for anyone
+        finally:
+            os.close(fd)
+        isolation.try_lock().release()
 
     def test_force_release_of_a_lock_this_process_holds(self, lock_dir):
         """release_all() unlinks a held file; the next holder locks a new one, and the old

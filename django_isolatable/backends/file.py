@@ -176,11 +176,15 @@ class FileBackend(Backend):
                     return None
                 _close(path, entry)  # held, but a person deleted the file: lock the new one
                 continue
-            if _is_at(entry, path):
-                size = _write_record(entry.fd, path, info)
-                return FileLease(
-                    name, info.token or "", info, fd=entry.fd, path=path, record_size=size
-                )
+            try:
+                if _is_at(entry, path):
+                    size = _write_record(entry.fd, path, info)
+                    return FileLease(
+                        name, info.token or "", info, fd=entry.fd, path=path, record_size=size
+                    )
+            except BaseException:
+                _close(path, entry)  # never leave it locked with no lease to release it
+                raise
             _close(path, entry)  # replaced or removed after it was opened: lock the new file
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
