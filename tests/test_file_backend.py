@@ -22,6 +22,7 @@ from django_isolatable import (
     LockPermissionError,
 )
 from django_isolatable.backends import file as file_backend
+from django_isolatable.backends import lockfile
 from django_isolatable.backends.file import file_name
 from django_isolatable.holders import new_record
 from tests.conformance import TRICKY_NAMES
@@ -315,7 +316,7 @@ class TestOpenLockFiles:
         def interrupted(*args):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(file_backend, "_write_record", interrupted)
+        monkeypatch.setattr(lockfile, "write_record", interrupted)
         with pytest.raises(KeyboardInterrupt):
             isolation.try_lock()
         monkeypatch.undo()

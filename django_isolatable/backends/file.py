@@ -1,25 +1,21 @@
 """The file strategy: ``flock`` on ``<LOCK_DIR>/<safe name>.lock``, holder record inside as JSON.
 
 The kernel lock is the truth; the record is for people (``cat`` shows who holds it). Lock files
-are never unlinked on release, only emptied while still locked, so the unlink race that
+are never unlinked on release, only blanked while still locked, so the unlink race that
 filelock, portalocker and tendo shipped cannot happen here; an acquirer still checks, after
 ``flock``, that the path names the inode it locked, in case a person deleted the file by hand.
+One lock file's name, ``flock`` attempts and record are in ``backends/lockfile.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
-import random
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,18 +24,14 @@ from urllib.parse import unquote
 
 from django.core.checks import CheckMessage, Error
 
-from django_isolatable.backends import inotify
+from django_isolatable.backends import inotify, lockfile
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.lockfile import file_name
 from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger(__name__)
 
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
-_MAX_READABLE = 120  # characters of the escaped name kept before a long name is hashed
-_MAX_RECORD = 64 * 1024
-_SUFFIX = ".lock"
-PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
 
 # Locks this process holds (or is trying to take: None), by path. Threads exclude each other
@@ -75,29 +67,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-@functools.lru_cache(maxsize=4096)
-def file_name(name: str) -> str:
-    """Map a lock name to a file name, injectively: safe characters stay, the rest is %XX.
-
-    A leading dot is escaped (no hidden files, no ``..``); a name whose escaped form is long
-    keeps a readable prefix plus the SHA-256 of the whole name after ``~``, a character that
-    escaped names never contain. The result is at most 190 bytes, under every filesystem's limit.
-    """
-    escaped = "".join(
-        ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
-        for ch in name
-    )
-    if escaped.startswith("."):
-        escaped = "%2E" + escaped[1:]
-    if len(escaped) > _MAX_READABLE:
-        prefix = escaped[:_MAX_READABLE]
-        cut = prefix.rfind("%", len(prefix) - 2)
-        prefix = prefix[:cut] if cut >= 0 else prefix
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
-        escaped = f"{prefix}~{digest}"
-    return escaped + _SUFFIX
 
 
 @dataclass
@@ -165,7 +134,8 @@ class FileBackend(Backend):
             try:
                 fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                locked = _try_flock(entry.fd, path)  # held, or only looked at: see _try_flock
+                # held, or only looked at (see try_flock)
+                locked = lockfile.try_flock(entry.fd, path)
             except OSError as e:
                 _close(path, entry)
                 raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
@@ -178,7 +148,7 @@ class FileBackend(Backend):
                 continue
             try:
                 if _is_at(entry, path):
-                    size = _write_record(entry.fd, path, info)
+                    size = lockfile.write_record(entry.fd, path, info)
                     return FileLease(
                         name, info.token or "", info, fd=entry.fd, path=path, record_size=size
                     )
@@ -214,7 +184,7 @@ class FileBackend(Backend):
         fd, lease.fd = lease.fd, -1
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the child closed it at fork
-        _blank(fd, lease.record_size)
+        lockfile.blank(fd, lease.record_size)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError as e:  # closing the descriptor below unlocks it all the same
@@ -247,12 +217,12 @@ class FileBackend(Backend):
         except FileNotFoundError:
             return False
         try:
-            if not _try_flock(fd, path):
+            if not lockfile.try_flock(fd, path):
                 return False
-            record = _read_record(fd, lease.name)
+            record = lockfile.read_record(fd, lease.name)
             if record is None or record.token != lease.token:
                 return False
-            _truncate(fd)
+            lockfile.truncate(fd)
             return True
         finally:
             os.close(fd)
@@ -275,10 +245,10 @@ class FileBackend(Backend):
         except FileNotFoundError:
             return None
         try:
-            record = _read_record(fd, name)
+            record = lockfile.read_record(fd, name)
             if record is None:
                 return None
-            held = not _try_flock(fd, path, shared=True)
+            held = not lockfile.try_flock(fd, path, shared=True)
         finally:
             os.close(fd)
         # The kernel has the last word: a forked child may hold a dead parent's lock, and a
@@ -291,9 +261,9 @@ class FileBackend(Backend):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise _os_error(e, str(self.lock_dir), self.lock_dir) from e
+            raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
         for entry in entries:
-            if not entry.name.endswith(_SUFFIX) or not entry.is_file(follow_symlinks=False):
+            if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
                 continue
             name = self._name_of(entry.path, entry.name)
             info = None if name is None else self.inspect(name)
@@ -302,12 +272,12 @@ class FileBackend(Backend):
 
     def _name_of(self, path: str, entry_name: str) -> str | None:
         """The lock name a file belongs to: unescaped, or read from the record for hashed ones."""
-        candidates = [unquote(entry_name[: -len(_SUFFIX)], errors="surrogatepass")]
+        candidates = [unquote(entry_name[: -len(lockfile.SUFFIX)], errors="surrogatepass")]
         if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
             try:
                 fd, _ = self._open(path, os.O_RDONLY)
                 try:
-                    data = json.loads(os.pread(fd, _MAX_RECORD, 0))
+                    data = json.loads(os.pread(fd, lockfile.MAX_RECORD, 0))
                 finally:
                     os.close(fd)
             except (OSError, ValueError, LockFileError, LockIOError, LockPermissionError):
@@ -323,9 +293,9 @@ class FileBackend(Backend):
         except FileNotFoundError:
             return False
         try:
-            if _try_flock(fd, path):
-                had_record = bool(os.pread(fd, _MAX_RECORD, 0).strip())
-                _truncate(fd)
+            if lockfile.try_flock(fd, path):
+                had_record = bool(os.pread(fd, lockfile.MAX_RECORD, 0).strip())
+                lockfile.truncate(fd)
                 return had_record
             # A live process holds the kernel lock and nobody can take it from it: unlink the
             # file so the next acquirer locks a new one. The old holder keeps running.
@@ -358,7 +328,7 @@ class FileBackend(Backend):
                 self._make_dir()
                 continue
             except OSError as e:
-                raise _os_error(e, path, self.lock_dir) from e
+                raise lockfile.os_error(e, path, self.lock_dir) from e
             opened = os.fstat(fd)
             if not stat.S_ISREG(opened.st_mode):
                 os.close(fd)
@@ -375,58 +345,7 @@ class FileBackend(Backend):
                 'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
             ) from e
         except OSError as e:
-            raise _os_error(e, str(self.lock_dir), self.lock_dir) from e
-
-
-def _os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LockPermissionError(lock_dir)
-    if e.errno == errno.ELOOP:
-        return LockFileError(
-            f"{path} is a symbolic link; lock files never follow links, remove it."
-        )
-    if e.errno == errno.EISDIR:
-        return LockFileError(f"{path} is a directory; remove it so locks can use that name.")
-    if e.errno == errno.ENOTDIR:
-        return LockFileError(
-            f"LOCK_DIR {lock_dir} is not a directory; point "
-            'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
-        )
-    return LockIOError(f"Could not use lock file {path}: {e.strerror or e}.")
-
-
-def _try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
-    """One non-blocking flock; False if someone holds it (exclusively, for ``shared``).
-
-    Holders lock exclusively and ``inspect`` shares for an instant, so when only shared locks
-    are in the way the exclusive attempt is retried for up to ``PROBE_PATIENCE`` seconds
-    instead of reporting "held" because somebody looked at the lock.
-    """
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    deadline = None
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if shared:
-                    return False
-            else:
-                if shared:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                return True
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # an exclusive holder
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            now = time.monotonic()
-            deadline = deadline or now + PROBE_PATIENCE
-            if now > deadline:
-                return False
-            time.sleep(random.uniform(0, 0.0002))  # jitter: two acquirers' checks never lock-step
-    except OSError as e:
-        raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
+            raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
 
 
 def _is_at(opened: _OpenFile, path: str) -> bool:
@@ -444,52 +363,6 @@ def _close(path: str, entry: _OpenFile) -> None:
         if _open_files.get(path) is entry:
             del _open_files[path]
     os.close(entry.fd)
-
-
-def _write_record(fd: int, path: str, info: LockInfo) -> int:
-    """Write the holder record over the blank (or a dead holder's) one; its size in bytes.
-
-    A free lock's file is empty or blank: releasing overwrites the record with spaces instead
-    of truncating it, because freeing and reallocating the file's block on every lock costs
-    more than the rest of the lock. What a longer record left beyond this one is cut off.
-    """
-    data = info.to_json().encode()
-    try:
-        if os.pwrite(fd, data, 0) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
-        if os.fstat(fd).st_size > len(data):
-            os.ftruncate(fd, len(data))
-    except OSError as e:
-        _truncate(fd)  # an empty record reads as "unknown holder", a torn one would too
-        logger.warning(
-            "Holding %s, but could not write its holder record (%s); "
-            "`locks status` will show the holder as unknown.",
-            path,
-            e.strerror or e,
-        )
-        return 0
-    return len(data)
-
-
-def _blank(fd: int, size: int) -> None:
-    """Overwrite a record of ``size`` bytes with spaces: the file now reads as a free lock."""
-    try:
-        if size and os.pwrite(fd, b" " * (size - 1) + b"\n", 0) == size:
-            return
-    except OSError:
-        pass
-    _truncate(fd)
-
-
-def _read_record(fd: int, name: str) -> LockInfo | None:
-    return LockInfo.from_json(name, FileBackend.strategy, os.pread(fd, _MAX_RECORD, 0))
-
-
-def _truncate(fd: int) -> None:
-    try:
-        os.ftruncate(fd, 0)
-    except OSError as e:
-        logger.warning("Could not empty a lock file's holder record: %s", e)
 
 
 def _forget(path: str, info: LockInfo | None = None) -> None:

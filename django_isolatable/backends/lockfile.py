@@ -1,0 +1,150 @@
+"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record.
+
+The per-process tables (which locks this process holds, which lock files it keeps open) and the
+strategy itself are in ``backends/file.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
+from django_isolatable.holders import LockInfo
+
+logger = logging.getLogger("django_isolatable.backends.file")
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_MAX_READABLE = 120  # characters of the escaped name kept before a long name is hashed
+MAX_RECORD = 64 * 1024
+SUFFIX = ".lock"
+PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
+
+
+@functools.lru_cache(maxsize=4096)
+def file_name(name: str) -> str:
+    """Map a lock name to a file name, injectively: safe characters stay, the rest is %XX.
+
+    A leading dot is escaped (no hidden files, no ``..``); a name whose escaped form is long
+    keeps a readable prefix plus the SHA-256 of the whole name after ``~``, a character that
+    escaped names never contain. The result is at most 190 bytes, under every filesystem's limit.
+    """
+    escaped = "".join(
+        ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        for ch in name
+    )
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    if len(escaped) > _MAX_READABLE:
+        prefix = escaped[:_MAX_READABLE]
+        cut = prefix.rfind("%", len(prefix) - 2)
+        prefix = prefix[:cut] if cut >= 0 else prefix
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        escaped = f"{prefix}~{digest}"
+    return escaped + SUFFIX
+
+
+def os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
+    """The error to raise for ``e`` from opening a lock file or making LOCK_DIR: it names the
+    path and the fix."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LockPermissionError(lock_dir)
+    if e.errno == errno.ELOOP:
+        return LockFileError(
+            f"{path} is a symbolic link; lock files never follow links, remove it."
+        )
+    if e.errno == errno.EISDIR:
+        return LockFileError(f"{path} is a directory; remove it so locks can use that name.")
+    if e.errno == errno.ENOTDIR:
+        return LockFileError(
+            f"LOCK_DIR {lock_dir} is not a directory; point "
+            'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
+        )
+    return LockIOError(f"Could not use lock file {path}: {e.strerror or e}.")
+
+
+def try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
+    """One non-blocking flock; False if someone holds it (exclusively, for ``shared``).
+
+    Holders lock exclusively and ``inspect`` shares for an instant, so when only shared locks
+    are in the way the exclusive attempt is retried for up to ``PROBE_PATIENCE`` seconds
+    instead of reporting "held" because somebody looked at the lock.
+    """
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    deadline = None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if shared:
+                    return False
+            else:
+                if shared:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # an exclusive holder
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            now = time.monotonic()
+            deadline = deadline or now + PROBE_PATIENCE
+            if now > deadline:
+                return False
+            time.sleep(random.uniform(0, 0.0002))  # jitter: two acquirers' checks never lock-step
+    except OSError as e:
+        raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
+
+
+def write_record(fd: int, path: str, info: LockInfo) -> int:
+    """Write the holder record over the blank (or a dead holder's) one; its size in bytes.
+
+    A free lock's file is empty or blank: releasing overwrites the record with spaces instead
+    of truncating it, because freeing and reallocating the file's block on every lock costs
+    more than the rest of the lock. What a longer record left beyond this one is cut off.
+    """
+    data = info.to_json().encode()
+    try:
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+        if os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
+    except OSError as e:
+        truncate(fd)  # an empty record reads as "unknown holder", a torn one would too
+        logger.warning(
+            "Holding %s, but could not write its holder record (%s); "
+            "`locks status` will show the holder as unknown.",
+            path,
+            e.strerror or e,
+        )
+        return 0
+    return len(data)
+
+
+def blank(fd: int, size: int) -> None:
+    """Overwrite a record of ``size`` bytes with spaces: the file now reads as a free lock."""
+    try:
+        if size and os.pwrite(fd, b" " * (size - 1) + b"\n", 0) == size:
+            return
+    except OSError:
+        pass
+    truncate(fd)
+
+
+def read_record(fd: int, name: str) -> LockInfo | None:
+    return LockInfo.from_json(name, "file", os.pread(fd, MAX_RECORD, 0))
+
+
+def truncate(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError as e:
+        logger.warning("Could not empty a lock file's holder record: %s", e)
