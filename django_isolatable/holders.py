@@ -176,6 +176,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def from_epoch_microseconds(text: str) -> datetime | None:
+    """The UTC time ``text`` gives in microseconds since 1970 (how the redis and postgres
+    strategies carry a server's time), or None when it is not such a number."""
+    if not text.isdigit() or not int(text):
+        return None
+    try:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(text))
+    except OverflowError:  # not a time this code wrote
+        return None
+
+
 def _read_first_line(path: str) -> str | None:
     try:
         with open(path, encoding="ascii") as f:

@@ -6,12 +6,13 @@ import dataclasses
 import json
 import os
 import subprocess
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from django_isolatable.holders import (
     LockInfo,
+    from_epoch_microseconds,
     host_id,
     is_alive,
     new_record,
@@ -122,3 +123,28 @@ def test_the_fast_json_record_reads_back_as_written(name, ttl):
     assert json.loads(text) == info.to_dict()
     again = LockInfo.from_json(name, "redis", text)
     assert dataclasses.replace(again, alive=True) == info
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1795896665847315", datetime(2026, 11, 28, 20, 11, 5, 847315, tzinfo=timezone.utc)),
+        ("0", None),
+        ("", None),
+        ("-5", None),
+        ("12x", None),
+        ("9" * 30, None),  # overflows a datetime: not a time this code wrote
+    ],
+)
+def test_server_times_in_microseconds(text, expected):
+    assert from_epoch_microseconds(text) == expected
+
+
+def test_a_postgres_session_label_with_a_foreign_time_reads_as_unknown_time():
+    from django_isolatable.backends import postgres
+
+    query = 'SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/'
+    record = postgres._record(query, "isolatable tok " + "9" * 30, "postgres")
+    assert record is not None
+    assert record.token == "tok"
+    assert record.acquired_at is None

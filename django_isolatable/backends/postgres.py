@@ -27,7 +27,6 @@ import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.checks import CheckMessage, Error
@@ -36,7 +35,7 @@ from django.db import connections
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, new_record
+from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record
 
 if TYPE_CHECKING:
     import psycopg
@@ -150,14 +149,6 @@ def _label(info: LockInfo) -> str:
     return f"isolatable {info.token} {microseconds}"  # at most 60 bytes
 
 
-def _label_time(label: str) -> datetime | None:
-    """The time in a ``_label``: microseconds since the epoch, after the token."""
-    microseconds = label.rpartition(" ")[2]
-    if not microseconds.isdigit() or not int(microseconds):
-        return None
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(microseconds))
-
-
 def _record(query: str, application_name: str, strategy: str) -> LockInfo | None:
     start = query.find("/*" + _MARK)
     end = query.rfind("*/")
@@ -170,7 +161,7 @@ def _record(query: str, application_name: str, strategy: str) -> LockInfo | None
     name = data.get("name") if isinstance(data, dict) else None
     info = LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
     _, token, microseconds = [*application_name.split(" "), "", "", ""][:3]
-    return replace(info, token=token or None, acquired_at=_label_time(f" {microseconds}"))
+    return replace(info, token=token or None, acquired_at=from_epoch_microseconds(microseconds))
 
 
 @dataclass
@@ -396,7 +387,8 @@ class PostgresBackend(Backend):
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
         record = None
         if label is not None:  # the record as the session now shows it: this token, this time
-            record = new_record(name, self.strategy, now=_label_time(label), token=token)
+            granted_at = from_epoch_microseconds(label.rpartition(" ")[2])
+            record = new_record(name, self.strategy, now=granted_at, token=token)
         _waited[(self.alias, name, threading.get_ident())] = _Granted(
             connection, previous_owner, record
         )

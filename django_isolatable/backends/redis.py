@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +23,7 @@ from django.core.checks import CheckMessage, Error
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, new_record, utcnow
+from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record, utcnow
 
 if TYPE_CHECKING:
     import redis
@@ -194,7 +194,7 @@ class RedisBackend(Backend):
         key, _ = self._keys(lease.name)
         owner = f"{lease.token} ".encode()
         ttl_ms = max(1, int(ttl * 1000))
-        return bool(self._call("renew", self._refresh, keys=[key], args=[owner, ttl_ms]))
+        return bool(self._call("renew", self._script, self._refresh, (key,), owner, ttl_ms))
 
     def _records(self, keys: list[bytes]) -> Iterator[LockInfo]:
         pipeline = self.client.pipeline(transaction=False)
@@ -213,7 +213,7 @@ class RedisBackend(Backend):
             info = LockInfo.from_json(name, self.strategy, record) or LockInfo(name, self.strategy)
             expires_at = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
             if taken_at.isdigit():
-                info = replace(info, acquired_at=_from_microseconds(taken_at))
+                info = replace(info, acquired_at=from_epoch_microseconds(taken_at))
             yield replace(info, token=token, expires_at=expires_at)
 
     def inspect(self, name: str) -> LockInfo | None:
@@ -227,7 +227,7 @@ class RedisBackend(Backend):
 
     def force_release(self, name: str) -> bool:
         keys = self._keys(name)
-        return bool(self._call("release", self._force_release, keys=keys, args=[WAKE_TTL_MS]))
+        return bool(self._call("release", self._script, self._force_release, keys, WAKE_TTL_MS))
 
     def wait(self, name: str, timeout: float) -> None:
         """BLPOP the wake-up list, with TAKE right behind it: woken (or timed out) on a free
@@ -251,17 +251,10 @@ class RedisBackend(Backend):
             return  # the caller's next attempt takes the lock if it is free
         if taken_at:
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
-            taken = _from_microseconds(microseconds) or utcnow()
+            taken = from_epoch_microseconds(microseconds) or utcnow()
             expires = taken + timedelta(seconds=self.options.ttl)
             record = replace(record, acquired_at=taken, expires_at=expires)
             _taken[(self.url, key, threading.get_ident())] = (record, time.monotonic())
-
-
-def _from_microseconds(value: str) -> datetime | None:
-    try:
-        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(value))
-    except (ValueError, OverflowError):  # not a time this code wrote
-        return None
 
 
 def _glob_escape(pattern: bytes) -> bytes:
