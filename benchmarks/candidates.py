@@ -93,26 +93,26 @@ def raw_advisory(slug: str) -> Lockable:
 
 def postgres_statements(slug: str) -> Lockable:
     """The postgres strategy's own two statements (queue-and-claim, unlock with its record
-    cleared) on one connection, with none of the app's Python around them: what its protocol
-    costs, apart from the lock API."""
+    cleared) on one session, run its way, with none of the app's Python around them: what its
+    protocol costs, apart from the lock API."""
     import psycopg
 
     from django_isolatable.backends import postgres
+    from django_isolatable.backends.pgsession import Session
     from django_isolatable.holders import new_record
 
-    connection = psycopg.connect(**environment.postgres_params(), autocommit=True)
+    session = Session(psycopg.connect(**environment.postgres_params(), autocommit=True))
     key = environment.advisory_key(slug)
     comment = postgres._comment(new_record(environment.lock_name(slug), "postgres"))
     owner = postgres._owner_setting(key)
 
     def acquire() -> None:
-        params = {"ms": "60000", "key": key, "owner": owner, "token": secrets.token_hex(16)}
-        connection.execute(postgres._WAIT_AND_CLAIM + comment, params).fetchone()
+        session.run(postgres._WAIT_AND_CLAIM + comment, (60_000, owner, key, secrets.token_hex(16)))
 
     def release() -> None:
-        connection.execute(postgres._UNLOCK, {"key": key, "owner": owner}).fetchone()
+        session.run(postgres._UNLOCK, (key, owner))
 
-    return Lockable(acquire, release, connection.close)
+    return Lockable(acquire, release, session.close)
 
 
 def app(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:

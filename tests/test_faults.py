@@ -449,7 +449,7 @@ def shared_session(settings, django_db_blocker, monkeypatch):
     name = f"pooled-{time.monotonic_ns()}"
     with django_db_blocker.unblock():
         first = CommandIsolation(name).lock(timeout=0)
-        shared = first._lease.connection  # type: ignore[attr-defined]
+        shared = first._lease.session  # type: ignore[attr-defined]
         monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
         monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
         yield name, first, monkeypatch.undo
@@ -504,8 +504,8 @@ def test_a_postgres_waiter_claims_the_lock_in_the_statement_that_waited(
     monkeypatch.setattr(
         postgres.PostgresBackend,
         "_run",
-        lambda self, connection, sql, params=(): (
-            claims.append(sql) or run(self, connection, sql, params)
+        lambda self, session, sql, params=(), prepare=True: (
+            claims.append(sql) or run(self, session, sql, params, prepare)
         ),
     )
     with django_db_blocker.unblock():

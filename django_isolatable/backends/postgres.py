@@ -25,20 +25,18 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
+from django_isolatable.backends.pgsession import Row, Session, StatementError
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record
-
-if TYPE_CHECKING:
-    import psycopg
 
 logger = logging.getLogger(__name__)
 
@@ -58,35 +56,43 @@ _HOLDERS = (
 # One statement each (a transaction-mode pooler could run two on different sessions). The owner
 # setting is read before the lock is tried, so a session that already held it for another
 # client (advisory locks are reentrant) is caught; CTEs that reference each other run in order.
+# Parameters: $1 the owner setting's name, $2 the key, $3 the token, $4 the application_name.
 _TRY_LOCK = (
-    "WITH b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o), "
-    "a AS MATERIALIZED (SELECT pg_try_advisory_lock(%(key)s) g FROM b) "
-    "SELECT o, g, CASE WHEN g THEN set_config(%(owner)s, %(token)s, false) END, "
-    "CASE WHEN g THEN set_config('application_name', %(label)s, false) END FROM b, a"
+    "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o), "
+    "a AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) g FROM b) "
+    "SELECT o, g, CASE WHEN g THEN set_config($1, $3, false) END, "
+    "CASE WHEN g THEN set_config('application_name', $4, false) END FROM b, a"
 )
-_CLAIM = (
-    "WITH b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o) "
-    "SELECT o, true, set_config(%(owner)s, %(token)s, false), "
-    "set_config('application_name', %(label)s, false) FROM b"
+_CLAIM = (  # $1 owner setting, $2 token, $3 application_name
+    "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o) "
+    "SELECT o, true, set_config($1, $2, false), set_config('application_name', $3, false) FROM b"
 )
 # A waiter queues on the server and claims the lock in the same statement once it is granted,
 # so a handoff costs no round trip more than the grant. lock_timeout is read when the wait
 # starts, after the first CTE set it; the grant time is the server's, in microseconds.
+# $1 lock_timeout in ms, $2 owner setting, $3 key, $4 token.
 _WAIT_AND_CLAIM = (
-    "WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', %(ms)s, false)), "
-    "b AS MATERIALIZED (SELECT current_setting(%(owner)s, true) o FROM t), "
-    "a AS MATERIALIZED (SELECT pg_advisory_lock(%(key)s) FROM b) "
-    "SELECT o, set_config(%(owner)s, %(token)s, false), set_config('application_name', "
-    "'isolatable ' || %(token)s || ' ' || "
+    "WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $1, false)), "
+    "b AS MATERIALIZED (SELECT current_setting($2, true) o FROM t), "
+    "a AS MATERIALIZED (SELECT pg_advisory_lock($3::bigint) FROM b) "
+    "SELECT o, set_config($2, $4::text, false), set_config('application_name', "
+    "'isolatable ' || $4::text || ' ' || "
     "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, false) FROM b, a"
 )
-_UNDO_CLAIM = "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, %(previous)s, false)"
-_UNLOCK = (
-    "SELECT pg_advisory_unlock(%(key)s), set_config(%(owner)s, '', false), "
+# $1 key, $2 owner setting, $3 the owner setting's value before the claim
+_UNDO_CLAIM = "SELECT pg_advisory_unlock($1::bigint), set_config($2, $3, false)"
+_UNLOCK = (  # $1 key, $2 owner setting
+    "SELECT pg_advisory_unlock($1::bigint), set_config($2, '', false), "
     "set_config('application_name', 'isolatable', false)"
 )
+_HOLDS = (  # $1, $2: pg_locks (classid, objid)
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND pid = pg_backend_pid() AND objsubid = 1 AND classid = $1 AND objid = $2"
+)
 
-_idle: dict[str, list[psycopg.Connection[Any]]] = {}
+_LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a wait cut short by lock_timeout
+
+_idle: dict[str, list[Session]] = {}
 _idle_lock = threading.Lock()
 
 
@@ -94,7 +100,7 @@ _idle_lock = threading.Lock()
 class _Granted:
     """What ``wait`` got from the server's queue, for the next ``acquire`` of that thread."""
 
-    connection: Any
+    session: Session
     previous_owner: str | None = None
     record: LockInfo | None = None  # None: granted as lock_timeout fired, not claimed yet
 
@@ -130,7 +136,7 @@ def _comment(info: LockInfo) -> str:
 
     A long command line is shortened first, then a long name (``inspect`` knows the name it
     asks for; ``list`` cannot show such a lock). "\\/" is valid JSON for "/", so the record can
-    never open or close a comment; "%" is doubled for psycopg's placeholder syntax.
+    never open or close a comment (and a "$1" inside one is no placeholder).
     """
     data = {key: value for key, value in info.to_dict().items() if key in _COMMENT_FIELDS}
     text = json.dumps(data).replace("/", "\\/")  # ASCII: lone surrogates cannot break it
@@ -139,7 +145,7 @@ def _comment(info: LockInfo) -> str:
             break
         data[field] = None
         text = json.dumps(data).replace("/", "\\/")
-    return f" /*{_MARK}{text}*/".replace("%", "%%")
+    return f" /*{_MARK}{text}*/"
 
 
 def _label(info: LockInfo) -> str:
@@ -166,7 +172,7 @@ def _record(query: str, application_name: str, strategy: str) -> LockInfo | None
 
 @dataclass
 class PostgresLease(Lease):
-    connection: Any = None
+    session: Session | None = None
     key: int = 0
     comment: str = ""
 
@@ -200,7 +206,7 @@ class PostgresBackend(Backend):
     def key(self, name: str) -> int:
         return advisory_key(self.options.key_prefix + name)
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self) -> Session:
         import psycopg
 
         with _idle_lock:
@@ -213,62 +219,69 @@ class PostgresBackend(Backend):
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
         where = f"database {self.alias!r} ({params.get('host', 'local socket')})"
         try:
-            connection = psycopg.connect(autocommit=True, application_name="isolatable", **params)
-            first = connection.execute("SELECT pg_backend_pid()").fetchone()
-            second = connection.execute("SELECT pg_backend_pid()").fetchone()
+            session = Session(
+                psycopg.connect(autocommit=True, application_name="isolatable", **params)
+            )
         except psycopg.Error as e:
             raise LockIOError(f"PostgreSQL {where} is unreachable: {e}".strip()) from e
+        first = self._run(session, "SELECT pg_backend_pid()", prepare=False)
+        second = self._run(session, "SELECT pg_backend_pid()", prepare=False)
         if first != second:  # a busy transaction-mode pooler; a quiet one is caught at acquire
-            connection.close()
+            session.close()
             raise LockIOError(_pooled(where))
-        return connection
+        return session
 
-    def _put_back(self, connection: psycopg.Connection[Any]) -> None:
-        if connection.closed or connection.pgconn.transaction_status != 0:  # 0: idle
-            connection.close()
+    def _put_back(self, session: Session) -> None:
+        if not session.idle:
+            session.close()
             return
         with _idle_lock:
-            _idle.setdefault(self.alias, []).append(connection)
+            _idle.setdefault(self.alias, []).append(session)
 
-    def _run(self, connection: Any, sql: str, params: Any = ()) -> Any:
+    def _run(
+        self,
+        session: Session,
+        sql: str,
+        params: Sequence[str | int | None] = (),
+        prepare: bool = True,
+    ) -> Row:
+        """The first row of ``sql`` on ``session``; on any failure the session is closed and
+        ``LockIOError`` raised."""
         import psycopg
 
         try:
-            return connection.execute(sql, params).fetchone()
-        except psycopg.Error as e:
-            connection.close()
+            return session.run(sql, params, prepare)
+        except (psycopg.Error, StatementError) as e:
+            session.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
         comment = self._comment(name, info)
-        params = {"key": key, "owner": _owner_setting(key)}
+        owner = _owner_setting(key)
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
         if granted is not None and granted.record is not None:  # wait() took and claimed it
-            connection, previous_owner, info = (
-                granted.connection,
-                granted.previous_owner,
-                granted.record,
-            )
+            session, previous_owner, info = granted.session, granted.previous_owner, granted.record
         elif granted is not None:  # granted as the wait timed out: claim it now
-            connection = granted.connection
-            params.update(token=info.token or "", label=_label(info))
-            previous_owner = self._run(connection, _CLAIM + comment, params)[0]
+            session = granted.session
+            claim = (owner, info.token or "", _label(info))
+            previous_owner = self._run(session, _CLAIM + comment, claim)[0]
         else:
-            params.update(token=info.token or "", label=_label(info))
-            connection = self._connect()
-            previous_owner, got = self._run(connection, _TRY_LOCK + comment, params)[:2]
-            if not got:
-                self._put_back(connection)
+            session = self._connect()
+            attempt = (owner, key, info.token or "", _label(info))
+            previous_owner, got = self._run(session, _TRY_LOCK + comment, attempt)[:2]
+            if got != "t":
+                self._put_back(session)
                 return None
         if previous_owner:
             # Another client's lock in this very server session, granted again because advisory
             # locks are reentrant: only a pooler sharing sessions between clients does that.
-            self._run(connection, _UNDO_CLAIM, {**params, "previous": previous_owner})
-            self._put_back(connection)
+            self._run(session, _UNDO_CLAIM, (key, owner, previous_owner))
+            self._put_back(session)
             raise LockIOError(_pooled(f"database {self.alias!r}"))
-        token = info.token or ""
-        return PostgresLease(name, token, info, connection=connection, key=key, comment=comment)
+        return PostgresLease(
+            name, info.token or "", info, session=session, key=key, comment=comment
+        )
 
     def _comment(self, name: str, info: LockInfo) -> str:
         """This process's part of ``name``'s record, as a statement comment (made once)."""
@@ -280,57 +293,57 @@ class PostgresBackend(Backend):
         return comment
 
     def release(self, lease: Lease) -> bool:
-        if not isinstance(lease, PostgresLease) or lease.connection is None:
+        if not isinstance(lease, PostgresLease) or lease.session is None:
             return False  # a dead holder's session lock went with its connection
-        connection, lease.connection = lease.connection, None
+        session, lease.session = lease.session, None
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the session is the parent's
-        params = {"key": lease.key, "owner": _owner_setting(lease.key)}
         try:
-            released = bool(self._run(connection, _UNLOCK, params)[0])
+            released = self._run(session, _UNLOCK, (lease.key, _owner_setting(lease.key)))[0]
         except LockIOError:
             return False  # the session is gone, and the lock with it
-        self._put_back(connection)
-        return released
+        self._put_back(session)
+        return released == "t"
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
-        if not isinstance(lease, PostgresLease) or lease.connection is None:
+        if not isinstance(lease, PostgresLease):
+            return False
+        session = lease.session  # read once: the owner's release may clear it meanwhile
+        if session is None:
             return False
         try:
-            return self._holds(lease.connection, lease.key, lease.comment)
+            return self._holds(session, lease.key, lease.comment)
         except LockIOError:
             return False  # the session was terminated: its lock is gone
 
-    def _holds(self, connection: Any, key: int, comment: str = "") -> bool:
-        """Whether ``connection``'s session holds advisory lock ``key``.
+    def _holds(self, session: Session, key: int, comment: str = "") -> bool:
+        """Whether ``session`` holds advisory lock ``key``.
 
         The comment keeps the holder's record in ``pg_stat_activity.query``.
         """
-        sql = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND pid = pg_backend_pid() AND objsubid = 1 AND classid = %s AND objid = %s"
-        )
-        row = self._run(connection, sql + comment, lock_ids(key))
-        return bool(row[0])
+        return self._run(session, _HOLDS + comment, lock_ids(key))[0] != "0"
 
     def _holders(
-        self, where: str = "", params: tuple[Any, ...] = ()
+        self, where: str = "", params: tuple[int, ...] = ()
     ) -> list[tuple[tuple[int, int], str, str]]:
         """(pg_locks ids, the holding session's last statement and application_name) of granted
         advisory locks."""
-        connection = self._connect()
+        import psycopg
+
+        session = self._connect()
         try:
-            rows = connection.execute(_HOLDERS + where, params).fetchall()
-        except Exception as e:
-            connection.close()
+            rows = session.rows(_HOLDERS + where, params, prepare=False)
+        except (psycopg.Error, StatementError) as e:
+            session.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
-        self._put_back(connection)
+        self._put_back(session)
         return [
-            ((classid, objid), query or "", label or "") for classid, objid, query, label in rows
+            ((int(classid or 0), int(objid or 0)), query or "", label or "")
+            for classid, objid, query, label in rows
         ]
 
     def inspect(self, name: str) -> LockInfo | None:
-        holders = self._holders(" AND l.classid = %s AND l.objid = %s", lock_ids(self.key(name)))
+        holders = self._holders(" AND l.classid = $1 AND l.objid = $2", lock_ids(self.key(name)))
         if not holders:
             return None
         _, query, label = holders[0]
@@ -338,59 +351,54 @@ class PostgresBackend(Backend):
         return replace(record, name=name, alive=True)  # the server says the session holds it
 
     def list(self) -> Iterator[LockInfo]:
-        for ids, query, label in self._holders(" AND a.application_name LIKE 'isolatable%%'"):
+        for ids, query, label in self._holders(" AND a.application_name LIKE 'isolatable%'"):
             record = _record(query, label, self.strategy)  # only this prefix's names map to ids
             if record is not None and record.name and lock_ids(self.key(record.name)) == ids:
                 yield replace(record, alive=True)
 
     def force_release(self, name: str) -> bool:
-        connection = self._connect()
+        session = self._connect()
         sql = (
             # Waits up to 5 s for the session to end (PostgreSQL 14+), so the lock is free after.
             "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_locks "
             "WHERE locktype = 'advisory' "
-            "AND granted AND objsubid = 1 AND classid = %s AND objid = %s "
+            "AND granted AND objsubid = 1 AND classid = $1 AND objid = $2 "
             "AND pid <> pg_backend_pid()"
         )
-        terminated = self._run(connection, sql, lock_ids(self.key(name)))[0]
-        self._put_back(connection)
-        return bool(terminated)
+        terminated = self._run(session, sql, lock_ids(self.key(name)), prepare=False)[0]
+        self._put_back(session)
+        return terminated != "0"
 
     def wait(self, name: str, timeout: float) -> None:
         """Queue for the lock on the server for up to ``timeout`` seconds; when it is granted,
         claim it in the same statement and keep it for this thread's next ``acquire``."""
         import psycopg
 
-        connection = self._connect()
+        session = self._connect()
         key = self.key(name)
         token = secrets.token_hex(16)
-        params = {
-            "ms": str(max(1, int(timeout * 1000))),
-            "key": key,
-            "owner": _owner_setting(key),
-            "token": token,
-        }
+        params = (max(1, int(timeout * 1000)), _owner_setting(key), key, token)
         comment = self._comments.get(name) or self._comment(name, new_record(name, self.strategy))
+        record = None
         try:
-            previous_owner, _, label = connection.execute(
-                _WAIT_AND_CLAIM + comment, params
-            ).fetchone() or (None, None, None)
-        except psycopg.errors.LockNotAvailable:
+            previous_owner, _, label = session.run(_WAIT_AND_CLAIM + comment, params)
+        except StatementError as e:
+            if e.sqlstate != _LOCK_NOT_AVAILABLE:
+                session.close()
+                raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
             # The timeout can fire just as the lock is granted: the statement fails, the
             # session lock stays. Keep it then, or the session would hold it unknowingly.
-            if not self._holds(connection, key):
-                self._put_back(connection)
+            if not self._holds(session, key):
+                self._put_back(session)
                 return
-            previous_owner = label = None
-        except psycopg.Error as e:
-            connection.close()
+            previous_owner = None
+        except psycopg.Error as e:  # the session is closed
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
-        record = None
-        if label is not None:  # the record as the session now shows it: this token, this time
-            granted_at = from_epoch_microseconds(label.rpartition(" ")[2])
+        else:  # the record as the session now shows it: this token, this time
+            granted_at = from_epoch_microseconds((label or "").rpartition(" ")[2])
             record = new_record(name, self.strategy, now=granted_at, token=token)
         _waited[(self.alias, name, threading.get_ident())] = _Granted(
-            connection, previous_owner, record
+            session, previous_owner, record
         )
 
 
