@@ -126,12 +126,16 @@ def test_an_interrupted_statement_closes_the_session_and_ends_its_server_process
     observer.run("SELECT pg_advisory_unlock($1::bigint)", (4242_0001,))
 
 
-def test_a_terminated_session_raises_the_drivers_error_and_is_closed(session, observer):
+def test_a_terminated_session_is_lost_and_closed(session, observer):
     import psycopg
 
+    from django_isolatable.backends.pgsession import SessionLost
+
     observer.run("SELECT pg_terminate_backend($1, 5000)", (session.backend_pid,))
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(SessionLost) as raised:
         session.run("SELECT 1")
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+    assert raised.value.sqlstate is None
     assert session.closed
 
 

@@ -38,15 +38,20 @@ Row = tuple[str | None, ...]
 
 
 class StatementError(Exception):
-    """The server refused a statement (``sqlstate`` says why); the session is still usable.
+    """The server refused a statement (``sqlstate`` says why); the session is still usable."""
 
-    Any other failure (the connection broken, the statement interrupted) closes the session and
-    raises psycopg's error, or whatever interrupted it, as it is.
-    """
-
-    def __init__(self, message: str, sqlstate: str | None) -> None:
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+class SessionLost(StatementError):
+    """The connection failed under a statement (broken, or its server process terminated): the
+    session is closed. psycopg's error is the ``__cause__``.
+
+    Anything else that interrupts a statement (``KeyboardInterrupt``, an exception raised by a
+    signal handler) closes the session too, and is raised as it is.
+    """
 
 
 class Session:
@@ -84,9 +89,9 @@ class Session:
         slot. Raises ``StatementError`` if the server refuses it or it returns no row."""
         result = self._execute(sql, params, prepare)
         if not result.ntuples:
-            raise StatementError(f"no row returned by: {sql[:60]}", None)
+            raise StatementError(f"no row returned by: {sql[:60]}")
         value = result.get_value
-        return tuple(_text(value(0, column)) for column in range(result.nfields))
+        return tuple([_text(value(0, column)) for column in range(result.nfields)])
 
     def rows(
         self, sql: str, params: Sequence[str | int | None] = (), prepare: bool = True
@@ -110,8 +115,10 @@ class Session:
                 result = self._result()
             except StatementError:
                 raise  # refused when prepared: the session is idle
-            except BaseException:
+            except BaseException as e:
                 self._abandon()
+                if _driver_error(e):
+                    raise SessionLost(str(e).strip() or type(e).__name__) from e
                 raise
         if result.status != _TUPLES_OK:
             raise StatementError(_message(result), _sqlstate(result))
@@ -161,9 +168,15 @@ class Session:
             next_result = pgconn.get_result()
             if next_result is None:
                 if result is None:
-                    raise StatementError("the server returned no result", None)
+                    raise StatementError("the server returned no result")
                 return result
             result = next_result
+
+
+def _driver_error(error: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(error, psycopg.Error)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -247,11 +247,9 @@ class PostgresBackend(Backend):
     ) -> Row:
         """The first row of ``sql`` on ``session``; on any failure the session is closed and
         ``LockIOError`` raised."""
-        import psycopg
-
         try:
             return session.run(sql, params, prepare)
-        except (psycopg.Error, StatementError) as e:
+        except StatementError as e:
             session.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
 
@@ -328,12 +326,10 @@ class PostgresBackend(Backend):
     ) -> list[tuple[tuple[int, int], str, str]]:
         """(pg_locks ids, the holding session's last statement and application_name) of granted
         advisory locks."""
-        import psycopg
-
         session = self._connect()
         try:
             rows = session.rows(_HOLDERS + where, params, prepare=False)
-        except (psycopg.Error, StatementError) as e:
+        except StatementError as e:
             session.close()
             raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
         self._put_back(session)
@@ -372,8 +368,6 @@ class PostgresBackend(Backend):
     def wait(self, name: str, timeout: float) -> None:
         """Queue for the lock on the server for up to ``timeout`` seconds; when it is granted,
         claim it in the same statement and keep it for this thread's next ``acquire``."""
-        import psycopg
-
         session = self._connect()
         key = self.key(name)
         token = secrets.token_hex(16)
@@ -392,8 +386,6 @@ class PostgresBackend(Backend):
                 self._put_back(session)
                 return
             previous_owner = None
-        except psycopg.Error as e:  # the session is closed
-            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
         else:  # the record as the session now shows it: this token, this time
             granted_at = from_epoch_microseconds((label or "").rpartition(" ")[2])
             record = new_record(name, self.strategy, now=granted_at, token=token)
