@@ -29,8 +29,15 @@ from benchmarks.report import print_targets
 from benchmarks.targets import Results, targets
 
 SECTIONS = ("uncontended", "handoff", "contention", "commands")
-FULL = {"batches": 30, "batch_ms": 40.0, "trials": 40, "acquisitions": 500, "runs": 20}
-QUICK = {"batches": 5, "batch_ms": 10.0, "trials": 5, "acquisitions": 20, "runs": 3}
+FULL = {
+    "batches": 30,
+    "batch_ms": 40.0,
+    "trials": 40,
+    "acquisitions": 500,
+    "rounds": 3,
+    "runs": 20,
+}
+QUICK = {"batches": 5, "batch_ms": 10.0, "trials": 5, "acquisitions": 20, "rounds": 1, "runs": 3}
 
 
 def _arguments() -> argparse.Namespace:
@@ -44,6 +51,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="handoff: trials per row (40)")
     parser.add_argument("--processes", type=int, default=8, help="contention: processes (8)")
     parser.add_argument("--acquisitions", type=int, help="contention: per process (500)")
+    parser.add_argument("--rounds", type=int, help="contention: rounds per group (3)")
     parser.add_argument("--runs", type=int, help="commands: runs of each command (20)")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
@@ -86,7 +94,9 @@ def main() -> int:
                 results, "handoff", handoff.run(args.trials, 0.05 if args.quick else 0.25)
             ),
             "contention": lambda: setattr(
-                results, "contention", contention.run(args.processes, args.acquisitions)
+                results,
+                "contention",
+                contention.run(args.processes, args.acquisitions, args.rounds),
             ),
             "commands": run_commands,
         }
