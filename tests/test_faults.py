@@ -130,6 +130,43 @@ def test_redis_scripts_flushed_under_a_held_lease(settings, private_redis):
     isolation.try_lock().release()
 
 
+def test_redis_error_replies_are_read_in_full_so_the_connection_stays_in_step(
+    settings, private_redis
+):
+    """Commands go out in one write: an error reply among them is returned after every reply
+    was read, so the pooled connection's next command gets its own reply."""
+    from redis.exceptions import NoScriptError, ResponseError
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    backend = CommandIsolation("in-step").backend
+    replies = backend._send(
+        "test", ("EVALSHA", "0" * 40, 0), ("INCRBY", "in-step", "x"), ("ECHO", "after")
+    )
+    assert isinstance(replies[0], NoScriptError)
+    assert isinstance(replies[1], ResponseError)
+    assert replies[2] == b"after"
+    for number in range(3):
+        assert backend._send("test", ("ECHO", str(number))) == [str(number).encode()]
+    pool = backend.client.connection_pool
+    assert len(pool._available_connections) == 1  # one connection, reused throughout
+
+
+def test_a_redis_connection_that_fails_mid_exchange_is_not_reused(settings, private_redis):
+    """A reply that never comes (the server gone): the connection is disconnected before it
+    goes back to the pool, and the error is a LockIOError naming the server."""
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    isolation = CommandIsolation("mid-exchange")
+    backend = isolation.backend
+    assert backend._send("test", ("PING",)) == [b"PONG"]  # a pooled connection exists
+    private_redis.stop()
+    with pytest.raises(LockIOError, match="is unreachable"):
+        backend._send("test", ("PING",))
+    pool = backend.client.connection_pool
+    assert all(connection._sock is None for connection in pool._available_connections)
+    private_redis.start()
+    isolation.try_lock().release()
+
+
 def _blocked_in_blpop(client) -> bool:
     return any(c["cmd"] == "blpop" and "b" in c["flags"] for c in client.client_list())
 
