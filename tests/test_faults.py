@@ -145,10 +145,12 @@ def test_redis_error_replies_are_read_in_full_so_the_connection_stays_in_step(
     assert isinstance(replies[0], NoScriptError)
     assert isinstance(replies[1], ResponseError)
     assert replies[2] == b"after"
+    from django_isolatable.backends import redis as redis_backend
+
+    connection = redis_backend._this_thread.connections[private_redis.url]
     for number in range(3):
         assert backend._send("test", ("ECHO", str(number))) == [str(number).encode()]
-    pool = backend.client.connection_pool
-    assert len(pool._available_connections) == 1  # one connection, reused throughout
+    assert redis_backend._this_thread.connections[private_redis.url] is connection
 
 
 def test_a_redis_connection_that_fails_mid_exchange_is_not_reused(settings, private_redis):
@@ -158,13 +160,71 @@ def test_a_redis_connection_that_fails_mid_exchange_is_not_reused(settings, priv
     isolation = CommandIsolation("mid-exchange")
     backend = isolation.backend
     assert backend._send("test", ("PING",)) == [b"PONG"]  # a pooled connection exists
+    from django_isolatable.backends import redis as redis_backend
+
+    connection = redis_backend._this_thread.connections[private_redis.url]
     private_redis.stop()
     with pytest.raises(LockIOError, match="is unreachable"):
         backend._send("test", ("PING",))
-    pool = backend.client.connection_pool
-    assert all(connection._sock is None for connection in pool._available_connections)
+    assert connection._sock is None
     private_redis.start()
-    isolation.try_lock().release()
+    isolation.try_lock().release()  # the same connection, connected again
+
+
+def test_a_redis_connection_the_server_closed_meanwhile_reconnects(settings, private_redis):
+    """The server drops a holder's idle connection (its client timeout, CLIENT KILL, a
+    restart): the release reconnects and frees the lock instead of failing."""
+    import redis
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    isolation = CommandIsolation("dropped")
+    guard = isolation.lock(timeout=0)
+    killer = redis.Redis.from_url(private_redis.url)
+    assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+    killer.close()
+    guard.release()
+    assert isolation.holder() is None
+
+
+def test_a_threads_redis_connection_closes_with_the_thread(settings, private_redis):
+    """A thread that took a lock leaves no connection behind when it ends."""
+    import redis
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    observer = redis.Redis.from_url(private_redis.url)
+    before = len(observer.client_list())
+    for _ in range(5):
+        worker = threading.Thread(target=lambda: CommandIsolation("threads").try_lock().release())
+        worker.start()
+        worker.join(10)
+    gc.collect()
+    assert len(observer.client_list()) <= before + 1  # the renewal thread's, at most
+    observer.close()
+
+
+def test_a_forked_child_never_talks_on_the_parents_redis_connection(settings, private_redis):
+    """Each thread keeps its own connection for the lock's commands: a forked child opens its
+    own, and its exit leaves the parent's connection working."""
+    from django_isolatable.backends import redis as redis_backend
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    with CommandIsolation("parent").lock(timeout=0):
+        parents = redis_backend._this_thread.connections[private_redis.url]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                if private_redis.url not in redis_backend._this_thread.connections:
+                    CommandIsolation("child").lock(timeout=0).release()
+                    mine = redis_backend._this_thread.connections[private_redis.url]
+                    status = 0 if mine is not parents else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert CommandIsolation("parent").holder() is not None
+    assert redis_backend._this_thread.connections[private_redis.url] is parents
+    assert CommandIsolation("parent").holder() is None
 
 
 def _blocked_in_blpop(client) -> bool:
