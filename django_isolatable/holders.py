@@ -176,13 +176,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def from_epoch_microseconds(text: str) -> datetime | None:
     """The UTC time ``text`` gives in microseconds since 1970 (how the redis and postgres
     strategies carry a server's time), or None when it is not such a number."""
-    if not text.isdigit() or not int(text):
+    microseconds = int(text) if text.isdigit() else 0
+    if not microseconds:
         return None
     try:
-        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(text))
+        return _EPOCH + timedelta(microseconds=microseconds)
     except OverflowError:  # not a time this code wrote
         return None
 
@@ -259,6 +263,14 @@ def new_record(
         alive=True,
     )
     return info
+
+
+def stamped(info: LockInfo, token: str, acquired_at: datetime | None) -> LockInfo:
+    """``info`` with another owner token and time taken: ``dataclasses.replace`` at a quarter of
+    its cost, for a record a backend's wait completed (every handoff)."""
+    copy: LockInfo = object.__new__(LockInfo)
+    copy.__dict__.update(info.__dict__, token=token, acquired_at=acquired_at)
+    return copy
 
 
 _process: tuple[int, str, datetime] | None = None

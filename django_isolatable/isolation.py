@@ -161,6 +161,7 @@ class CommandIsolation:
         """
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
         backend = self.backend
+        ttl = self.ttl if backend.expiring or backend.heartbeat else None  # read once per lock
         remaining = wait
         if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
             started = time.monotonic()
@@ -168,11 +169,11 @@ class CommandIsolation:
             backend.wait(self.name, first)
             if wait is not None:
                 remaining = max(0.0, wait - (time.monotonic() - started))
-        lease = self._attempt()
+        lease = self._attempt(ttl)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             lease = wait_for(
-                self._attempt,
+                lambda: self._attempt(ttl),
                 lambda seconds: backend.wait(self.name, seconds),
                 remaining,
                 poll_interval=backend.poll_interval,
@@ -185,11 +186,12 @@ class CommandIsolation:
                 raise AlreadyRunning(self.name, holder)
             raise LockTimeout(self.name, holder, wait or 0.0)
         logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
-        return LockGuard(self, lease)
+        return LockGuard(self, lease, ttl)
 
-    def _attempt(self) -> Lease | None:
+    def _attempt(self, ttl: float | None) -> Lease | None:
         backend = self.backend
-        ttl = self.ttl if backend.expiring else None
+        if not backend.expiring:
+            ttl = None
         lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
         if (
             lease is None
@@ -272,7 +274,7 @@ class LockGuard:
     releases its parent's lock.
     """
 
-    def __init__(self, isolation: CommandIsolation, lease: Lease) -> None:
+    def __init__(self, isolation: CommandIsolation, lease: Lease, ttl: float | None = None) -> None:
         self.isolation = isolation
         self._lease = lease
         self._backend = isolation.backend
@@ -280,8 +282,9 @@ class LockGuard:
         self._released = False
         self._lost = False
         self._renewal: int | None = None
-        if self._backend.heartbeat:
-            self._renewal = renewer.add(self, self._backend, lease, isolation.ttl)
+        if self._backend.heartbeat:  # ttl: the lease's, if the caller read it already
+            ttl = isolation.ttl if ttl is None else ttl
+            self._renewal = renewer.add(self, self._backend, lease, ttl)
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "held"

@@ -17,6 +17,7 @@ from django_isolatable.holders import (
     is_alive,
     new_record,
     process_started_at,
+    stamped,
 )
 
 
@@ -108,6 +109,18 @@ def test_a_new_record_is_the_dataclass_its_fields_make(name, ttl):
     assert (info.expires_at is None) == (ttl is None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.pid = 1  # type: ignore[misc]
+
+
+def test_a_stamped_record_is_the_replaced_dataclass_and_leaves_the_original_alone():
+    info = new_record("stamp", "postgres")
+    when = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    copy = stamped(info, "f" * 32, when)
+    assert copy == dataclasses.replace(info, token="f" * 32, acquired_at=when)
+    assert type(copy) is LockInfo
+    assert info.token != "f" * 32
+    assert info.acquired_at != when
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.token = "x"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import ClassVar
 
 from django.core.checks import CheckMessage, Error
@@ -36,7 +37,7 @@ from django.db import connections
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.backends.pgsession import Row, Session, StatementError
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record
+from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record, stamped
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class _Granted:
 
     session: Session
     previous_owner: str | None = None
-    record: LockInfo | None = None  # None: granted as lock_timeout fired, not claimed yet
+    token: str | None = None  # the owner token it claimed; None: granted as lock_timeout fired
+    granted_at: datetime | None = None  # the server's time it was granted
 
 
 _waited: dict[tuple[str, str, int], _Granted] = {}
@@ -258,8 +260,9 @@ class PostgresBackend(Backend):
         comment = self._comment(name, info)
         owner = _owner_setting(key)
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
-        if granted is not None and granted.record is not None:  # wait() took and claimed it
-            session, previous_owner, info = granted.session, granted.previous_owner, granted.record
+        if granted is not None and granted.token is not None:  # wait() took and claimed it
+            session, previous_owner = granted.session, granted.previous_owner
+            info = stamped(info, granted.token, granted.granted_at or info.acquired_at)
         elif granted is not None:  # granted as the wait timed out: claim it now
             session = granted.session
             claim = (owner, info.token or "", _label(info))
@@ -373,7 +376,7 @@ class PostgresBackend(Backend):
         token = secrets.token_hex(16)
         params = (max(1, int(timeout * 1000)), _owner_setting(key), key, token)
         comment = self._comments.get(name) or self._comment(name, new_record(name, self.strategy))
-        record = None
+        granted: _Granted
         try:
             previous_owner, _, label = session.run(_WAIT_AND_CLAIM + comment, params)
         except StatementError as e:
@@ -385,13 +388,11 @@ class PostgresBackend(Backend):
             if not self._holds(session, key):
                 self._put_back(session)
                 return
-            previous_owner = None
-        else:  # the record as the session now shows it: this token, this time
+            granted = _Granted(session)
+        else:  # the session's record now shows this token and the server's time of the grant
             granted_at = from_epoch_microseconds((label or "").rpartition(" ")[2])
-            record = new_record(name, self.strategy, now=granted_at, token=token)
-        _waited[(self.alias, name, threading.get_ident())] = _Granted(
-            session, previous_owner, record
-        )
+            granted = _Granted(session, previous_owner, token, granted_at)
+        _waited[(self.alias, name, threading.get_ident())] = granted
 
 
 @functools.lru_cache(maxsize=4096)
