@@ -106,8 +106,10 @@ def postgres_statements(slug: str) -> Lockable:
     comment = postgres._comment(new_record(environment.lock_name(slug), "postgres"))
     owner = postgres._owner_setting(key)
 
+    session.run("SELECT set_config('lock_timeout', $1, false)", (60_000,))  # as its waits keep it
+
     def acquire() -> None:
-        session.run(postgres._WAIT_AND_CLAIM + comment, (60_000, owner, key, secrets.token_hex(16)))
+        session.run(postgres._WAIT_AND_CLAIM_AS_SET + comment, (owner, key, secrets.token_hex(16)))
 
     def release() -> None:
         session.run(postgres._UNLOCK, (key, owner))

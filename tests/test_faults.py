@@ -25,6 +25,7 @@ from django_isolatable import (
     LockGuard,
     LockIOError,
     LockPermissionError,
+    LockTimeout,
 )
 from django_isolatable.backends import BackendOptions
 from django_isolatable.backends.file import FileBackend
@@ -625,6 +626,32 @@ def test_a_postgres_waiter_claims_the_lock_in_the_statement_that_waited(
         assert not any(sql.startswith(postgres._CLAIM) for sql in claims)
         guard.release()
         assert CommandIsolation(name).holder() is None
+
+
+def test_a_postgres_wait_cut_short_leaves_the_next_wait_its_own_timeout(
+    settings, django_db_blocker
+):
+    """A wait that lock_timeout cut short failed, which undoes the set_config of lock_timeout
+    in its statement: the session's lock_timeout is back to the server's default (no limit).
+    The next waits on that session must set it again, not wait without a limit."""
+    services.require("postgres")
+    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
+    name = f"timeouts-{time.monotonic_ns()}"
+    with django_db_blocker.unblock():
+        holder = CommandIsolation(name).lock(timeout=0)
+        release_later = threading.Timer(30, holder.release)  # ends a wait that has no limit
+        release_later.start()
+        try:
+            backend = CommandIsolation(name).backend
+            for _ in range(3):
+                started = time.monotonic()
+                backend.wait(name, 0.3)
+                assert time.monotonic() - started < 10
+            with pytest.raises(LockTimeout):
+                CommandIsolation(name).lock(timeout=0.5)
+        finally:
+            release_later.cancel()
+            holder.release()
 
 
 def test_database_strategy_without_use_tz(settings, django_db_blocker):

@@ -64,6 +64,10 @@ class Session:
         self._lock = threading.Lock()
         self._prepared: OrderedDict[str, bytes] = OrderedDict()  # SQL -> statement name
         self._named = 0
+        #: The session's lock_timeout in ms as last set through it, None when unknown (a failed
+        #: statement undoes its set_config): the postgres strategy's waits set it only if it
+        #: changes.
+        self.lock_timeout: int | None = None
         self._readable = select.poll()
         self._readable.register(self._pgconn.socket, select.POLLIN)
 

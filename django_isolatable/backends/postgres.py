@@ -68,24 +68,35 @@ _CLAIM = (  # $1 owner setting, $2 token, $3 application_name
     "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o) "
     "SELECT o, true, set_config($1, $2, false), set_config('application_name', $3, false) FROM b"
 )
-# A waiter queues on the server and claims the lock in the same statement once it is granted,
-# so a handoff costs no round trip more than the grant. lock_timeout is read when the wait
-# starts, after the first CTE set it; the grant time is the server's, in microseconds.
-# $1 lock_timeout in ms, $2 owner setting, $3 key, $4 token.
-_WAIT_AND_CLAIM = (
-    "WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $1, false)), "
-    "b AS MATERIALIZED (SELECT current_setting($2, true) o FROM t), "
-    "a AS MATERIALIZED (SELECT pg_advisory_lock($3::bigint) FROM b) "
-    "SELECT o, set_config($2, $4::text, false), set_config('application_name', "
-    "'isolatable ' || $4::text || ' ' || "
-    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, false) FROM b, a"
-)
+
+
+def _wait_and_claim(sets_timeout: bool) -> str:
+    """A waiter queues on the server and claims the lock in the same statement once it is
+    granted, so a handoff costs no round trip more than the grant. The grant time is the
+    server's, in microseconds. Parameters: ($1 lock_timeout in ms, if ``sets_timeout``), then
+    the owner setting, the key and the token. lock_timeout is read when the wait starts, after
+    the first CTE set it; a session whose lock_timeout is already right skips that CTE."""
+    first = 2 if sets_timeout else 1
+    owner, key, token = (f"${number}" for number in range(first, first + 3))
+    timeout = "t AS MATERIALIZED (SELECT set_config('lock_timeout', $1, false)), "
+    return (
+        f"WITH {timeout if sets_timeout else ''}"
+        f"b AS MATERIALIZED (SELECT current_setting({owner}, true) o"
+        f"{' FROM t' if sets_timeout else ''}), "
+        f"a AS MATERIALIZED (SELECT pg_advisory_lock({key}::bigint) FROM b) "
+        f"SELECT o, set_config({owner}, {token}::text, false), set_config('application_name', "
+        f"'isolatable ' || {token}::text || ' ' || "
+        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, false) FROM b, a"
+    )
+
+
+_WAIT_AND_CLAIM = _wait_and_claim(sets_timeout=True)
+_WAIT_AND_CLAIM_AS_SET = _wait_and_claim(sets_timeout=False)
 # $1 key, $2 owner setting, $3 the owner setting's value before the claim
 _UNDO_CLAIM = "SELECT pg_advisory_unlock($1::bigint), set_config($2, $3, false)"
-_UNLOCK = (  # $1 key, $2 owner setting
-    "SELECT pg_advisory_unlock($1::bigint), set_config($2, '', false), "
-    "set_config('application_name', 'isolatable', false)"
-)
+# $1 key, $2 owner setting. The application_name stays as it is: only a session that holds the
+# lock counts, and the next claim sets it (changing it costs a message to the client each time).
+_UNLOCK = "SELECT pg_advisory_unlock($1::bigint), set_config($2, '', false)"
 _HOLDS = (  # $1, $2: pg_locks (classid, objid)
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
     "AND pid = pg_backend_pid() AND objsubid = 1 AND classid = $1 AND objid = $2"
@@ -374,12 +385,22 @@ class PostgresBackend(Backend):
         session = self._connect()
         key = self.key(name)
         token = secrets.token_hex(16)
-        params = (max(1, int(timeout * 1000)), _owner_setting(key), key, token)
+        milliseconds = max(1, int(timeout * 1000))
         comment = self._comments.get(name) or self._comment(name, new_record(name, self.strategy))
         granted: _Granted
         try:
-            previous_owner, _, label = session.run(_WAIT_AND_CLAIM + comment, params)
+            if session.lock_timeout == milliseconds:  # most waits: the poll interval each time
+                statement = _WAIT_AND_CLAIM_AS_SET + comment
+                row = session.run(statement, (_owner_setting(key), key, token))
+            else:
+                session.lock_timeout = None  # unknown until the statement succeeds
+                params = (milliseconds, _owner_setting(key), key, token)
+                row = session.run(_WAIT_AND_CLAIM + comment, params)
+                session.lock_timeout = milliseconds
+            previous_owner, _, label = row
         except StatementError as e:
+            # A failed statement's set_config is undone: the session's lock_timeout is the one
+            # before it, so the next wait sets it again.
             if e.sqlstate != _LOCK_NOT_AVAILABLE:
                 session.close()
                 raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
