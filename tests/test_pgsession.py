@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,20 +32,24 @@ def _connect() -> Any:
 
 
 @pytest.fixture
-def session() -> Iterator[Any]:
+def open_session() -> Iterator[Callable[[], Any]]:
+    """Opens sessions, closed after the test."""
     services.require("postgres")
-    session = _connect()
-    yield session
-    session.close()
+    opened: list[Any] = []
+    yield lambda: opened.append(_connect()) or opened[-1]
+    for session in opened:
+        session.close()
 
 
 @pytest.fixture
-def observer() -> Iterator[Any]:
+def session(open_session):
+    return open_session()
+
+
+@pytest.fixture
+def observer(open_session):
     """A second session, to look at the first from outside."""
-    services.require("postgres")
-    session = _connect()
-    yield session
-    session.close()
+    return open_session()
 
 
 def test_run_returns_the_first_row_as_text_and_null_as_none(session):
