@@ -231,7 +231,7 @@ class RedisBackend(Backend):
         ttl_ms = max(1, int(self.options.ttl * 1000))
         (reply,) = self._send("lock", ("SET", key, value, "NX", "PX", ttl_ms))
         if isinstance(reply, Exception):
-            raise LockIOError(f"Redis at {safe_url(self.url)} failed to lock: {reply}.")
+            raise LockIOError(f"Redis at {safe_url(self.url)} failed to lock: {reply}.") from reply
         if reply is None:
             return None
         return Lease(name=name, token=token, info=info)
@@ -249,7 +249,9 @@ class RedisBackend(Backend):
         if isinstance(reply, self._errors.NoScriptError):  # a restarted or flushed server
             return self._call(what, script, keys=keys, args=args)
         if isinstance(reply, Exception):
-            raise LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {reply}.")
+            raise LockIOError(
+                f"Redis at {safe_url(self.url)} failed to {what}: {reply}."
+            ) from reply
         return reply
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
@@ -310,7 +312,9 @@ class RedisBackend(Backend):
             self._call("load a script", self.client.script_load, TAKE)
             return  # the caller's next attempt takes the lock if it is free
         if isinstance(taken_at, Exception):
-            raise LockIOError(f"Redis at {safe_url(self.url)} failed to wait: {taken_at}.")
+            raise LockIOError(
+                f"Redis at {safe_url(self.url)} failed to wait: {taken_at}."
+            ) from taken_at
         if taken_at:
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
             taken = from_epoch_microseconds(microseconds) or utcnow()
