@@ -263,8 +263,12 @@ class PostgresBackend(Backend):
         try:
             return session.run(sql, params, prepare)
         except StatementError as e:
-            session.close()
-            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
+            raise self._failed(session, e) from e
+
+    def _failed(self, session: Session, error: StatementError) -> LockIOError:
+        """Closes ``session`` (its state is not to be trusted) and names the failure."""
+        session.close()
+        return LockIOError(f"PostgreSQL database {self.alias!r} failed: {error}".strip())
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self.key(name)
@@ -344,8 +348,7 @@ class PostgresBackend(Backend):
         try:
             rows = session.rows(_HOLDERS + where, params, prepare=False)
         except StatementError as e:
-            session.close()
-            raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
+            raise self._failed(session, e) from e
         self._put_back(session)
         return [
             ((int(classid or 0), int(objid or 0)), query or "", label or "")
@@ -402,8 +405,7 @@ class PostgresBackend(Backend):
             # A failed statement's set_config is undone: the session's lock_timeout is the one
             # before it, so the next wait sets it again.
             if e.sqlstate != _LOCK_NOT_AVAILABLE:
-                session.close()
-                raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}") from e
+                raise self._failed(session, e) from e
             # The timeout can fire just as the lock is granted: the statement fails, the
             # session lock stays. Keep it then, or the session would hold it unknowingly.
             if not self._holds(session, key):

@@ -175,7 +175,16 @@ class RedisBackend(Backend):
                 'settings.ISOLATABLE["REDIS_URL"].'
             ) from e
         except self._errors.RedisError as e:
-            raise LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {e}.") from e
+            raise self._failure(what, e) from e
+
+    def _failure(self, what: str, error: Exception) -> LockIOError:
+        return LockIOError(f"Redis at {safe_url(self.url)} failed to {what}: {error}.")
+
+    def _checked(self, what: str, reply: Any) -> Any:
+        """``reply``, unless it is an error reply: then ``LockIOError``."""
+        if isinstance(reply, Exception):
+            raise self._failure(what, reply) from reply
+        return reply
 
     def _send(self, what: str, *commands: tuple[Any, ...]) -> list[Any]:
         """The replies to ``commands``, sent in one write on this thread's connection; an error
@@ -230,9 +239,7 @@ class RedisBackend(Backend):
         value = f"{token} {info.to_json()}".encode()
         ttl_ms = max(1, int(self.options.ttl * 1000))
         (reply,) = self._send("lock", ("SET", key, value, "NX", "PX", ttl_ms))
-        if isinstance(reply, Exception):
-            raise LockIOError(f"Redis at {safe_url(self.url)} failed to lock: {reply}.") from reply
-        if reply is None:
+        if self._checked("lock", reply) is None:
             return None
         return Lease(name=name, token=token, info=info)
 
@@ -248,11 +255,7 @@ class RedisBackend(Backend):
         (reply,) = self._send(what, ("EVALSHA", script.sha, len(keys), *keys, *args))
         if isinstance(reply, self._errors.NoScriptError):  # a restarted or flushed server
             return self._call(what, script, keys=keys, args=args)
-        if isinstance(reply, Exception):
-            raise LockIOError(
-                f"Redis at {safe_url(self.url)} failed to {what}: {reply}."
-            ) from reply
-        return reply
+        return self._checked(what, reply)
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         key, _ = self._keys(lease.name)
@@ -311,11 +314,7 @@ class RedisBackend(Backend):
         if isinstance(taken_at, self._errors.NoScriptError):  # a restarted or flushed server
             self._call("load a script", self.client.script_load, TAKE)
             return  # the caller's next attempt takes the lock if it is free
-        if isinstance(taken_at, Exception):
-            raise LockIOError(
-                f"Redis at {safe_url(self.url)} failed to wait: {taken_at}."
-            ) from taken_at
-        if taken_at:
+        if self._checked("wait", taken_at):
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
             taken = from_epoch_microseconds(microseconds) or utcnow()
             expires = taken + timedelta(seconds=self.options.ttl)
