@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 from datetime import datetime, timedelta, timezone
 
@@ -151,6 +152,37 @@ def test_the_fast_json_record_reads_back_as_written(name, ttl):
 )
 def test_server_times_in_microseconds(text, expected):
     assert from_epoch_microseconds(text) == expected
+
+
+def test_server_times_are_exact_to_the_microsecond():
+    """The float division it uses agrees with exact timedelta arithmetic up to the year 2200."""
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    rng = random.Random(20261128)
+    for microseconds in [
+        1,
+        999_999,
+        1_000_001,
+        *(rng.randrange(7_258_118_400_000_000) for _ in range(20_000)),
+    ]:
+        expected = epoch + timedelta(microseconds=microseconds)
+        assert from_epoch_microseconds(str(microseconds)) == expected, microseconds
+
+
+def test_a_forked_child_records_its_own_process():
+    parent = new_record("fork", "file")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write its record's pid and start time, and leave at once
+        child = new_record("fork", "file")
+        os.write(writer, json.dumps([child.pid, child.process_started_at.isoformat()]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as f:
+        child_pid, started = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert child_pid == pid != parent.pid
+    assert datetime.fromisoformat(started) >= parent.process_started_at
+    assert new_record("fork", "file").pid == os.getpid()
 
 
 def test_a_postgres_session_label_with_a_foreign_time_reads_as_unknown_time():
