@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
 
 from django_isolatable import CommandIsolation, LockStrategy
 from django_isolatable.backends.memory import MemoryBackend
@@ -49,6 +50,22 @@ def test_settings_are_read_live(settings):
     assert CommandIsolation("x").strategy == "memory"
     settings.ISOLATABLE = {"STRATEGY": LockStrategy.FILE}
     assert CommandIsolation("x").strategy == "file"
+
+
+def test_remembered_values_follow_every_change_of_the_setting(settings):
+    """Values are validated once, then remembered until the setting changes."""
+    settings.ISOLATABLE = {"TTL": 5}
+    assert isolatable_settings.TTL == 5
+    assert CommandIsolation("x").ttl == 5
+    settings.ISOLATABLE = {"TTL": 7}
+    assert isolatable_settings.TTL == 7
+    with override_settings(ISOLATABLE={"TTL": 0}):
+        with pytest.raises(ImproperlyConfigured, match="TTL"):
+            _ = CommandIsolation("x").ttl
+        assert [m[0] for m in messages()] == ["isolatable.E005"]
+    assert isolatable_settings.TTL == 7
+    settings.ISOLATABLE = {}
+    assert isolatable_settings.TTL == 60
 
 
 @pytest.mark.parametrize(
