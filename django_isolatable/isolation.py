@@ -24,7 +24,7 @@ from django_isolatable.backends import (
 from django_isolatable.conf import isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
 from django_isolatable.holders import LockInfo, judged, new_record
-from django_isolatable.renewal import renewer
+from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import lock_lost
 from django_isolatable.waiting import FIRST_PAUSE, wait_for
 
@@ -281,7 +281,7 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
-        self._renewal: int | None = None
+        self._renewal: Renewal | None = None
         if self._backend.heartbeat:  # ttl: the lease's, if the caller read it already
             ttl = isolation.ttl if ttl is None else ttl
             self._renewal = renewer.add(self, self._backend, lease, ttl)
