@@ -16,6 +16,7 @@ queued for with it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import select
 import threading
 from collections import OrderedDict
@@ -33,6 +34,8 @@ _SQLSTATE = ord("C")  # psycopg.pq.DiagnosticField.SQLSTATE
 #: Prepared statements a session keeps (the least recently used one is dropped past that):
 #: a few per lock name, since each carries the name's record as a comment.
 MAX_PREPARED = 100
+
+_FIRST_ROW = itertools.repeat(0)  # map(result.get_value, _FIRST_ROW, columns): row 0's values
 
 Row = tuple[str | None, ...]
 
@@ -77,8 +80,9 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """Open, with no transaction or statement in progress."""
-        return not self.connection.closed and self._pgconn.transaction_status == _IDLE
+        """Open, with no transaction or statement in progress (a closed or broken connection's
+        transaction status is UNKNOWN)."""
+        return self._pgconn.transaction_status == _IDLE
 
     @property
     def backend_pid(self) -> int:
@@ -95,7 +99,12 @@ class Session:
         if not result.ntuples:
             raise StatementError(f"no row returned by: {sql[:60]}")
         value = result.get_value
-        return tuple([_text(value(0, column)) for column in range(result.nfields)])
+        return tuple(
+            [
+                None if cell is None else cell.decode()
+                for cell in map(value, _FIRST_ROW, range(result.nfields))
+            ]
+        )
 
     def rows(
         self, sql: str, params: Sequence[str | int | None] = (), prepare: bool = True
@@ -113,7 +122,12 @@ class Session:
         with self._lock:
             try:
                 if prepare:
-                    self._pgconn.send_query_prepared(self._statement(sql), values)
+                    name = self._prepared.get(sql)
+                    if name is None:
+                        name = self._prepare(sql)
+                    else:
+                        self._prepared.move_to_end(sql)
+                    self._pgconn.send_query_prepared(name, values)
                 else:
                     self._pgconn.send_query_params(sql.encode(), values)
                 result = self._result()
@@ -136,12 +150,8 @@ class Session:
             self.connection.cancel()
         self.connection.close()
 
-    def _statement(self, sql: str) -> bytes:
-        """The name of ``sql``'s prepared statement on this session, prepared if need be."""
-        name = self._prepared.get(sql)
-        if name is not None:
-            self._prepared.move_to_end(sql)
-            return name
+    def _prepare(self, sql: str) -> bytes:
+        """Prepare ``sql`` on this session; its statement name."""
         if len(self._prepared) >= MAX_PREPARED:
             _, oldest = self._prepared.popitem(last=False)
             self._pgconn.send_query(b"DEALLOCATE " + oldest)

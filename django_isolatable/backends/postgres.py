@@ -23,12 +23,11 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
@@ -37,7 +36,13 @@ from django.db import connections
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.backends.pgsession import Row, Session, StatementError
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record, stamped
+from django_isolatable.holders import (
+    LockInfo,
+    from_epoch_microseconds,
+    new_record,
+    new_token,
+    stamped,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +109,12 @@ _HOLDS = (  # $1, $2: pg_locks (classid, objid)
 
 _LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a wait cut short by lock_timeout
 
+# Idle sessions by database alias. list.pop and list.append are atomic: threads share the
+# pools without a lock.
 _idle: dict[str, list[Session]] = {}
-_idle_lock = threading.Lock()
 
 
-@dataclass
-class _Granted:
+class _Granted(NamedTuple):
     """What ``wait`` got from the server's queue, for the next ``acquire`` of that thread."""
 
     session: Session
@@ -183,11 +188,26 @@ def _record(query: str, application_name: str, strategy: str) -> LockInfo | None
     return replace(info, token=token or None, acquired_at=from_epoch_microseconds(microseconds))
 
 
+class _Named:
+    """What the strategy uses on every lock of one name, made once: its advisory key, owner
+    setting, and the statements that carry the process's part of its record as a comment."""
+
+    __slots__ = ("claim", "holds", "key", "owner", "try_lock", "wait", "wait_as_set")
+
+    def __init__(self, key: int, comment: str) -> None:
+        self.key = key
+        self.owner = _owner_setting(key)
+        self.try_lock = _TRY_LOCK + comment
+        self.claim = _CLAIM + comment
+        self.wait = _WAIT_AND_CLAIM + comment
+        self.wait_as_set = _WAIT_AND_CLAIM_AS_SET + comment
+        self.holds = _HOLDS + comment  # the renewal thread's check keeps the record shown
+
+
 @dataclass
 class PostgresLease(Lease):
     session: Session | None = None
-    key: int = 0
-    comment: str = ""
+    named: _Named | None = None
 
 
 class PostgresBackend(Backend):
@@ -200,7 +220,7 @@ class PostgresBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.alias = options.database_alias
-        self._comments: dict[str, str] = {}  # by lock name: this process's part of the record
+        self._names: dict[str, _Named] = {}
         problems = self.check_settings(options)
         if problems:
             raise ImproperlyConfigured(problems[0].msg)
@@ -220,12 +240,14 @@ class PostgresBackend(Backend):
         return advisory_key(self.options.key_prefix + name)
 
     def _connect(self) -> Session:
+        pool = _idle.get(self.alias)
+        if pool:
+            try:
+                return pool.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                pass
         import psycopg
 
-        with _idle_lock:
-            pool = _idle.setdefault(self.alias, [])
-            if pool:
-                return pool.pop()
         params = connections[self.alias].get_connection_params()
         for key in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(key, None)
@@ -248,8 +270,10 @@ class PostgresBackend(Backend):
         if not session.idle:
             session.close()
             return
-        with _idle_lock:
-            _idle.setdefault(self.alias, []).append(session)
+        pool = _idle.get(self.alias)
+        if pool is None:
+            pool = _idle.setdefault(self.alias, [])
+        pool.append(session)
 
     def _run(
         self,
@@ -271,42 +295,38 @@ class PostgresBackend(Backend):
         return LockIOError(f"PostgreSQL database {self.alias!r} failed: {error}".strip())
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        key = self.key(name)
-        comment = self._comment(name, info)
-        owner = _owner_setting(key)
+        named = self._named(name, info)
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
-        if granted is not None and granted.token is not None:  # wait() took and claimed it
-            session, previous_owner = granted.session, granted.previous_owner
-            info = stamped(info, granted.token, granted.granted_at or info.acquired_at)
-        elif granted is not None:  # granted as the wait timed out: claim it now
-            session = granted.session
-            claim = (owner, info.token or "", _label(info))
-            previous_owner = self._run(session, _CLAIM + comment, claim)[0]
-        else:
+        if granted is None:
             session = self._connect()
-            attempt = (owner, key, info.token or "", _label(info))
-            previous_owner, got = self._run(session, _TRY_LOCK + comment, attempt)[:2]
+            attempt = (named.owner, named.key, info.token or "", _label(info))
+            previous_owner, got = self._run(session, named.try_lock, attempt)[:2]
             if got != "t":
                 self._put_back(session)
                 return None
+        elif granted.token is None:  # granted as the wait timed out: claim it now
+            session = granted.session
+            claim = (named.owner, info.token or "", _label(info))
+            previous_owner = self._run(session, named.claim, claim)[0]
+        else:  # wait() took and claimed it
+            session, previous_owner = granted.session, granted.previous_owner
+            info = stamped(info, granted.token, granted.granted_at or info.acquired_at)
         if previous_owner:
             # Another client's lock in this very server session, granted again because advisory
             # locks are reentrant: only a pooler sharing sessions between clients does that.
-            self._run(session, _UNDO_CLAIM, (key, owner, previous_owner))
+            self._run(session, _UNDO_CLAIM, (named.key, named.owner, previous_owner))
             self._put_back(session)
             raise LockIOError(_pooled(f"database {self.alias!r}"))
-        return PostgresLease(
-            name, info.token or "", info, session=session, key=key, comment=comment
-        )
+        return PostgresLease(name, info.token or "", info, session=session, named=named)
 
-    def _comment(self, name: str, info: LockInfo) -> str:
-        """This process's part of ``name``'s record, as a statement comment (made once)."""
-        comment = self._comments.get(name)
-        if comment is None:
-            if len(self._comments) > 256:
-                self._comments.clear()
-            comment = self._comments[name] = _comment(info)
-        return comment
+    def _named(self, name: str, info: LockInfo) -> _Named:
+        """``name``'s key and statements, with the record of ``info``'s process (made once)."""
+        named = self._names.get(name)
+        if named is None:
+            if len(self._names) > 256:
+                self._names.clear()
+            named = self._names[name] = _Named(self.key(name), _comment(info))
+        return named
 
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, PostgresLease) or lease.session is None:
@@ -314,9 +334,11 @@ class PostgresBackend(Backend):
         session, lease.session = lease.session, None
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the session is the parent's
+        named = lease.named or self._named(lease.name, lease.info)
         try:
-            released = self._run(session, _UNLOCK, (lease.key, _owner_setting(lease.key)))[0]
-        except LockIOError:
+            released = session.run(_UNLOCK, (named.key, named.owner))[0]
+        except StatementError:
+            session.close()
             return False  # the session is gone, and the lock with it
         self._put_back(session)
         return released == "t"
@@ -327,17 +349,16 @@ class PostgresBackend(Backend):
         session = lease.session  # read once: the owner's release may clear it meanwhile
         if session is None:
             return False
+        named = lease.named or self._named(lease.name, lease.info)
         try:
-            return self._holds(session, lease.key, lease.comment)
+            return self._holds(session, named.key, named.holds)
         except LockIOError:
             return False  # the session was terminated: its lock is gone
 
-    def _holds(self, session: Session, key: int, comment: str = "") -> bool:
-        """Whether ``session`` holds advisory lock ``key``.
-
-        The comment keeps the holder's record in ``pg_stat_activity.query``.
-        """
-        return self._run(session, _HOLDS + comment, lock_ids(key))[0] != "0"
+    def _holds(self, session: Session, key: int, statement: str = _HOLDS) -> bool:
+        """Whether ``session`` holds advisory lock ``key``; ``statement`` is ``_HOLDS``, or a
+        name's, which keeps the holder's record in ``pg_stat_activity.query``."""
+        return self._run(session, statement, lock_ids(key))[0] != "0"
 
     def _holders(
         self, where: str = "", params: tuple[int, ...] = ()
@@ -385,20 +406,18 @@ class PostgresBackend(Backend):
     def wait(self, name: str, timeout: float) -> None:
         """Queue for the lock on the server for up to ``timeout`` seconds; when it is granted,
         claim it in the same statement and keep it for this thread's next ``acquire``."""
+        named = self._names.get(name) or self._named(name, new_record(name, self.strategy))
         session = self._connect()
-        key = self.key(name)
-        token = secrets.token_hex(16)
+        key = named.key
+        token = new_token()
         milliseconds = max(1, int(timeout * 1000))
-        comment = self._comments.get(name) or self._comment(name, new_record(name, self.strategy))
         granted: _Granted
         try:
             if session.lock_timeout == milliseconds:  # most waits: the poll interval each time
-                statement = _WAIT_AND_CLAIM_AS_SET + comment
-                row = session.run(statement, (_owner_setting(key), key, token))
+                row = session.run(named.wait_as_set, (named.owner, key, token))
             else:
                 session.lock_timeout = None  # unknown until the statement succeeds
-                params = (milliseconds, _owner_setting(key), key, token)
-                row = session.run(_WAIT_AND_CLAIM + comment, params)
+                row = session.run(named.wait, (milliseconds, named.owner, key, token))
                 session.lock_timeout = milliseconds
             previous_owner, _, label = row
         except StatementError as e:
