@@ -162,15 +162,16 @@ class CommandIsolation:
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
         backend = self.backend
         ttl = self.ttl if backend.expiring or backend.heartbeat else None  # read once per lock
-        remaining = wait
+        started = 0.0
         if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
             started = time.monotonic()
             first = backend.poll_interval if wait is None else min(wait, backend.poll_interval)
             backend.wait(self.name, first)
-            if wait is not None:
-                remaining = max(0.0, wait - (time.monotonic() - started))
         lease = self._attempt(ttl)
         if lease is None and wait != 0:
+            remaining = wait
+            if wait is not None and started:
+                remaining = max(0.0, wait - (time.monotonic() - started))
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             lease = wait_for(
                 lambda: self._attempt(ttl),
