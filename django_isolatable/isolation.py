@@ -161,7 +161,7 @@ class CommandIsolation:
         """
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
         backend = self.backend
-        ttl = self.ttl if backend.expiring or backend.heartbeat else None  # read once per lock
+        ttl = self.ttl if backend.expiring else None  # read once per lock
         started = 0.0
         if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
             started = time.monotonic()
@@ -191,8 +191,6 @@ class CommandIsolation:
 
     def _attempt(self, ttl: float | None) -> Lease | None:
         backend = self.backend
-        if not backend.expiring:
-            ttl = None
         lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
         if (
             lease is None
@@ -282,10 +280,11 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
-        self._renewal: Renewal | None = None
-        if self._backend.heartbeat:  # ttl: the lease's, if the caller read it already
-            ttl = isolation.ttl if ttl is None else ttl
-            self._renewal = renewer.add(self, self._backend, lease, ttl)
+        self._renewal: Renewal | None = None  # set by the renewal thread once it took it in
+        if self._backend.heartbeat:
+            if ttl is None and self._backend.expiring:  # the lease's, if the caller read it
+                ttl = isolation.ttl
+            renewer.add(self, self._backend, lease, ttl)  # None: checked every backend TTL/3
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "held"
@@ -322,8 +321,8 @@ class LockGuard:
             if self._released:
                 return
             self._released = True
-        if self._renewal is not None:
-            renewer.remove(self._renewal)
+        if self._backend.heartbeat:
+            renewer.remove(self)
         try:
             released = self._backend.release(self._lease)
         except IsolationError as e:  # never hide the result of the work the lock protected

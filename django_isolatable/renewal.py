@@ -1,10 +1,12 @@
 """Lease renewal: one thread per process renews every held lease every TTL/3.
 
-Taking a lock only registers its lease here (no thread is started per lock); for the usual
-lease, due after the thread's next look anyway, registering and removing it are one set
-operation each, without a lock or a wake-up. A lease found lost (expired, taken, its session
-gone) marks its guard lost; a store that cannot be reached is retried until the lease must have
-expired. Guards are held weakly, so a dropped guard is still garbage collected, and released.
+Taking a lock only registers its lease here (no thread is started per lock). The usual lease is
+due after the thread's next look anyway (it looks at least every IDLE_WAKE seconds): registering
+it is one dict entry the thread takes in when it looks, and a lock released before that (most
+are) never costs the thread anything; neither registering nor removing takes a lock or wakes the
+thread. A lease found lost (expired, taken, its session gone) marks its guard lost; a store that
+cannot be reached is retried until the lease must have expired. Guards are held weakly, so a
+dropped guard is still garbage collected, and released.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ logger = logging.getLogger(__name__)
 #: Longest sleep of the renewal thread, in seconds, even with nothing due.
 IDLE_WAKE = 1.0
 
+#: What ``add`` registers: the guard (weakly), its backend and lease, the TTL (None: the
+#: backend's), and when the lease was taken (monotonic).
+_Entry = tuple["weakref.ref[LockGuard]", Backend, Lease, "float | None", float]
+
 
 class Renewal:
-    """One lease to renew; ``Renewer.add`` returns it, ``Renewer.remove`` ends it."""
+    """One lease the renewal thread renews (``LockGuard._renewal`` once taken in)."""
 
     __slots__ = ("backend", "due", "guard", "lease", "removed", "renewed", "ttl")
 
-    def __init__(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float) -> None:
-        now = time.monotonic()
-        self.guard = weakref.ref(guard)
-        self.backend = backend
-        self.lease = lease
-        self.ttl = ttl
-        self.due = now + ttl / 3  # monotonic time of the next renewal
-        self.renewed = now  # monotonic time of the last successful one
+    def __init__(self, entry: _Entry) -> None:
+        self.guard, self.backend, self.lease, ttl, taken = entry
+        self.ttl = self.backend.options.ttl if ttl is None else ttl
+        self.due = taken + self.ttl / 3  # monotonic time of the next renewal
+        self.renewed = taken  # monotonic time of the last successful one
         self.removed = False
 
 
@@ -48,25 +51,25 @@ class Renewer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        # Added to and removed from by the threads that take and release locks (set.add and
-        # set.discard are atomic), read by the renewal thread as a copy (list() of a set is
-        # atomic too). A renewal leaves it when its lock is released, never later: objects
-        # that outlived their lock would make the garbage collector run on a busy process.
+        # Registered leases the thread has not taken in yet, by id of their guard, and those it
+        # renews. Locking threads add to and remove from both with single dict and set
+        # operations (atomic); the thread reads copies. An entry leaves when its lock is
+        # released, never later: objects that outlived their lock would make the garbage
+        # collector run on a process that locks often.
+        self._new: dict[int, _Entry] = {}
         self._renewals: set[Renewal] = set()
         self._thread: threading.Thread | None = None
         self._asleep_until = 0.0  # when the thread wakes up next on its own (monotonic)
 
-    def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float) -> Renewal:
-        """Renew ``lease`` every ``ttl / 3`` seconds until ``remove`` is called with what this
-        returns."""
-        renewal = Renewal(guard, backend, lease, ttl)
-        if self._thread is not None and ttl / 3 >= IDLE_WAKE:
-            # The thread looks at least every IDLE_WAKE seconds, so it finds this one before it
-            # is due without being woken (a thread switch, tens of µs on a busy host).
-            self._renewals.add(renewal)
-            return renewal
+    def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float | None) -> None:
+        """Renew ``lease`` every ``ttl / 3`` seconds until ``remove(guard)``. ``ttl`` None: a
+        lease that does not expire and is only checked (postgres), every backend TTL / 3."""
+        entry = (weakref.ref(guard), backend, lease, ttl, time.monotonic())
+        if self._thread is not None and (ttl is None or ttl / 3 >= IDLE_WAKE):
+            self._new[id(guard)] = entry  # the thread looks before the lease is due
+            return
         with self._lock:
-            self._renewals.add(renewal)
+            renewal = self._take_in(guard, entry)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="isolatable-renewal", daemon=True
@@ -74,10 +77,23 @@ class Renewer:
                 self._thread.start()
             elif renewal.due < self._asleep_until:  # asleep, and would wake too late
                 self._changed.notify()
+
+    def remove(self, guard: LockGuard) -> None:
+        """Stop renewing ``guard``'s lease. The guard is marked released before this."""
+        if self._new.pop(id(guard), None) is None:  # taken in by the thread already
+            renewal = guard._renewal
+            if renewal is not None:
+                self._forget(renewal)
+
+    def _take_in(self, guard: LockGuard, entry: _Entry) -> Renewal:
+        renewal = Renewal(entry)
+        guard._renewal = renewal
+        self._renewals.add(renewal)
+        if guard._released:  # released while this ran: its remove() may have missed it
+            self._forget(renewal)
         return renewal
 
-    def remove(self, renewal: Renewal) -> None:
-        """Stop renewing ``renewal``."""
+    def _forget(self, renewal: Renewal) -> None:
         renewal.removed = True  # in case the thread is about to renew it
         self._renewals.discard(renewal)
 
@@ -90,6 +106,13 @@ class Renewer:
 
     def _wait_for_due(self) -> list[Renewal]:
         while True:
+            for key in list(self._new):
+                entry = self._new.pop(key, None)
+                if entry is None:  # released meanwhile
+                    continue
+                guard = entry[0]()
+                if guard is not None:
+                    self._take_in(guard, entry)
             renewals = list(self._renewals)
             now = time.monotonic()
             due = [r for r in renewals if r.due <= now]
@@ -117,7 +140,7 @@ class Renewer:
                 renewal.renewed = time.monotonic()
         guard = renewal.guard()
         if guard is None or not held:
-            self.remove(renewal)
+            self._forget(renewal)
         if guard is not None and not held:
             guard._mark_lost()
 
@@ -125,6 +148,7 @@ class Renewer:
         # The parent's leases are not the child's to renew, and its thread did not survive.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._new.clear()
         self._renewals.clear()
         self._thread = None
         self._asleep_until = 0.0

@@ -30,12 +30,19 @@ class RenewedMemoryBackend(MemoryBackend):
 
 
 class Guard:
-    """What the renewer needs of a guard: a weak reference, and being told it lost its lease."""
+    """What the renewer needs of a guard: a weak reference, its renewal once taken in, whether
+    it was released, and being told it lost its lease."""
 
     lost = False
+    _renewal = None
+    _released = False
 
     def _mark_lost(self) -> None:
         self.lost = True
+
+    def release(self, renewer: Renewer) -> None:
+        self._released = True
+        renewer.remove(self)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -54,19 +61,23 @@ def lease(backend: MemoryBackend, name: str) -> Lease:
 
 
 def test_a_lease_registered_without_waking_the_thread_is_renewed_before_it_expires(backend):
-    assert LONG_TTL / 3 >= IDLE_WAKE  # the registration without lock or wake-up
+    assert LONG_TTL / 3 >= IDLE_WAKE  # registered without the thread's lock or a wake-up
     renewer = Renewer()
-    guards = [Guard(), Guard(), Guard()]
-    first = lease(backend, "first")
+    guards = [Guard() for _ in range(4)]
+    first, kept, unexpiring, dropped = (lease(backend, n) for n in ("1st", "kept", "un", "drop"))
     renewer.add(guards[0], backend, first, LONG_TTL)  # starts the thread
-    kept, dropped = lease(backend, "kept"), lease(backend, "dropped")
     renewer.add(guards[1], backend, kept, LONG_TTL)
-    renewer.remove(renewer.add(guards[2], backend, dropped, LONG_TTL))
+    renewer.add(guards[2], backend, unexpiring, None)  # checked every backend TTL / 3
+    renewer.add(guards[3], backend, dropped, LONG_TTL)
+    guards[3].release(renewer)
     renewed = RenewedMemoryBackend.renewed
-    event = renewed.setdefault(kept.token, threading.Event())
-    assert event.wait(LONG_TTL), "not renewed within its TTL"
-    assert renewed.setdefault(first.token, threading.Event()).wait(LONG_TTL)
-    assert dropped.token not in renewed, "a removed lease was renewed"
+    for taken in (first, kept, unexpiring):
+        event = renewed.setdefault(taken.token, threading.Event())
+        assert event.wait(LONG_TTL), f"{taken.name} was not renewed within its TTL"
+    assert dropped.token not in renewed, "a lease released before the thread looked was renewed"
+    guards[1].release(renewer)  # after the thread took it in
+    renewed[kept.token].clear()
+    assert not renewed[kept.token].wait(LONG_TTL / 3 + IDLE_WAKE), "renewed after its release"
     assert not any(guard.lost for guard in guards)
 
 
