@@ -147,8 +147,9 @@ class FileBackend(Backend):
                 _close(path, entry)  # held, but a person deleted the file: lock the new one
                 continue
             try:
-                if _is_at(entry, path):
-                    size = lockfile.write_record(entry.fd, path, info)
+                current = _stat_if_at(entry, path)
+                if current is not None:  # its size, read under the lock, spares an fstat
+                    size = lockfile.write_record(entry.fd, path, info, current.st_size)
                     return FileLease(
                         name, info.token or "", info, fd=entry.fd, path=path, record_size=size
                     )
@@ -348,13 +349,18 @@ class FileBackend(Backend):
             raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
 
 
-def _is_at(opened: _OpenFile, path: str) -> bool:
-    """Whether the file we opened (and locked) is still the one at ``path``."""
+def _stat_if_at(opened: _OpenFile, path: str) -> os.stat_result | None:
+    """The file at ``path``, if it is still the one we opened (and locked), else None."""
     try:
         current = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
-        return False
-    return current.st_ino == opened.ino and current.st_dev == opened.dev
+        return None
+    return current if current.st_ino == opened.ino and current.st_dev == opened.dev else None
+
+
+def _is_at(opened: _OpenFile, path: str) -> bool:
+    """Whether the file we opened (and locked) is still the one at ``path``."""
+    return _stat_if_at(opened, path) is not None
 
 
 def _close(path: str, entry: _OpenFile) -> None:

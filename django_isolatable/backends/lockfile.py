@@ -104,18 +104,19 @@ def try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
         raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
 
 
-def write_record(fd: int, path: str, info: LockInfo) -> int:
+def write_record(fd: int, path: str, info: LockInfo, size: int | None = None) -> int:
     """Write the holder record over the blank (or a dead holder's) one; its size in bytes.
 
     A free lock's file is empty or blank: releasing overwrites the record with spaces instead
     of truncating it, because freeing and reallocating the file's block on every lock costs
     more than the rest of the lock. What a longer record left beyond this one is cut off.
+    ``size`` is the file's size if the caller read it under the lock (else it is read here).
     """
     data = info.to_json().encode()
     try:
         if os.pwrite(fd, data, 0) != len(data):
             raise OSError(errno.ENOSPC, "short write")
-        if os.fstat(fd).st_size > len(data):
+        if (os.fstat(fd).st_size if size is None else size) > len(data):
             os.ftruncate(fd, len(data))
     except OSError as e:
         truncate(fd)  # an empty record reads as "unknown holder", a torn one would too
