@@ -163,11 +163,15 @@ class CommandIsolation:
         backend = self.backend
         ttl = self.ttl if backend.expiring else None  # read once per lock
         started = 0.0
+        record = None
         if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
+            # The record first: once the lock is granted, less is left to do before the
+            # holder's work starts (the acquire sets when it was taken).
+            record = new_record(self.name, backend.strategy, ttl=ttl)
             started = time.monotonic()
             first = backend.poll_interval if wait is None else min(wait, backend.poll_interval)
             backend.wait(self.name, first)
-        lease = self._attempt(ttl)
+        lease = self._attempt(ttl, record)
         if lease is None and wait != 0:
             remaining = wait
             if wait is not None and started:
@@ -189,9 +193,11 @@ class CommandIsolation:
         logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
         return LockGuard(self, lease, ttl)
 
-    def _attempt(self, ttl: float | None) -> Lease | None:
+    def _attempt(self, ttl: float | None, record: LockInfo | None = None) -> Lease | None:
         backend = self.backend
-        lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
+        lease = backend.acquire(
+            self.name, record or new_record(self.name, backend.strategy, ttl=ttl)
+        )
         if (
             lease is None
             and backend.expiring

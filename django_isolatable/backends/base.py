@@ -77,6 +77,9 @@ class Backend:
     #: ``wait`` takes the lock when it is free (and the next ``acquire`` of the thread claims
     #: it), returning at once: a ``lock()`` that may wait starts with ``wait`` instead of an
     #: attempt that fails under contention (postgres: ``pg_advisory_lock`` in the server's queue).
+    #: Such a ``lock()`` makes the holder record before the wait, so the lock is handed over
+    #: with less to do; the ``acquire`` after it sets ``acquired_at`` (and ``expires_at``) to
+    #: when it got the lock.
     wait_takes_lock: ClassVar[bool] = False
 
     def __init__(self, options: BackendOptions) -> None:

@@ -26,7 +26,6 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import ClassVar, NamedTuple
 
 from django.core.checks import CheckMessage, Error
@@ -49,9 +48,6 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5
 _MARK = "isolatable:"
 _COMMENT_FIELDS = ("name", "pid", "hostname", "host_id", "process_started_at", "argv")
-# pg_stat_activity.query keeps 1024 bytes by default: the longest statement that carries the
-# record (_TRY_LOCK) takes about 290 of them, the record gets the rest with some margin.
-_RECORD_BUDGET = 680
 _HOLDERS = (
     "SELECT l.classid::bigint, l.objid::bigint, a.query, a.application_name FROM pg_locks l "
     "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
@@ -59,19 +55,31 @@ _HOLDERS = (
     "WHERE datname = current_database())"
 )
 
+
+def _label(token: str) -> str:
+    """SQL for the lease's part of the record, the session's ``application_name``: "isolatable
+    <token> <µs>", the time the server's clock, when the statement got the lock. At most 60
+    bytes of the 63 it keeps."""
+    return (
+        f"'isolatable ' || {token}::text || ' ' || "
+        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+    )
+
+
 # One statement each (a transaction-mode pooler could run two on different sessions). The owner
 # setting is read before the lock is tried, so a session that already held it for another
 # client (advisory locks are reentrant) is caught; CTEs that reference each other run in order.
-# Parameters: $1 the owner setting's name, $2 the key, $3 the token, $4 the application_name.
+# Each returns the owner setting before the claim, whether it got the lock, the token and the
+# label. Parameters: $1 the owner setting's name, $2 the key, $3 the token.
 _TRY_LOCK = (
     "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o), "
     "a AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) g FROM b) "
     "SELECT o, g, CASE WHEN g THEN set_config($1, $3, false) END, "
-    "CASE WHEN g THEN set_config('application_name', $4, false) END FROM b, a"
+    f"CASE WHEN g THEN set_config('application_name', {_label('$3')}, false) END FROM b, a"
 )
-_CLAIM = (  # $1 owner setting, $2 token, $3 application_name
-    "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o) "
-    "SELECT o, true, set_config($1, $2, false), set_config('application_name', $3, false) FROM b"
+_CLAIM = (  # $1 owner setting, $2 token
+    "WITH b AS MATERIALIZED (SELECT current_setting($1, true) o) SELECT o, true, "
+    f"set_config($1, $2, false), set_config('application_name', {_label('$2')}, false) FROM b"
 )
 
 
@@ -89,9 +97,8 @@ def _wait_and_claim(sets_timeout: bool) -> str:
         f"b AS MATERIALIZED (SELECT current_setting({owner}, true) o"
         f"{' FROM t' if sets_timeout else ''}), "
         f"a AS MATERIALIZED (SELECT pg_advisory_lock({key}::bigint) FROM b) "
-        f"SELECT o, set_config({owner}, {token}::text, false), set_config('application_name', "
-        f"'isolatable ' || {token}::text || ' ' || "
-        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, false) FROM b, a"
+        f"SELECT o, set_config({owner}, {token}::text, false), "
+        f"set_config('application_name', {_label(token)}, false) FROM b, a"
     )
 
 
@@ -106,6 +113,10 @@ _HOLDS = (  # $1, $2: pg_locks (classid, objid)
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
     "AND pid = pg_backend_pid() AND objsubid = 1 AND classid = $1 AND objid = $2"
 )
+# pg_stat_activity.query keeps track_activity_query_size bytes (1024 by default, its NUL
+# included): the record gets what the longest statement that carries it leaves.
+_RECORD_STATEMENTS = (_TRY_LOCK, _CLAIM, _WAIT_AND_CLAIM, _WAIT_AND_CLAIM_AS_SET, _HOLDS)
+_RECORD_BUDGET = 1023 - max(map(len, _RECORD_STATEMENTS)) - len(f" /*{_MARK}*/")
 
 _LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a wait cut short by lock_timeout
 
@@ -120,7 +131,7 @@ class _Granted(NamedTuple):
     session: Session
     previous_owner: str | None = None
     token: str | None = None  # the owner token it claimed; None: granted as lock_timeout fired
-    granted_at: datetime | None = None  # the server's time it was granted
+    label: str | None = None  # the application_name it set, with the server's time of the grant
 
 
 _waited: dict[tuple[str, str, int], _Granted] = {}
@@ -164,13 +175,6 @@ def _comment(info: LockInfo) -> str:
         data[field] = None
         text = json.dumps(data).replace("/", "\\/")
     return f" /*{_MARK}{text}*/"
-
-
-def _label(info: LockInfo) -> str:
-    """The lease's part of the record, as the session's ``application_name`` (63 bytes)."""
-    acquired = info.acquired_at
-    microseconds = 0 if acquired is None else round(acquired.timestamp() * 1_000_000)
-    return f"isolatable {info.token} {microseconds}"  # at most 60 bytes
 
 
 def _record(query: str, application_name: str, strategy: str) -> LockInfo | None:
@@ -295,29 +299,34 @@ class PostgresBackend(Backend):
         return LockIOError(f"PostgreSQL database {self.alias!r} failed: {error}".strip())
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        named = self._named(name, info)
+        named = self._names.get(name) or self._named(name, info)
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
+        token = info.token or ""
         if granted is None:
             session = self._connect()
-            attempt = (named.owner, named.key, info.token or "", _label(info))
-            previous_owner, got = self._run(session, named.try_lock, attempt)[:2]
+            previous_owner, got, _, label = self._run(
+                session, named.try_lock, (named.owner, named.key, token)
+            )
             if got != "t":
                 self._put_back(session)
                 return None
         elif granted.token is None:  # granted as the wait timed out: claim it now
             session = granted.session
-            claim = (named.owner, info.token or "", _label(info))
-            previous_owner = self._run(session, named.claim, claim)[0]
+            previous_owner, _, _, label = self._run(session, named.claim, (named.owner, token))
         else:  # wait() took and claimed it
-            session, previous_owner = granted.session, granted.previous_owner
-            info = stamped(info, granted.token, granted.granted_at or info.acquired_at)
+            session, previous_owner, label = granted.session, granted.previous_owner, granted.label
+            token = granted.token
+        # The record's time is the server's, as status shows it: lock() may have made the
+        # record before a wait (wait_takes_lock).
+        acquired_at = from_epoch_microseconds((label or "").rpartition(" ")[2])
+        info = stamped(info, token or "", acquired_at or info.acquired_at)
         if previous_owner:
             # Another client's lock in this very server session, granted again because advisory
             # locks are reentrant: only a pooler sharing sessions between clients does that.
             self._run(session, _UNDO_CLAIM, (named.key, named.owner, previous_owner))
             self._put_back(session)
             raise LockIOError(_pooled(f"database {self.alias!r}"))
-        return PostgresLease(name, info.token or "", info, session=session, named=named)
+        return PostgresLease(name, token or "", info, session=session, named=named)
 
     def _named(self, name: str, info: LockInfo) -> _Named:
         """``name``'s key and statements, with the record of ``info``'s process (made once)."""
@@ -432,8 +441,7 @@ class PostgresBackend(Backend):
                 return
             granted = _Granted(session)
         else:  # the session's record now shows this token and the server's time of the grant
-            granted_at = from_epoch_microseconds((label or "").rpartition(" ")[2])
-            granted = _Granted(session, previous_owner, token, granted_at)
+            granted = _Granted(session, previous_owner, token, label)
         _waited[(self.alias, name, threading.get_ident())] = granted
 
 
