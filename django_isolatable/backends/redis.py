@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -204,12 +205,15 @@ class RedisBackend(Backend):
             pool = self.client.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
             _this_thread.connections[self.url] = connection
-        elif getattr(connection, "_sock", None) is not None:
+        elif (sock := getattr(connection, "_sock", None)) is not None:
             # What the pool checks before handing a connection out: one the server closed
             # meanwhile (a restart, its idle timeout) reconnects instead of failing the command.
+            # Every reply of the last exchange was read, so the socket is readable only if the
+            # server closed it or sent what nobody asked for: one select, where the client's
+            # can_read() takes three system calls.
             try:
-                stale = connection.can_read()
-            except (self._errors.ConnectionError, OSError):
+                stale = bool(select.select((sock,), (), (), 0)[0])
+            except (OSError, ValueError):
                 stale = True
             if stale:
                 connection.disconnect()
