@@ -187,6 +187,38 @@ def test_a_redis_connection_the_server_closed_meanwhile_reconnects(settings, pri
     assert isolation.holder() is None
 
 
+def test_a_readable_redis_connection_that_is_not_stale_is_kept(
+    settings, private_redis, monkeypatch
+):
+    """Readable is not closed: a TLS connection gets a session ticket after its handshake,
+    which the client's own check reads and finds no reply in. Only that check drops it."""
+    import select
+
+    from django_isolatable.backends import redis as strategy
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
+    isolation = CommandIsolation("readable")
+    isolation.lock(timeout=0).release()
+    connection = strategy._this_thread.connections[private_redis.url]
+    sock = connection._sock
+    checked: list[bool] = []
+    can_read = connection.can_read
+
+    def readable(*args):
+        return [sock], [], []
+
+    def counted_can_read(*args, **kwargs):
+        checked.append(can_read(*args, **kwargs))
+        return checked[-1]
+
+    monkeypatch.setattr(select, "select", readable)
+    monkeypatch.setattr(connection, "can_read", counted_can_read)
+    isolation.lock(timeout=0).release()
+    assert checked, "the client's own check never ran"
+    assert not any(checked)
+    assert connection._sock is sock, "a connection with nothing to read was dropped"
+
+
 def test_a_threads_redis_connection_closes_with_the_thread(settings, private_redis):
     """A thread that took a lock leaves no connection behind when it ends."""
     import redis

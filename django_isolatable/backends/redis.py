@@ -209,11 +209,11 @@ class RedisBackend(Backend):
             # What the pool checks before handing a connection out: one the server closed
             # meanwhile (a restart, its idle timeout) reconnects instead of failing the command.
             # Every reply of the last exchange was read, so the socket is readable only if the
-            # server closed it or sent what nobody asked for: one select, where the client's
-            # can_read() takes three system calls.
+            # server closed it or sent something since (a TLS session ticket, say): one select,
+            # and only then the client's can_read(), which takes three system calls, decides.
             try:
-                stale = bool(select.select((sock,), (), (), 0)[0])
-            except (OSError, ValueError):
+                stale = bool(select.select((sock,), (), (), 0)[0]) and connection.can_read()
+            except (self._errors.ConnectionError, OSError, ValueError):
                 stale = True
             if stale:
                 connection.disconnect()
