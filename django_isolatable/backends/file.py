@@ -142,7 +142,7 @@ class FileBackend(Backend):
             else:
                 locked = True
             if not locked:
-                if _is_at(entry, path):
+                if _stat_if_at(entry, path) is not None:
                     return None
                 _close(path, entry)  # held, but a person deleted the file: lock the new one
                 continue
@@ -356,11 +356,6 @@ def _stat_if_at(opened: _OpenFile, path: str) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     return current if current.st_ino == opened.ino and current.st_dev == opened.dev else None
-
-
-def _is_at(opened: _OpenFile, path: str) -> bool:
-    """Whether the file we opened (and locked) is still the one at ``path``."""
-    return _stat_if_at(opened, path) is not None
 
 
 def _close(path: str, entry: _OpenFile) -> None:

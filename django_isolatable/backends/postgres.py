@@ -299,7 +299,7 @@ class PostgresBackend(Backend):
         return LockIOError(f"PostgreSQL database {self.alias!r} failed: {error}".strip())
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        named = self._names.get(name) or self._named(name, info)
+        named = self._named(name, info)
         granted = _waited.pop((self.alias, name, threading.get_ident()), None)
         token = info.token or ""
         if granted is None:
@@ -345,9 +345,8 @@ class PostgresBackend(Backend):
             return False  # a forked child's copy: the session is the parent's
         named = lease.named or self._named(lease.name, lease.info)
         try:
-            released = session.run(_UNLOCK, (named.key, named.owner))[0]
-        except StatementError:
-            session.close()
+            released = self._run(session, _UNLOCK, (named.key, named.owner))[0]
+        except LockIOError:
             return False  # the session is gone, and the lock with it
         self._put_back(session)
         return released == "t"
@@ -415,6 +414,7 @@ class PostgresBackend(Backend):
     def wait(self, name: str, timeout: float) -> None:
         """Queue for the lock on the server for up to ``timeout`` seconds; when it is granted,
         claim it in the same statement and keep it for this thread's next ``acquire``."""
+        # The record only if the name has no statements yet: most waits find them made.
         named = self._names.get(name) or self._named(name, new_record(name, self.strategy))
         session = self._connect()
         key = named.key
