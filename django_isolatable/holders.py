@@ -265,11 +265,16 @@ def new_record(
     return info
 
 
-def stamped(info: LockInfo, token: str, acquired_at: datetime | None) -> LockInfo:
-    """``info`` with another owner token and time taken: ``dataclasses.replace`` at a quarter of
-    its cost, for a record a backend's wait completed (every handoff)."""
+def stamped(
+    info: LockInfo, token: str, acquired_at: datetime | None, *, ttl: float | None = None
+) -> LockInfo:
+    """``info`` with another owner token and time taken (and, given ``ttl``, the expiry that
+    follows): ``dataclasses.replace`` at a quarter of its cost, for a record a backend's wait
+    completed (every handoff)."""
     copy: LockInfo = object.__new__(LockInfo)
     copy.__dict__.update(info.__dict__, token=token, acquired_at=acquired_at)
+    if ttl is not None and acquired_at is not None:
+        copy.__dict__["expires_at"] = acquired_at + timedelta(seconds=ttl)
     return copy
 
 

@@ -164,7 +164,13 @@ class CommandIsolation:
         ttl = self.ttl if backend.expiring else None  # read once per lock
         started = 0.0
         record = None
-        if wait != 0 and backend.wait_takes_lock:  # queue at once; free, it returns with it
+        if (
+            wait != 0
+            and backend.wait_takes_lock  # queue at once; free, it returns with it
+            # An expiring lock may be a dead holder's: unless this isolation looked at the
+            # holder lately (under contention), a plain attempt first finds it and takes over.
+            and not (backend.expiring and time.monotonic() >= self._next_stale_check)
+        ):
             # The record first: once the lock is granted, less is left to do before the
             # holder's work starts (the acquire sets when it was taken).
             record = new_record(self.name, backend.strategy, ttl=ttl)

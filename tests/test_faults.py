@@ -341,6 +341,102 @@ def test_a_redis_take_its_thread_never_claimed_is_released_not_handed_out(
     assert isolation.holder() is None
 
 
+def test_a_redis_wait_on_a_free_lock_takes_it_at_once_and_leaves_no_key(settings, private_redis):
+    """The wait's first TAKE finds the lock free: its own list wakes the BLPOP behind it at
+    once (a 30 s wait that blocked would fail on the 10 s socket timeout), the TAKE after that
+    finds the lock held and does nothing, and the thread's next acquire returns the lock."""
+    from django_isolatable.holders import new_record
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("free-wait")
+    backend = isolation.backend
+    started = time.monotonic()
+    backend.wait("free-wait", 30)
+    assert time.monotonic() - started < 9
+    taken = isolation.holder()
+    assert taken is not None
+    assert taken.pid == os.getpid()
+    lease = backend.acquire("free-wait", new_record("free-wait", "redis", ttl=30))
+    assert lease is not None
+    assert lease.token == taken.token
+    assert lease.info.acquired_at == taken.acquired_at
+    assert lease.info.expires_at == taken.acquired_at + timedelta(seconds=30)
+    assert list(backend.client.scan_iter(b"*taken:*")) == []
+    assert backend.release(lease)
+    assert isolation.holder() is None
+
+
+def test_a_redis_lock_that_may_wait_asks_the_server_once_when_the_lock_is_free(
+    settings, private_redis, monkeypatch
+):
+    """Under contention (its isolation found the lock held and looked at the holder lately), a
+    lock() that may wait starts with the wait, which takes a free lock in the same exchange.
+    Otherwise it starts with a plain attempt: uncontended, that is the one exchange, and a
+    dead holder's lock is found, and taken over, at once."""
+    from django_isolatable import isolation as isolation_module
+    from django_isolatable.backends.redis import RedisBackend
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    monkeypatch.setattr(isolation_module, "STALE_CHECK_EVERY", 60.0)
+    sent: list[str] = []
+    send = RedisBackend._send
+    monkeypatch.setattr(
+        RedisBackend,
+        "_send",
+        lambda self, what, *commands: sent.append(what) or send(self, what, *commands),
+    )
+    isolation = CommandIsolation("asked-once")
+    isolation.lock(timeout=5).release()
+    assert sent == ["lock", "release"]
+    with CommandIsolation("asked-once").lock(timeout=0), pytest.raises(AlreadyRunning):
+        isolation.lock(timeout=0)  # held: the holder was looked at (alive)
+    sent.clear()
+    isolation.lock(timeout=5).release()
+    assert sent == ["wait", "release"]
+    assert isolation.holder() is None
+
+
+def test_a_redis_wait_whose_first_take_meets_flushed_scripts_still_claims_a_later_take(
+    settings, private_redis
+):
+    """SCRIPT FLUSH before a wait: its first TAKE fails with NOSCRIPT and it blocks. Another
+    process loads TAKE meanwhile, so the TAKE behind the BLPOP runs when the holder releases:
+    that lock is this thread's, and its next acquire returns it (not an error)."""
+    from django_isolatable.backends import redis as redis_backend
+    from django_isolatable.holders import new_record
+
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
+    isolation = CommandIsolation("reloaded")
+    backend = isolation.backend
+    client = backend.client
+    holder = isolation.lock(timeout=0)
+    redis_backend._take_loaded.add(private_redis.url)
+    client.script_flush()
+    got: list[object] = []
+
+    def wait_then_acquire() -> None:
+        try:
+            backend.wait("reloaded", 5)
+            got.append(backend.acquire("reloaded", new_record("reloaded", "redis", ttl=30)))
+        except Exception as e:
+            got.append(e)
+
+    waiter = threading.Thread(target=wait_then_acquire)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not _blocked_in_blpop(client) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.script_load(redis_backend.TAKE)
+    holder.release()
+    waiter.join(10)
+    (lease,) = got
+    assert not isinstance(lease, Exception), lease
+    assert lease is not None
+    assert isolation.holder().token == lease.token
+    assert backend.release(lease)
+    assert isolation.holder() is None
+
+
 def test_a_redis_value_with_a_foreign_time_field_reads_as_unknown_time(settings, private_redis):
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
     isolation = CommandIsolation("odd")

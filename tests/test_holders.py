@@ -124,6 +124,15 @@ def test_a_stamped_record_is_the_replaced_dataclass_and_leaves_the_original_alon
         copy.token = "x"  # type: ignore[misc]
 
 
+def test_a_stamped_record_with_a_ttl_expires_that_long_after_it_was_taken():
+    info = new_record("stamp", "redis", ttl=5)
+    when = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    copy = stamped(info, "e" * 32, when, ttl=30)
+    expires = when + timedelta(seconds=30)
+    assert copy == dataclasses.replace(info, token="e" * 32, acquired_at=when, expires_at=expires)
+    assert stamped(info, "e" * 32, None, ttl=30).expires_at == info.expires_at
+
+
 @pytest.mark.parametrize(
     "name", ["x", "tenant:ünïcode", "emoji 🔒", "lone \udc80 surrogate", 'q"uo\\te']
 )

@@ -76,10 +76,13 @@ class Backend:
     queued_wait: ClassVar[bool] = False
     #: ``wait`` takes the lock when it is free (and the next ``acquire`` of the thread claims
     #: it), returning at once: a ``lock()`` that may wait starts with ``wait`` instead of an
-    #: attempt that fails under contention (postgres: ``pg_advisory_lock`` in the server's queue).
-    #: Such a ``lock()`` makes the holder record before the wait, so the lock is handed over
-    #: with less to do; the ``acquire`` after it sets ``acquired_at`` (and ``expires_at``) to
-    #: when it got the lock.
+    #: attempt that fails under contention (postgres: ``pg_advisory_lock`` in the server's
+    #: queue; redis: a take, then ``BLPOP``, in one exchange). For an ``expiring`` strategy it
+    #: does so only while its isolation looked at the holder lately (``STALE_CHECK_EVERY``):
+    #: otherwise the lock may be a dead holder's, which a plain attempt finds, and takes over, at
+    #: once. Such a ``lock()`` makes the holder record before the wait, so the lock is handed
+    #: over with less to do; the ``acquire`` after it sets ``acquired_at`` (and ``expires_at``)
+    #: to when it got the lock.
     wait_takes_lock: ClassVar[bool] = False
 
     def __init__(self, options: BackendOptions) -> None:

@@ -4,7 +4,12 @@ The holder's record lives in the lock key's own value, after the owner token, so
 lock's expiry by construction and one ``SET`` takes the lock and records the holder. Release and
 renewal are Lua compare-and-delete / compare-and-pexpire on the token: a holder never touches a
 lock that is no longer its own. A release pushes onto a per-name wake-up list that waiters block
-on with ``BLPOP`` (FIFO, like python-redis-lock), so handoff does not wait for a poll.
+on with ``BLPOP`` (FIFO, like python-redis-lock), so handoff does not wait for a poll; a waiter's
+take is queued behind its ``BLPOP``, so the lock passes to it with no round trip in between.
+
+The lock's own commands are written, and their replies read, by this module on a connection
+redis-py made (which connected, authenticated and said HELLO): redis-py's per-command layers
+cost more CPU than the round trip's system calls.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from django.core.checks import CheckMessage, Error
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, from_epoch_microseconds, new_record, utcnow
+from django_isolatable.holders import (
+    LockInfo,
+    from_epoch_microseconds,
+    new_record,
+    stamped,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -53,7 +64,8 @@ REFRESH = _COMPARE + "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 
 TAKE = (
     "local t = redis.call('time') local us = t[1] .. string.format('%06d', t[2]) "
     "if redis.call('set', KEYS[1], ARGV[1] .. ' ' .. us .. ' ' .. ARGV[3], 'NX', 'PX', ARGV[2]) "
-    "then return us end return false"
+    "then if KEYS[2] then redis.call('lpush', KEYS[2], 1) "
+    "redis.call('pexpire', KEYS[2], ARGV[4]) end return us end return false"
 )
 FORCE_RELEASE = (
     "local n = redis.call('del', KEYS[1]) redis.call('del', KEYS[2]) "
@@ -124,6 +136,7 @@ class RedisBackend(Backend):
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
     queued_wait: ClassVar[bool] = True
+    wait_takes_lock: ClassVar[bool] = True
     # Releases wake waiters through BLPOP; a holder that died does not, so this is how soon a
     # waiter on its host looks at it (and takes the lock over).
     poll_interval: ClassVar[float] = 0.2
@@ -192,10 +205,11 @@ class RedisBackend(Backend):
         reply is returned as its ``ResponseError``, once every reply was read.
 
         What a redis-py pipeline does, without the client's bookkeeping around each command
-        (taking a pooled connection and giving it back alone is 11 µs of CPU): these are the
-        lock's hot path. A connection that fails is disconnected, and reconnects on next use.
-        The connection is this thread's own, outside the pool, so it is dropped, and closed,
-        with the thread.
+        (taking a pooled connection and giving it back alone is 11 µs of CPU) or its writer
+        and reader (``_pack``, ``_read_replies``): these are the lock's hot path. A connection
+        that fails is disconnected, and reconnects on next use; a socket error or timeout is a
+        ``ConnectionError``. The connection is this thread's own, outside the pool, so it is
+        dropped, and closed, with the thread.
         """
         return self._call(what, self._exchange, commands)  # type: ignore[no-any-return]
 
@@ -218,17 +232,17 @@ class RedisBackend(Backend):
             if stale:
                 connection.disconnect()
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
-            replies = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except self._errors.ResponseError as e:
-                    replies.append(e)
+            if connection._sock is None:
+                connection.connect()  # authenticates, selects the database, says HELLO
+            sock = connection._sock
+            sock.sendall(_pack(commands))
+            return _read_replies(sock, len(commands), connection._parser.parse_error)
+        except OSError as e:  # the socket's timeout included
+            connection.disconnect()
+            raise self._errors.ConnectionError(str(e) or type(e).__name__) from e
         except BaseException:
             connection.disconnect()  # a reply may still be on its way: never read it as ours
             raise
-        return replies
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key, _ = self._keys(name)
@@ -301,29 +315,137 @@ class RedisBackend(Backend):
         return bool(self._script("release", self._force_release, keys, WAKE_TTL_MS))
 
     def wait(self, name: str, timeout: float) -> None:
-        """BLPOP the wake-up list, with TAKE right behind it: woken (or timed out) on a free
-        lock, this thread holds it, and its next ``acquire`` returns it."""
+        """Take the lock if it is free, else BLPOP the wake-up list with TAKE right behind it,
+        in one exchange: free at once, or woken (or timed out) on a free lock, this thread
+        holds it, and its next ``acquire`` returns it (``wait_takes_lock``).
+
+        A first TAKE that succeeds pushes onto this wait's own list, which the BLPOP names
+        first, so it returns at once; the TAKE behind it then finds the lock held (by this
+        thread) and does nothing.
+        """
         key, wake = self._keys(name)
         seconds = max(timeout, 0.001)  # BLPOP treats 0 as "forever"
         if self.url not in _take_loaded:  # else the first wake-up on a new server is wasted
             self._call("load a script", self.client.script_load, TAKE)
             _take_loaded.add(self.url)
         record = new_record(name, self.strategy, ttl=self.options.ttl)
+        token = record.token or ""
         ttl_ms = max(1, int(self.options.ttl * 1000))
-        _, taken_at = self._send(
+        json = record.to_json()
+        mine = self._prefix + b"taken:" + token.encode()
+        replies = self._send(
             "wait",
-            ("BLPOP", wake, seconds),
-            ("EVALSHA", self._take.sha, 1, key, record.token or "", ttl_ms, record.to_json()),
+            ("EVALSHA", self._take.sha, 2, key, mine, token, ttl_ms, json, WAKE_TTL_MS),
+            ("BLPOP", mine, wake, seconds),
+            ("EVALSHA", self._take.sha, 1, key, token, ttl_ms, json),
         )
-        if isinstance(taken_at, self._errors.NoScriptError):  # a restarted or flushed server
-            self._call("load a script", self.client.script_load, TAKE)
-            return  # the caller's next attempt takes the lock if it is free
-        if self._checked("wait", taken_at):
+        taken_at = None
+        for reply in replies[::2]:
+            if isinstance(reply, self._errors.NoScriptError):
+                # A restarted or flushed server: load TAKE for the next wait. The other TAKE
+                # may still have run (another process can load it during the BLPOP).
+                self._call("load a script", self.client.script_load, TAKE)
+            else:
+                taken_at = self._checked("wait", reply) or taken_at
+        if taken_at:  # the server's time it was taken, in µs
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
             taken = from_epoch_microseconds(microseconds) or utcnow()
-            expires = taken + timedelta(seconds=self.options.ttl)
-            record = replace(record, acquired_at=taken, expires_at=expires)
+            record = stamped(record, token, taken, ttl=self.options.ttl)
             _taken[(self.url, key, threading.get_ident())] = (record, time.monotonic())
+
+
+def _pack(commands: tuple[tuple[Any, ...], ...]) -> bytes:
+    """``commands`` in the Redis protocol: what ``Connection.pack_commands`` makes of the lock's
+    own arguments (bytes, str, int, float), at a third of its cost."""
+    parts = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for argument in command:
+            if not isinstance(argument, bytes):
+                text = argument if isinstance(argument, str) else repr(argument)
+                argument = text.encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply."""
+
+
+def _read_replies(sock: Any, count: int, parse_error: Any) -> list[Any]:
+    """The next ``count`` replies on ``sock``: an error reply as its exception (made by the
+    client's own ``parse_error``, so NOSCRIPT is a ``NoScriptError``), not raised.
+
+    redis-py's reader costs about 10 µs of CPU per reply in its layers (a buffer object, a call
+    per line); a lock's exchange has two or three short replies, read here in one or two
+    ``recv`` calls. RESP2 and RESP3 alike: what SET, EVALSHA and BLPOP answer.
+    """
+    data = sock.recv(65536)
+    while True:
+        if not data:
+            raise ConnectionError("Connection closed by server.")
+        try:
+            replies, position = [], 0
+            for _ in range(count):
+                reply, position = _parse(data, position, parse_error)
+                replies.append(reply)
+        except ValueError as e:  # a length or number that is none
+            raise _protocol_error(str(e)) from e
+        except _Incomplete:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("Connection closed by server.") from None
+            data += more
+            continue
+        if position != len(data):
+            raise _protocol_error(f"{len(data) - position} bytes after the last reply")
+        return replies
+
+
+def _parse(data: bytes, position: int, parse_error: Any) -> tuple[Any, int]:
+    end = data.find(b"\r\n", position)
+    if end < 0:
+        raise _Incomplete
+    kind, line, position = data[position : position + 1], data[position + 1 : end], end + 2
+    if kind == b"$" or kind == b"!" or kind == b"=":  # bulk, RESP3 blob error, verbatim
+        size = int(line)
+        if size < 0:
+            return None, position
+        if len(data) < position + size + 2:
+            raise _Incomplete
+        value = data[position : position + size]
+        position += size + 2
+        if kind == b"!":
+            return parse_error(value.decode("utf-8", "replace")), position
+        return (value[4:] if kind == b"=" else value), position
+    if kind == b":":
+        return int(line), position
+    if kind == b"+":
+        return line, position
+    if kind == b"-":
+        return parse_error(line.decode("utf-8", "replace")), position
+    if kind == b"*":
+        size = int(line)
+        if size < 0:
+            return None, position
+        items = []
+        for _ in range(size):
+            item, position = _parse(data, position, parse_error)
+            items.append(item)
+        return items, position
+    if kind == b"_":
+        return None, position
+    if kind == b"#":
+        return line == b"t", position
+    if kind == b",":
+        return float(line), position
+    raise _protocol_error(f"unexpected reply type {kind!r}")
+
+
+def _protocol_error(what: str) -> Exception:
+    import redis.exceptions
+
+    return redis.exceptions.InvalidResponse(f"Protocol error: {what}")
 
 
 def _glob_escape(pattern: bytes) -> bytes:
