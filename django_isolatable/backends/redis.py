@@ -339,14 +339,16 @@ class RedisBackend(Backend):
             ("BLPOP", mine, wake, seconds),
             ("EVALSHA", self._take.sha, 1, key, token, ttl_ms, json),
         )
-        taken_at = None
+        # A restarted or flushed server answers NOSCRIPT; the other TAKE may still have run
+        # (another process can load the script during the BLPOP). Load it once for next time.
+        taken_at, flushed = None, False
         for reply in replies[::2]:
             if isinstance(reply, self._errors.NoScriptError):
-                # A restarted or flushed server: load TAKE for the next wait. The other TAKE
-                # may still have run (another process can load it during the BLPOP).
-                self._call("load a script", self.client.script_load, TAKE)
+                flushed = True
             else:
                 taken_at = self._checked("wait", reply) or taken_at
+        if flushed:
+            self._call("load a script", self.client.script_load, TAKE)
         if taken_at:  # the server's time it was taken, in µs
             microseconds = taken_at.decode() if isinstance(taken_at, bytes) else str(taken_at)
             taken = from_epoch_microseconds(microseconds) or utcnow()
