@@ -7,9 +7,9 @@ import enum
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 
-__all__ = ["Backend", "BackendOptions", "Lease", "LockStrategy", "load_backend_class"]
+__all__ = ["Backend", "BackendOptions", "Lease", "LockStrategy", "Waiting", "load_backend_class"]
 
 
 class LockStrategy(str, enum.Enum):

@@ -7,9 +7,9 @@ and nothing else.
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +60,14 @@ def missing_driver(strategy: str, module: str, extra: str, check_id: str) -> lis
 
 
 class Backend:
-    """One strategy's lock operations. Subclasses set ``strategy`` and implement the methods."""
+    """One strategy's lock operations: single attempts against its store, on its driver's public
+    API. Subclasses set ``strategy`` and implement the methods; optional abilities are the small
+    interfaces below (``Waiting``), which ``CommandIsolation`` asks a backend for with
+    ``isinstance``.
+
+    A backend stores and returns the ``LockInfo`` it is given and never judges liveness
+    (``holders.py`` does).
+    """
 
     strategy: ClassVar[str]
     #: Leases expire unless renewed with ``refresh`` (redis, database, cache).
@@ -68,22 +75,8 @@ class Backend:
     #: ``refresh`` is called every TTL/3 while a lock is held: it renews an expiring lease, or
     #: checks that the session holding the lock is still there (postgres).
     heartbeat: ClassVar[bool] = False
-    #: Longest pause between two attempts of a waiter; ``wait`` may wake it sooner.
+    #: Longest pause between two attempts when ``CommandIsolation`` polls (no ``Waiting``).
     poll_interval: ClassVar[float] = 0.05
-    #: ``wait`` holds a place in the store's own queue or wake-up list (pg_advisory_lock,
-    #: BLPOP): waiters then block for the whole ``poll_interval`` at once, where others start
-    #: with short pauses and lengthen them.
-    queued_wait: ClassVar[bool] = False
-    #: ``wait`` takes the lock when it is free (and the next ``acquire`` of the thread claims
-    #: it), returning at once: a ``lock()`` that may wait starts with ``wait`` instead of an
-    #: attempt that fails under contention (postgres: ``pg_advisory_lock`` in the server's
-    #: queue; redis: a take, then ``BLPOP``, in one exchange). For an ``expiring`` strategy it
-    #: does so only while its isolation looked at the holder lately (``STALE_CHECK_EVERY``):
-    #: otherwise the lock may be a dead holder's, which a plain attempt finds, and takes over, at
-    #: once. Such a ``lock()`` makes the holder record before the wait, so the lock is handed
-    #: over with less to do; the ``acquire`` after it sets ``acquired_at`` (and ``expires_at``)
-    #: to when it got the lock.
-    wait_takes_lock: ClassVar[bool] = False
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
@@ -93,12 +86,17 @@ class Backend:
         """System check messages about the settings this strategy uses (none by default)."""
         return []
 
+    def store(self) -> str:
+        """Names the store this backend's leases live in (one renewal thread per store, so a
+        stuck store never delays another's renewals). Must not expose credentials."""
+        return self.strategy
+
     def lock_path(self, name: str) -> Path | None:
         """The file that holds ``name``'s lock, for strategies that use one."""
         return None
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        """One attempt to take ``name`` for the holder described by ``info``.
+        """One non-blocking attempt to take ``name`` for the holder described by ``info``.
 
         Returns the lease, or None when someone else holds it. Raises ``LockIOError`` (or a more
         specific ``IsolationError``) when the store cannot be used.
@@ -119,6 +117,8 @@ class Backend:
 
         False if it was lost: expired, taken, or its session gone. Raises ``LockIOError`` when
         the store cannot be reached (the caller retries until the lease must have expired).
+        Returns or raises within ``ttl`` seconds: a store that stops answering must not keep
+        the caller waiting past the lease's end.
         """
         return True
 
@@ -133,20 +133,37 @@ class Backend:
         raise NotImplementedError
 
     def list(self) -> Iterable[LockInfo]:
-        """Every lock record this backend can see (held or stale), as ``inspect`` returns them."""
+        """Every lock record this backend can see (held or stale), as ``inspect`` returns them,
+        streamed: a store with many locks is never read into memory at once."""
         raise NotImplementedError
 
-    def force_release(self, name: str) -> bool:
-        """Release ``name`` whoever holds it; True if something was released."""
-        raise NotImplementedError
+    def force_release(self, name: str, token: str | None = None) -> bool:
+        """Release ``name`` whoever holds it; True if something was released.
 
-    def wait(self, name: str, timeout: float) -> None:
-        """Block for up to ``timeout`` seconds, returning early when ``name`` is probably free.
-
-        The default just sleeps; backends with a wake-up (inotify, pub/sub, a server-side lock
-        queue) return as soon as the holder lets go, which makes handoff fast.
+        With ``token``, only while that token holds it (or is its dead holder's record):
+        judged and released in one step, so a holder that took the lock after someone looked
+        at it is never touched.
         """
-        time.sleep(timeout)
+        raise NotImplementedError
 
     def close(self) -> None:
         """Free the connections this backend keeps for the calling thread (never held locks)."""
+
+
+class Waiting(abc.ABC):
+    """Ability: block in the store until the lock is taken (Symfony's ``BlockingStoreInterface``).
+
+    A backend that has it inherits this as well as ``Backend``; without it, ``CommandIsolation``
+    polls ``acquire`` with growing, jittered pauses.
+    """
+
+    @abc.abstractmethod
+    def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
+        """Block until this caller holds ``name`` (the lease) or ``timeout`` seconds (finite,
+        > 0) passed (None), in one visible call: taking a free lock, waiting for its release
+        and taking it then are this one call, with no round trip between the release and the
+        take where the store allows it.
+
+        Leaves nothing held when it returns None or raises, an interrupt (``KeyboardInterrupt``,
+        a signal handler's exception) included: what the store granted meanwhile is released.
+        """
