@@ -117,6 +117,30 @@ def test_redis_restarted_under_a_held_lease(settings, private_redis, lost_events
         assert CommandIsolation("nightly").holder().token == new.info.token
 
 
+def test_a_redis_holder_behind_a_black_hole_learns_of_the_loss_in_time(
+    settings, private_redis, lost_events
+):
+    """Issue 13.5: Redis stops answering and closes nothing (SIGSTOP: a network black hole).
+    The lease may expire TTL seconds after the freeze, when another host could take the lock;
+    the holder's guard is lost by then plus TTL/3 and a second, not after a socket timeout."""
+    ttl = 2.0
+    settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url, "TTL": ttl}
+    guard = CommandIsolation("black-hole").lock(timeout=0)
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        while not guard.lost and time.monotonic() < frozen + 20:
+            time.sleep(0.02)
+        lost_after = time.monotonic() - frozen
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    assert guard.lost
+    assert lost_after < ttl + ttl / 3 + 1
+    assert lost_events == ["black-hole"]
+    guard.release()
+
+
 def test_redis_scripts_flushed_under_a_held_lease(settings, private_redis):
     """SCRIPT FLUSH (or a failover to a replica without the scripts): release and renewal load
     their Lua scripts again and work."""

@@ -15,6 +15,7 @@ so a forked child never talks on its parent's connections.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from django_isolatable.holders import LockInfo, utcnow
 
 if TYPE_CHECKING:
     import redis
+    from redis.commands.core import Script
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ _SECRET_PARAMETER = re.compile(
 # scheme://user:password@ (the password may hold an unescaped "@": the last one ends it)
 _USERINFO_PASSWORD = re.compile(r"^([^:/?#]+://[^:@/?#]*:)[^/?#]*@")
 
-_clients: dict[tuple[str, float], redis.Redis] = {}
-
 
 def safe_url(url: str) -> str:
     """``url`` with every credential it can carry masked (the userinfo password and
@@ -99,24 +99,34 @@ def _url_problem(url: str) -> tuple[str, str] | None:
     return None
 
 
+@functools.cache
 def _client(url: str, timeout: float) -> redis.Redis:
     """One client (and connection pool) per URL and socket timeout, per process. The timeouts
     are the strategy's own, whatever the URL's query says, and a failed command is not
-    retried: the wait loop and the renewal thread do their own retrying."""
-    client = _clients.get((url, timeout))
-    if client is None:
-        import redis
+    retried: the wait loop and the renewal thread do their own retrying.
 
-        parsed = redis.ConnectionPool.from_url(url)
-        options = {
-            **parsed.connection_kwargs,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT),
-            "retry": None,
-        }
-        pool = redis.ConnectionPool(connection_class=parsed.connection_class, **options)
-        client = _clients.setdefault((url, timeout), redis.Redis(connection_pool=pool))
-    return client
+    Raises ``ImproperlyConfigured`` for a URL redis-py cannot use (and caches only clients)."""
+    import redis
+
+    problem = _url_problem(url)
+    if problem is not None:
+        raise ImproperlyConfigured(problem[1])
+    parsed = redis.ConnectionPool.from_url(url)
+    options = {
+        **parsed.connection_kwargs,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT),
+        "retry": None,
+    }
+    pool = redis.ConnectionPool(connection_class=parsed.connection_class, **options)
+    return redis.Redis(connection_pool=pool)
+
+
+@functools.cache
+def _scripts(url: str) -> tuple[Script, Script]:
+    """The release and refresh scripts, registered once per URL (each computes its SHA1)."""
+    client = _client(url, COMMAND_TIMEOUT)
+    return client.register_script(RELEASE), client.register_script(REFRESH)
 
 
 class RedisBackend(Backend, Waiting):
@@ -131,14 +141,10 @@ class RedisBackend(Backend, Waiting):
             import redis.exceptions
         except ImportError as e:
             raise ImproperlyConfigured(DRIVER_MISSING) from e
-        problem = _url_problem(self.url)
-        if problem is not None:
-            raise ImproperlyConfigured(problem[1])
         self._errors = redis.exceptions
         self.client = _client(self.url, COMMAND_TIMEOUT)
+        self._release, self._refresh = _scripts(self.url)
         self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
-        self._release = self.client.register_script(RELEASE)
-        self._refresh = self.client.register_script(REFRESH)
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
