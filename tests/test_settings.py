@@ -83,15 +83,15 @@ def test_remembered_values_follow_every_change_of_the_setting(settings):
             "TTL",
             0,
             "isolatable.E005",
-            'settings.ISOLATABLE["TTL"] is 0; use a finite number of seconds > 0 '
-            "(leases must expire).",
+            'settings.ISOLATABLE["TTL"] is 0; use a number of seconds > 0 and at most 86400 '
+            "(a day): leases must expire.",
         ),
         (
             "TTL",
             float("inf"),
             "isolatable.E005",
-            'settings.ISOLATABLE["TTL"] is inf; use a finite number of seconds > 0 '
-            "(leases must expire).",
+            'settings.ISOLATABLE["TTL"] is inf; use a number of seconds > 0 and at most 86400 '
+            "(a day): leases must expire.",
         ),
         (
             "TIMEOUT",
@@ -156,7 +156,7 @@ def test_unknown_key_is_a_warning(settings):
             "isolatable.W001",
             "Unknown key 'TIMOUT' in settings.ISOLATABLE is ignored; the known keys are "
             "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, "
-            "KEY_PREFIX, SKIPPED_EXIT_CODE.",
+            "KEY_PREFIX, SKIPPED_EXIT_CODE, RECORD_ARGV.",
         )
     ]
 
