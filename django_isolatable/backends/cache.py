@@ -135,7 +135,9 @@ class CacheBackend(Backend):
         return None if value is None else _info(name, value)
 
     def list(self) -> Iterator[LockInfo]:
-        index: dict[str, str] = self._call("read", self.cache.get, self._index) or {}
+        index = self._call("read", self.cache.get, self._index)
+        if not isinstance(index, dict):  # none yet, or not one this code wrote
+            index = {}
         found = self._call("read", self.cache.get_many, list(index))
         if len(found) < len(index):  # released, or expired: prune them
             self._update_index(keep=set(found))

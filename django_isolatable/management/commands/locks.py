@@ -155,10 +155,10 @@ class Command(BaseCommand):
         if not self.backend.force_release(name, token=holder.token):
             return self._not_released(name, holder)
         if holder.alive is False:
-            logger.info("Released the stale lock %s of %s", name, who)
+            logger.info("Released the stale lock %s of %s", shown, who)
             self.stdout.write(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
         else:
-            logger.warning("Force-released lock %s (%s)", name, self.backend.strategy)
+            logger.warning("Force-released lock %s (%s)", shown, self.backend.strategy)
             self.stdout.write(
                 f"Force-released {shown} ({who}); if that process still runs, it runs on "
                 "without the lock.",
