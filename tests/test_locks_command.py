@@ -16,25 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from django_isolatable.backends import backend_for
 from django_isolatable.holders import new_record
-from django_isolatable.models import Lock
 from tests.strategies import (
     CACHE_ON_REDIS,
     DATABASE_ON_MARIADB,
     DATABASE_ON_POSTGRES,
     DATABASE_ON_SQLITE,
-    LONG_AGO,
-    StrategyConfig,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Takes a lock once (so it is connected), prints "ready", waits for a line on stdin, then
 #: takes each lock named on its command line with try_lock(), last name first, printing
-#: "took <token>" for each; then "done", and holds them until stdin closes.
+#: "took <name> <token>" for each; then "done", and holds them until stdin closes.
 TAKER = """
 import sys
 import django
@@ -49,7 +47,7 @@ for name in reversed(sys.argv[1:]):
         guards.append(CommandIsolation(name).try_lock())
     except AlreadyRunning:
         continue
-    print("took", guards[-1].info.token, flush=True)
+    print("took", name, guards[-1].info.token, flush=True)
 print("done", flush=True)
 sys.stdin.read()
 for guard in guards:
@@ -59,13 +57,42 @@ RACE_LOCKS = 400
 EVENT_TIMEOUT = 60.0  # seconds; only a hang should ever hit it
 
 
-def child_env(config: StrategyConfig) -> dict[str, str]:
-    isolatable = {"STRATEGY": config.strategy, **config.isolatable_settings}
+def child_env() -> dict[str, str]:
+    """The environment of a child that uses the current ISOLATABLE settings."""
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "ISOLATABLE_TEST_SETTINGS": json.dumps(isolatable),
+        "ISOLATABLE_TEST_SETTINGS": json.dumps(django_settings.ISOLATABLE),
     }
+
+
+def start_taker(names: list[str]) -> subprocess.Popen[str]:
+    taker = subprocess.Popen(
+        [sys.executable, "-c", TAKER, *names],
+        cwd=ROOT,
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert taker.stdout is not None
+    assert taker.stdout.readline() == "ready\n"
+    return taker
+
+
+def take(taker: subprocess.Popen[str]) -> dict[str, str]:
+    """Tell a ready taker to go; the tokens it took, by lock name, once it is done."""
+    assert taker.stdin is not None
+    assert taker.stdout is not None
+    taker.stdin.write("go\n")
+    taker.stdin.flush()
+    taken = {}
+    for line in taker.stdout:
+        if line == "done\n":
+            return taken
+        _, name, token = line.split()
+        taken[name] = token
+    pytest.fail(f"taker {taker.pid} exited before it was done")
 
 
 @pytest.mark.parametrize(
@@ -74,36 +101,24 @@ def child_env(config: StrategyConfig) -> dict[str, str]:
 def test_release_stale_force_never_touches_a_holder_that_took_the_lock_after_the_listing(
     config,
 ):
-    """Hundreds of expired leases; once the release has started, another process takes them
-    from the other end. Every lock it took is still its own when the release is done."""
+    """Hundreds of locks of a SIGKILLed holder; once the release has started, another process
+    takes them from the other end. Every lock it took is still its own when the release is done.
+    """
     config.require_service()
     names = [f"race-{os.getpid()}-{n:04d}" for n in range(RACE_LOCKS)]
     with config.override_settings():
         backend = backend_for()
-        alias = config.isolatable_settings["DATABASE_ALIAS"]
-        stale = []
-        for name in names:
-            lease = backend.acquire(name, new_record(name, "database", ttl=60))
-            assert lease is not None
-            stale.append(lease.token)
-        assert Lock.objects.using(alias).filter(token__in=stale).update(expires_at=LONG_AGO)
-        env = child_env(config)
-        taker = subprocess.Popen(
-            [sys.executable, "-c", TAKER, *names],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        dead = start_taker(names)
+        stale = take(dead)
+        assert len(stale) == RACE_LOCKS
+        dead.kill()
+        dead.wait()
+        taker = start_taker(names)
         try:
-            assert taker.stdin is not None
-            assert taker.stdout is not None
-            assert taker.stdout.readline() == "ready\n"
             release = subprocess.Popen(
                 [sys.executable, "-m", "django", "locks", "release", "--stale", "--force"],
                 cwd=ROOT,
-                env={**env, "PYTHONUNBUFFERED": "1"},
+                env={**child_env(), "PYTHONUNBUFFERED": "1"},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
@@ -111,23 +126,18 @@ def test_release_stale_force_never_touches_a_holder_that_took_the_lock_after_the
             # stops at its first hundred lines or so, whatever the speeds of the two processes.
             assert release.stdout is not None
             fcntl.fcntl(release.stdout, fcntl.F_SETPIPE_SZ, 4096)
-            deadline = time.monotonic() + 60
-            # The listing is done once the first stale lease is released.
-            while Lock.objects.using(alias).filter(token__in=stale).count() == RACE_LOCKS:
+            deadline = time.monotonic() + EVENT_TIMEOUT
+            # The listing is done once the first stale lock is released (it goes in name order).
+            while getattr(backend.inspect(names[0]), "token", None) == stale[names[0]]:
                 assert release.poll() is None, release.stdout.read()
                 assert time.monotonic() < deadline, "the release never started"
                 time.sleep(0.001)
-            taker.stdin.write("go\n")
-            taker.stdin.flush()
-            taken = []
-            for line in taker.stdout:
-                if line == "done\n":
-                    break
-                taken.append(line.split()[1])
+            taken = take(taker)
             text = release.stdout.read().decode()
             status = release.wait(EVENT_TIMEOUT)
             # Each lock the taker holds is still its own: none was force-released under it.
-            assert Lock.objects.using(alias).filter(token__in=taken).count() == len(taken), text
+            holders = {name: backend.inspect(name) for name in taken}
+            assert {name: getattr(info, "token", None) for name, info in holders.items()} == taken
             assert status == 1, text
             changed = re.findall(
                 rf"^(race-\S+) now has another holder \(pid {taker.pid} on \S+\); not released\.$",
@@ -137,11 +147,12 @@ def test_release_stale_force_never_touches_a_holder_that_took_the_lock_after_the
             assert changed, f"the taker took no lock between the listing and its release:\n{text}"
             assert text.rstrip().endswith(f"CommandError: {len(changed)} locks were not released.")
             released = re.findall(r"^Released stale lock (race-\S+) \(pid ", text, re.MULTILINE)
-            assert len(released) + len(changed) == RACE_LOCKS
+            assert sorted(released + changed) == names
         finally:
-            if taker.poll() is None:
-                taker.kill()
-            taker.wait()
+            for process in (dead, taker):
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
             for name in names:
                 backend.force_release(name)
 
