@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connections
 
 from django_isolatable import AlreadyRunning, CommandIsolation
 from django_isolatable.backends import backend_for
@@ -32,7 +33,7 @@ from django_isolatable.holders import (
     new_record,
     printable,
 )
-from tests.strategies import CACHE_ON_REDIS, REDIS
+from tests.strategies import CACHE_ON_REDIS, DATABASE_ON_POSTGRES, DATABASE_ON_SQLITE, REDIS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEP = "[" * 60_000
@@ -158,6 +159,38 @@ def test_a_lock_file_of_year_one_shows_unknown_times(held_with_record):
     assert locks("status").splitlines()[1].split()[4:6] == ["-", "-"]
     with pytest.raises(AlreadyRunning):
         CommandIsolation("old").try_lock()
+
+
+@pytest.mark.parametrize(
+    "config", [DATABASE_ON_SQLITE, DATABASE_ON_POSTGRES], ids=lambda config: config.id
+)
+def test_a_database_row_of_year_one_breaks_neither_status_nor_try_lock(config):
+    """PostgreSQL keeps year 1 at +05:00 as a date B.C., which psycopg refuses to read."""
+    config.require_service()
+    names = [f"year-one-{os.getpid()}", f"year-two-{os.getpid()}"]
+    with config.override_settings():
+        guards = [CommandIsolation(name).try_lock() for name in names]
+        try:
+            alias = config.isolatable_settings["DATABASE_ALIAS"]
+            with connections[alias].cursor() as cursor:
+                cursor.execute(
+                    "UPDATE django_isolatable_lock SET acquired_at = %s, process_started_at = %s "
+                    "WHERE token = %s",
+                    ["0001-01-01 00:00:00+05", "0001-01-01 00:00:00+05", guards[0].info.token],
+                )
+                assert cursor.rowcount == 1
+            listed = {row["name"]: row for row in json.loads(locks("status", "--json"))}
+            assert (listed[names[0]]["state"], listed[names[0]]["started_at"]) == ("held", None)
+            assert listed[names[1]]["started_at"] == guards[1].info.acquired_at.isoformat()
+            (row,) = json.loads(locks("status", names[0], "--json"))
+            assert (row["pid"], row["started_at"], row["age_seconds"]) == (os.getpid(), None, None)
+            with pytest.raises(AlreadyRunning) as error:
+                CommandIsolation(names[0]).try_lock()
+            assert error.value.holder is not None
+            assert error.value.holder.token == guards[0].info.token
+        finally:
+            for guard in guards:
+                guard.release()
 
 
 @pytest.fixture

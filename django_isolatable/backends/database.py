@@ -107,6 +107,12 @@ def _datetime(value: object) -> datetime | None:
         return None
 
 
+def _readable(column: str) -> str:
+    """SQL for a time column that is NULL where no ``datetime`` can hold the time (a row written
+    by hand): drivers raise on such a value, and one would make the whole table unreadable."""
+    return f"CASE WHEN {column} BETWEEN '0001-01-02' AND '9999-12-30' THEN {column} END"
+
+
 def _argv(value: object) -> tuple[str, ...]:
     """The stored JSON list of the command line; () for anything else."""
     try:
@@ -290,9 +296,12 @@ class DatabaseBackend(Backend):
         their key are skipped: another KEY_PREFIX's, or a name the connection's character set
         could not carry (MySQL's 3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4)."""
         now, _, _ = self._now()
+        started, acquired, expires = (
+            _readable(c) for c in ("process_started_at", "acquired_at", "expires_at")
+        )
         sql = (
-            "SELECT name_hash, name, token, pid, hostname, host_id, process_started_at, "
-            f"acquired_at, argv, expires_at, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
+            f"SELECT name_hash, name, token, pid, hostname, host_id, {started}, {acquired}, "
+            f"argv, {expires}, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
             f"FROM {{table}} {where}"
         )
         for row in self._execute(sql, params, fetch=True):
