@@ -1,5 +1,6 @@
 """KEY_PREFIX namespaces never overlap: prefix "P:ns:" with name "job" and prefix "P:" with name
-"ns:job" are two locks on every strategy that uses a prefix (database and cache here)."""
+"ns:job" are two locks on every strategy that uses a prefix (database, cache and memory here;
+redis and postgres have tests of their own)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from django.test import override_settings
 from django_isolatable.backends import backend_for
 from django_isolatable.holders import new_record
 from django_isolatable.models import Lock
-from tests.strategies import CACHE_ON_REDIS, DATABASE_CONFIGS, DATABASE_ON_SQLITE, StrategyConfig
+from tests.strategies import (
+    CACHE_ON_REDIS,
+    DATABASE_CONFIGS,
+    DATABASE_ON_SQLITE,
+    MEMORY,
+    StrategyConfig,
+)
 
-CONFIGS = [*DATABASE_CONFIGS, CACHE_ON_REDIS]
+CONFIGS = [*DATABASE_CONFIGS, CACHE_ON_REDIS, MEMORY]
 JOB = f"job-{os.getpid()}"  # unique to this session on a shared server
 #: Pairs of (prefix, name) that joining prefix and name as they are makes one key.
 OVERLAPS = [(("P:ns:", JOB), ("P:", f"ns:{JOB}")), (("P:", JOB), ("", f"P:{JOB}"))]

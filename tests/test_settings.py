@@ -342,7 +342,7 @@ def test_bad_timeouts_are_value_errors(bad):
 
 @pytest.mark.parametrize("bad", [0, -5, float("inf")])
 def test_bad_ttl_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="ttl must be a finite"):
+    with pytest.raises(ValueError, match="ttl must be a number of seconds > 0 and at most"):
         CommandIsolation("x", ttl=bad)
 
 
