@@ -7,6 +7,9 @@ import pytest
 
 from tests import services
 
+# The isolatable_locks fixture, registered the way a project without the entry point would.
+pytest_plugins = ["django_isolatable.testing"]
+
 
 @pytest.fixture(autouse=True)
 def lock_dir(settings, tmp_path: Path) -> Path:
