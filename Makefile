@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format docs demo clean
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# The docs site from docs/ into site/; any warning (a broken link or #anchor) fails the build.
+# Offline: the theme loads no web fonts. NO_MKDOCS_2_WARNING quiets the theme's banner.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
@@ -36,7 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache example_project/.locks
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache example_project/.locks site dist
 
 # The supported range beyond the default interpreter: Django 4.2 LTS on the oldest Python, and
 # the newest Django where Python >= 3.12 is present. Interpreters that are missing are skipped.
