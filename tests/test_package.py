@@ -96,7 +96,9 @@ def test_the_wheel_holds_the_whole_package_and_the_licence(dist: Path) -> None:
     }
     with zipfile.ZipFile(only(dist, "*.whl")) as wheel:
         names = set(wheel.namelist())
-        (licence,) = (n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        licences = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert licences, f"no LICENSE in the wheel: {sorted(names)}"
+        licence = licences[0]
         assert wheel.read(licence) == (ROOT / "LICENSE").read_bytes()
     assert package <= names, f"missing from the wheel: {sorted(package - names)}"
     outside = {n for n in names if n.split("/")[0] != "django_isolatable"}
