@@ -21,4 +21,12 @@ def test_benchmarks_run_quick():
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Uncontended acquire + release" in result.stdout
+    for section in (
+        "Round trips per operation",
+        "Uncontended acquire + release",
+        "Handoff latency",
+        "Contention",
+        "Command overhead",
+        "Targets (issue 15)",
+    ):
+        assert section in result.stdout
