@@ -183,7 +183,12 @@ class TestBadInput:
         parent = Path(tempfile.mkdtemp(prefix="isolatable-readonly-"))
         directory = parent / "locks"
         directory.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # the user tried below (nobody) owns it, but may not write in it
+            os.chown(directory, 65534, 65534)
         parent.chmod(0o755)
+        # Read before the fork: as nobody, the child may not read the interpreter's own modules
+        # (a Python installed under /root), which reading this process's identity imports.
+        new_record("x", "file")
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe
