@@ -315,3 +315,14 @@ def test_the_default_lock_dir_is_named_after_the_effective_user(settings, monkey
     for variable in ("USER", "LOGNAME", "LNAME", "USERNAME"):
         monkeypatch.setenv(variable, "nobody")
     assert isolatable_settings.LOCK_DIR == default_lock_dir(Path(tempfile.gettempdir()))
+
+
+def test_release_if_stale_clears_a_free_lock_with_a_corrupt_record(lock_dir):
+    """What `locks release --stale` does: the kernel says nobody holds it, so it is stale."""
+    lock_dir.mkdir()
+    path = CommandIsolation(NAME).lock_path()
+    path.write_bytes(b"{corrupt")
+    path.chmod(0o600)
+    assert CommandIsolation(NAME).release_if_stale() is True
+    assert path.read_bytes().strip() == b""
+    assert CommandIsolation(NAME).holder() is None
