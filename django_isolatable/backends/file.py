@@ -13,7 +13,6 @@ checks are in ``backends/lockfile.py``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -36,7 +35,6 @@ from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger(__name__)
 
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
 FIRST_PAUSE = 0.001  # seconds a waiter first sleeps between attempts; doubles to poll_interval
 
 # Locks this process holds (or is trying to take: None), by path. Threads exclude each other
@@ -91,17 +89,7 @@ class FileBackend(Backend, Waiting):
         super().__init__(options)
         self.lock_dir = options.lock_dir
         self._dir = os.path.join(options.lock_dir, "")  # with a trailing separator
-        self._dir_fd = -1  # LOCK_DIR, opened and checked on first use
-        # Descriptors of a LOCK_DIR that was replaced: another thread may still be opening a
-        # file through one, so they are closed with the backend, never while it is in use.
-        self._retired: list[int] = []
-        self._dir_lock = threading.Lock()
-
-    def __del__(self) -> None:
-        for fd in (getattr(self, "_dir_fd", -1), *getattr(self, "_retired", ())):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        self._directory = lockfile.LockDirectory(options.lock_dir)  # checked on first use
 
     def lock_path(self, name: str) -> Path:
         return Path(self._path(name))
@@ -165,7 +153,7 @@ class FileBackend(Backend, Waiting):
                 if _stat_if_at(entry, path) is not None:
                     return None
                 _close(path, entry)  # held, but a person deleted the file: lock the new one
-                self._recheck_directory()
+                self._directory.recheck()
                 continue
             try:
                 current = _stat_if_at(entry, path)
@@ -178,12 +166,12 @@ class FileBackend(Backend, Waiting):
                 _close(path, entry)  # never leave it locked with no lease to release it
                 raise
             _close(path, entry)  # replaced or removed after it was opened: lock the new file
-            self._recheck_directory()  # or LOCK_DIR itself was
+            self._directory.recheck()  # or LOCK_DIR itself was
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
 
     def _open_file(self, path: str) -> _OpenFile:
-        fd, opened = self._open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
+        fd, opened = self._directory.open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
         entry = _OpenFile(fd, opened.st_dev, opened.st_ino)
         with _held_lock:
             if len(_open_files) >= MAX_OPEN_FILES:
@@ -237,8 +225,11 @@ class FileBackend(Backend, Waiting):
         (an empty token: if the record has none, or cannot be read). Never while anyone holds
         the flock; free under flock, a record is stale whatever it says."""
         path = self._path(lease.name)
+        with _held_lock:
+            if path in _held:
+                return False  # this process holds it (opening it would drop the lock on NFS)
         try:
-            fd, _ = self._open(file_name(lease.name), os.O_RDWR)
+            fd, _ = self._directory.open(file_name(lease.name), os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
@@ -263,7 +254,7 @@ class FileBackend(Backend, Waiting):
         if mine is not None:
             return mine  # reading would open and close the file, which drops locks on NFS
         try:
-            fd, _ = self._open(file_name(name), os.O_RDONLY)
+            fd, _ = self._directory.open(file_name(name), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -278,7 +269,7 @@ class FileBackend(Backend, Waiting):
         return replace(record, alive=held)
 
     def list(self) -> Iterator[LockInfo]:
-        if self._directory(create=False) is None:
+        if self._directory.fd(create=False) is None:
             return
         try:
             entries = sorted(os.scandir(self.lock_dir), key=lambda e: e.name)
@@ -299,7 +290,7 @@ class FileBackend(Backend, Waiting):
         candidates = [unquote(entry_name[: -len(lockfile.SUFFIX)], errors="surrogatepass")]
         if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
             try:
-                fd, _ = self._open(entry_name, os.O_RDONLY)
+                fd, _ = self._directory.open(entry_name, os.O_RDONLY)
                 try:
                     data = json.loads(os.pread(fd, lockfile.MAX_RECORD, 0))
                 finally:
@@ -321,7 +312,8 @@ class FileBackend(Backend, Waiting):
         file = file_name(name)
         path = self._dir + file
         try:
-            fd, _ = self._open(file, os.O_RDWR)
+            fd, _ = self._directory.open(file, os.O_RDWR)
+            directory = self._directory.fd(create=False)
         except FileNotFoundError:
             return False
         try:
@@ -333,7 +325,7 @@ class FileBackend(Backend, Waiting):
                 return had_record
             if token is not None and not _records(fd, name, token):
                 return False  # its holder released it since; a new holder's lock is not ours
-            os.unlink(file, dir_fd=self._dir_fd)
+            os.unlink(file, dir_fd=directory)
             with _held_lock:
                 _held.pop(path, None)  # our own lock: its lease closes its descriptor itself
                 _open_files.pop(path, None)
@@ -369,61 +361,6 @@ class FileBackend(Backend, Waiting):
             if lease is not None:  # an interrupt between the grant and the return
                 self.release(lease)
             raise
-
-    def _directory(self, *, create: bool) -> int | None:
-        """LOCK_DIR's descriptor, opened and checked once; None if it is missing (made first
-        when ``create``)."""
-        if self._dir_fd < 0:
-            with self._dir_lock:
-                if self._dir_fd < 0:
-                    fd = lockfile.open_directory(self.lock_dir, create=create)
-                    self._dir_fd = -1 if fd is None else fd
-        return None if self._dir_fd < 0 else self._dir_fd
-
-    def _recheck_directory(self) -> bool:
-        """After a lock file was not where it was opened: True if LOCK_DIR's path names another
-        directory now (or none), which is then opened and checked again on next use."""
-        with self._dir_lock:
-            if self._dir_fd < 0:
-                return False
-            kept = os.fstat(self._dir_fd)
-            try:
-                current = os.stat(self.lock_dir, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                if (current.st_dev, current.st_ino) == (kept.st_dev, kept.st_ino):
-                    return False
-            self._retired.append(self._dir_fd)
-            self._dir_fd = -1
-            return True
-
-    def _open(self, file: str, flags: int) -> tuple[int, os.stat_result]:
-        """Open the lock file named ``file`` in LOCK_DIR (relative to its descriptor, never
-        through a link, never blocking), checked with ``lockfile.check_file``; its descriptor
-        and stat. ``FileNotFoundError`` when it (or LOCK_DIR, unless creating) is missing."""
-        path = self._dir + file
-        creating = bool(flags & os.O_CREAT)
-        for attempt in range(2):
-            directory = self._directory(create=creating)
-            if directory is None:
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-            try:
-                fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
-            except FileNotFoundError:
-                if attempt or not self._recheck_directory():  # was LOCK_DIR removed?
-                    raise
-                continue
-            except OSError as e:
-                raise lockfile.os_error(e, path, self.lock_dir) from e
-            opened = os.fstat(fd)
-            try:
-                lockfile.check_file(fd, path, opened, writing=flags & os.O_ACCMODE != os.O_RDONLY)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, opened
-        raise AssertionError("unreachable")
 
 
 def _stat_if_at(opened: _OpenFile, path: str) -> os.stat_result | None:

@@ -1,6 +1,7 @@
-"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record, and
-the checks that keep another local user from steering a lock (LOCK_DIR's owner, mode and links;
-a lock file's owner and links).
+"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record; and
+LOCK_DIR, opened and checked once, relative to which lock files are opened and checked, so that
+another local user cannot steer a lock (LOCK_DIR's owner, mode and links; a file's owner,
+links and mode).
 
 The per-process tables (which locks this process holds, which lock files it keeps open) and the
 strategy itself are in ``backends/file.py``.
@@ -8,6 +9,7 @@ strategy itself are in ``backends/file.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -16,6 +18,7 @@ import logging
 import os
 import random
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ _MAX_READABLE = 120  # characters of the escaped name kept before a long name is
 MAX_RECORD = 64 * 1024
 SUFFIX = ".lock"
 PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FIX = (
     'point settings.ISOLATABLE["LOCK_DIR"] (or BASE_DIR) at a directory that only this user can '
@@ -113,13 +117,86 @@ def directory_problem(lock_dir: Path, found: os.stat_result) -> str | None:
     )
 
 
-def open_directory(lock_dir: Path, *, create: bool) -> int | None:
-    """A descriptor of LOCK_DIR, checked with ``directory_problem``; lock files are opened
-    relative to it, so a symbolic link put in its place later is never followed.
+class LockDirectory:
+    """LOCK_DIR as a descriptor, opened and checked (``directory_problem``) on first use, and
+    the lock files in it, opened relative to that descriptor: a symbolic link put in its place
+    after the check is never followed. Thread-safe."""
 
-    A missing LOCK_DIR is made (mode 0o700) when ``create``, else None is returned. Raises
-    ``UnsafeLockLocation``, ``LockFileError`` or ``LockPermissionError``.
-    """
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._prefix = os.path.join(path, "")
+        self._fd = -1
+        # Descriptors of a LOCK_DIR that was replaced: another thread may still be opening a
+        # file through one, so they are closed with this object, never while it is in use.
+        self._retired: list[int] = []
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        for fd in (self._fd, *self._retired):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def fd(self, *, create: bool) -> int | None:
+        """The checked descriptor; None if LOCK_DIR is missing (made, mode 0o700, first when
+        ``create``). Raises ``UnsafeLockLocation``, ``LockFileError`` or
+        ``LockPermissionError``."""
+        fd = self._fd
+        if fd < 0:
+            with self._lock:
+                if self._fd < 0:
+                    opened = _open_directory(self.path, create=create)
+                    self._fd = -1 if opened is None else opened
+                fd = self._fd
+        return None if fd < 0 else fd
+
+    def recheck(self) -> bool:
+        """After a lock file was not where it was opened: True if the path names another
+        directory now (or none), which is then opened and checked again on next use."""
+        with self._lock:
+            if self._fd < 0:
+                return False
+            kept = os.fstat(self._fd)
+            try:
+                current = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if (current.st_dev, current.st_ino) == (kept.st_dev, kept.st_ino):
+                    return False
+            self._retired.append(self._fd)
+            self._fd = -1
+            return True
+
+    def open(self, file: str, flags: int) -> tuple[int, os.stat_result]:
+        """Open the lock file named ``file`` (never through a link, never blocking), checked
+        with ``check_file``; its descriptor and stat. ``FileNotFoundError`` when it (or
+        LOCK_DIR, unless creating) is missing."""
+        path = self._prefix + file
+        creating = bool(flags & os.O_CREAT)
+        for attempt in range(2):
+            directory = self.fd(create=creating)
+            if directory is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            try:
+                fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
+            except FileNotFoundError:
+                if attempt or not self.recheck():  # was LOCK_DIR removed or replaced?
+                    raise
+                continue
+            except OSError as e:
+                raise os_error(e, path, self.path) from e
+            opened = os.fstat(fd)
+            try:
+                check_file(fd, path, opened, writing=flags & os.O_ACCMODE != os.O_RDONLY)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, opened
+        raise AssertionError("unreachable")
+
+
+def _open_directory(lock_dir: Path, *, create: bool) -> int | None:
     for attempt in range(2):
         try:
             fd = os.open(lock_dir, _DIR_FLAGS)
