@@ -396,3 +396,25 @@ class TestAcquireWaiting:
         with pytest.raises(LockTimeout):
             CommandIsolation(NAME).lock(timeout=0.1)
         holder.finish()
+
+
+def test_a_lock_dir_replaced_under_a_running_process_is_followed(spawn, lock_dir, tmp_path):
+    """A deploy that moves LOCK_DIR aside and makes a new one: a process that checked the old
+    one reports and takes the locks of the new one (each open checks what the path names)."""
+    backend = file_backend(lock_dir)
+    lease = backend.acquire(NAME, new_record(NAME, "file"))
+    assert lease is not None
+    assert backend.release(lease)
+    lock_dir.rename(tmp_path / "previous")
+    lock_dir.mkdir(mode=0o700)
+    holder = spawn("hold")
+    pid, _token = holder.expect("held")
+    info = backend.inspect(NAME)
+    assert info is not None
+    assert (info.pid, info.alive) == (int(pid), True)
+    assert backend.acquire(NAME, new_record(NAME, "file")) is None
+    holder.finish()
+    lease = backend.acquire(NAME, new_record(NAME, "file"))
+    assert lease is not None
+    assert lease.path == str(lock_dir / f"{NAME}.lock")
+    assert backend.release(lease)

@@ -153,7 +153,6 @@ class FileBackend(Backend, Waiting):
                 if _stat_if_at(entry, path) is not None:
                     return None
                 _close(path, entry)  # held, but a person deleted the file: lock the new one
-                self._directory.recheck()
                 continue
             try:
                 current = _stat_if_at(entry, path)
@@ -165,8 +164,7 @@ class FileBackend(Backend, Waiting):
             except BaseException:
                 _close(path, entry)  # never leave it locked with no lease to release it
                 raise
-            _close(path, entry)  # replaced or removed after it was opened: lock the new file
-            self._directory.recheck()  # or LOCK_DIR itself was
+            _close(path, entry)  # replaced or removed after it was opened (LOCK_DIR too, maybe)
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
 
@@ -269,7 +267,8 @@ class FileBackend(Backend, Waiting):
         return replace(record, alive=held)
 
     def list(self) -> Iterator[LockInfo]:
-        if self._directory.fd(create=False) is None:
+        self._directory.recheck()
+        if self._directory.fd(create=False) is None:  # checked: refused if unsafe
             return
         try:
             entries = sorted(os.scandir(self.lock_dir), key=lambda e: e.name)

@@ -126,6 +126,7 @@ class LockDirectory:
         self.path = path
         self._prefix = os.path.join(path, "")
         self._fd = -1
+        self._identity = (0, 0)  # st_dev, st_ino of the directory self._fd is
         # Descriptors of a LOCK_DIR that was replaced: another thread may still be opening a
         # file through one, so they are closed with this object, never while it is in use.
         self._retired: list[int] = []
@@ -146,54 +147,53 @@ class LockDirectory:
             with self._lock:
                 if self._fd < 0:
                     opened = _open_directory(self.path, create=create)
-                    self._fd = -1 if opened is None else opened
+                    if opened is not None:
+                        found = os.fstat(opened)
+                        self._fd, self._identity = opened, (found.st_dev, found.st_ino)
                 fd = self._fd
         return None if fd < 0 else fd
 
     def recheck(self) -> bool:
-        """After a lock file was not where it was opened: True if the path names another
-        directory now (or none), which is then opened and checked again on next use."""
+        """True if LOCK_DIR's path names another directory now (or none) than the descriptor,
+        which is then opened and checked again on next use (a directory removed, renamed or
+        swapped for a link while this process runs)."""
         with self._lock:
             if self._fd < 0:
                 return False
-            kept = os.fstat(self._fd)
             try:
                 current = os.stat(self.path, follow_symlinks=False)
             except FileNotFoundError:
                 pass
             else:
-                if (current.st_dev, current.st_ino) == (kept.st_dev, kept.st_ino):
+                if (current.st_dev, current.st_ino) == self._identity:
                     return False
             self._retired.append(self._fd)
             self._fd = -1
             return True
 
     def open(self, file: str, flags: int) -> tuple[int, os.stat_result]:
-        """Open the lock file named ``file`` (never through a link, never blocking), checked
-        with ``check_file``; its descriptor and stat. ``FileNotFoundError`` when it (or
-        LOCK_DIR, unless creating) is missing."""
+        """Open the lock file named ``file`` in the directory LOCK_DIR names now (never through
+        a link, never blocking), checked with ``check_file``; its descriptor and stat.
+        ``FileNotFoundError`` when it (or LOCK_DIR, unless creating) is missing."""
         path = self._prefix + file
         creating = bool(flags & os.O_CREAT)
-        for attempt in range(2):
-            directory = self.fd(create=creating)
-            if directory is None:
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-            try:
-                fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
-            except FileNotFoundError:
-                if attempt or not self.recheck():  # was LOCK_DIR removed or replaced?
-                    raise
-                continue
-            except OSError as e:
-                raise os_error(e, path, self.path) from e
-            opened = os.fstat(fd)
-            try:
-                check_file(fd, path, opened, writing=flags & os.O_ACCMODE != os.O_RDONLY)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, opened
-        raise AssertionError("unreachable")
+        self.recheck()
+        directory = self.fd(create=creating)
+        if directory is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        try:
+            fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise os_error(e, path, self.path) from e
+        opened = os.fstat(fd)
+        try:
+            check_file(fd, path, opened, writing=flags & os.O_ACCMODE != os.O_RDONLY)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, opened
 
 
 def _open_directory(lock_dir: Path, *, create: bool) -> int | None:
