@@ -154,15 +154,15 @@ class LockDirectory:
         return None if fd < 0 else fd
 
     def recheck(self) -> bool:
-        """True if LOCK_DIR's path names another directory now (or none) than the descriptor,
-        which is then opened and checked again on next use (a directory removed, renamed or
-        swapped for a link while this process runs)."""
+        """True if LOCK_DIR's path no longer names the descriptor's directory (it was removed,
+        moved aside or swapped for a link while this process ran): the next use opens and
+        checks the path again."""
         with self._lock:
             if self._fd < 0:
                 return False
             try:
                 current = os.stat(self.path, follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError:  # gone, or unreachable: opening it again says which
                 pass
             else:
                 if (current.st_dev, current.st_ino) == self._identity:
@@ -184,7 +184,7 @@ class LockDirectory:
         try:
             fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
         except FileNotFoundError:
-            raise
+            raise  # no lock file: the caller's answer, not an error
         except OSError as e:
             raise os_error(e, path, self.path) from e
         opened = os.fstat(fd)
