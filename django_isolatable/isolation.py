@@ -317,17 +317,8 @@ class LockGuard:
                 return
             self._lost = True
         logger.warning("Lost lock %s: its lease expired or was taken %s", self.isolation.name, when)
-        for receiver, error in lock_lost.send_robust(
-            sender=CommandIsolation, name=self.isolation.name, guard=self
-        ):
-            if isinstance(error, Exception):
-                logger.error(
-                    "A lock_lost receiver (%r) failed for %s: %s",
-                    receiver,
-                    self.isolation.name,
-                    error,
-                    exc_info=error,
-                )
+        # Robustly: a receiver's error is logged (by Django) and never stops the renewals.
+        lock_lost.send_robust(sender=CommandIsolation, name=self.isolation.name, guard=self)
 
     def check(self) -> None:
         """Raise ``LockLost`` if the lease was lost."""
