@@ -20,6 +20,7 @@ import random
 import stat
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
@@ -131,6 +132,7 @@ class LockDirectory:
         # file through one, so they are closed with this object, never while it is in use.
         self._retired: list[int] = []
         self._lock = threading.Lock()
+        _directories.add(self)
 
     def __del__(self) -> None:
         for fd in (self._fd, *self._retired):
@@ -194,6 +196,17 @@ class LockDirectory:
             os.close(fd)
             raise
         return fd, opened
+
+
+_directories: weakref.WeakSet[LockDirectory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for directory in list(_directories):
+        directory._lock = threading.Lock()  # another thread may have held it at fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _open_directory(lock_dir: Path, *, create: bool) -> int | None:
