@@ -253,8 +253,11 @@ def run_sql(alias: str, sql: str, params: list[Any]) -> int:
 
 def advisory_lock_ids(name: str) -> tuple[int, int]:
     """``pg_locks`` (classid, objid) of the postgres strategy's lock on ``name``: the first 8
-    bytes of SHA-256(KEY_PREFIX + name) as a bigint, split into its high and low 32 bits."""
-    key = int.from_bytes(hashlib.sha256((KEY_PREFIX + name).encode()).digest()[:8], "big")
+    bytes of SHA-256(NUL, the length of KEY_PREFIX as 8 bytes, KEY_PREFIX, name) as a bigint,
+    split into its high and low 32 bits."""
+    prefix = KEY_PREFIX.encode()
+    data = b"\0" + len(prefix).to_bytes(8, "big") + prefix + name.encode()
+    key = int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
     return key >> 32, key & 0xFFFFFFFF
 
 
