@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -19,14 +20,16 @@ from django_isolatable.backends import (
     BackendOptions,
     Lease,
     LockStrategy,
+    Waiting,
     load_backend_class,
+    options_from_settings,
 )
 from django_isolatable.conf import isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
 from django_isolatable.holders import LockInfo, judged, new_record
 from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import lock_lost
-from django_isolatable.waiting import FIRST_PAUSE, wait_for
+from django_isolatable.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ class _Default:
 SETTINGS_TIMEOUT: Any = _Default()
 #: Seconds between two looks of a waiter at whether an expiring lock's holder died.
 STALE_CHECK_EVERY = 0.1
+#: Longest single wait in a ``Waiting`` backend's store between two looks at progress (and,
+#: for expiring strategies, at whether the holder died).
+WAITING_SLICE = 1.0
+WAITING_SLICE_EXPIRING = 0.25
 
 
 def _check_timeout(value: object) -> float | None:
@@ -132,14 +139,7 @@ class CommandIsolation:
 
     def backend_options(self) -> BackendOptions:
         """The settings this lock's backend gets, with this object's overrides applied."""
-        return BackendOptions(
-            lock_dir=self._lock_dir or isolatable_settings.LOCK_DIR,
-            ttl=self.ttl,
-            key_prefix=isolatable_settings.KEY_PREFIX,
-            redis_url=isolatable_settings.REDIS_URL,
-            cache_alias=isolatable_settings.CACHE_ALIAS,
-            database_alias=isolatable_settings.DATABASE_ALIAS,
-        )
+        return options_from_settings(lock_dir=self._lock_dir, ttl=self.ttl)
 
     @cached_property
     def backend(self) -> Backend:
@@ -162,33 +162,20 @@ class CommandIsolation:
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
         backend = self.backend
         ttl = self.ttl if backend.expiring else None  # read once per lock
-        started = 0.0
-        record = None
-        if (
-            wait != 0
-            and backend.wait_takes_lock  # queue at once; free, it returns with it
-            # An expiring lock may be a dead holder's: unless this isolation looked at the
-            # holder lately (under contention), a plain attempt first finds it and takes over.
-            and not (backend.expiring and time.monotonic() >= self._next_stale_check)
-        ):
-            # The record first: once the lock is granted, less is left to do before the
-            # holder's work starts (the acquire sets when it was taken).
-            record = new_record(self.name, backend.strategy, ttl=ttl)
-            started = time.monotonic()
-            first = backend.poll_interval if wait is None else min(wait, backend.poll_interval)
-            backend.wait(self.name, first)
-        lease = self._attempt(ttl, record)
+        lease = self._attempt(ttl)
         if lease is None and wait != 0:
-            remaining = wait
-            if wait is not None and started:
-                remaining = max(0.0, wait - (time.monotonic() - started))
             report = None if progress is None else lambda waited: progress(waited, self.holder())
+            blocking = isinstance(backend, Waiting)
+            interval = (
+                (WAITING_SLICE_EXPIRING if backend.expiring else WAITING_SLICE)
+                if blocking
+                else backend.poll_interval
+            )
             lease = wait_for(
-                lambda: self._attempt(ttl),
-                lambda seconds: backend.wait(self.name, seconds),
-                remaining,
-                poll_interval=backend.poll_interval,
-                first_pause=backend.poll_interval if backend.queued_wait else FIRST_PAUSE,
+                lambda seconds: self._attempt(ttl, seconds),
+                wait,
+                blocking=blocking,
+                interval=interval,
                 progress=report,
             )
         if lease is None:
@@ -199,11 +186,16 @@ class CommandIsolation:
         logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
         return LockGuard(self, lease, ttl)
 
-    def _attempt(self, ttl: float | None, record: LockInfo | None = None) -> Lease | None:
+    def _attempt(self, ttl: float | None, seconds: float = 0.0) -> Lease | None:
+        """One attempt, or (``seconds`` > 0, a ``Waiting`` backend) one wait of up to
+        ``seconds`` in the store; then, for an expiring strategy, a look at whether the holder
+        died, taking the lock over if it did."""
         backend = self.backend
-        lease = backend.acquire(
-            self.name, record or new_record(self.name, backend.strategy, ttl=ttl)
-        )
+        record = new_record(self.name, backend.strategy, ttl=ttl)
+        if seconds > 0 and isinstance(backend, Waiting):
+            lease = backend.acquire_waiting(self.name, record, seconds)
+        else:
+            lease = backend.acquire(self.name, record)
         if (
             lease is None
             and backend.expiring
@@ -261,12 +253,17 @@ class CommandIsolation:
         """Release the lock if its holder is proven dead (or its lease expired); True if done.
 
         Goes by the dead holder's token, so a live holder that took the lock in the meantime is
-        never touched. What ``manage.py locks release NAME`` does without ``--force``.
+        never touched. A record without a token is released only where the backend itself
+        judged it dead (the kernel: nobody holds the file lock), which it checks again as it
+        releases. What ``manage.py locks release NAME`` does without ``--force``.
         """
-        holder = self.holder()
-        if holder is None or holder.alive is not False or holder.token is None:
+        found = self.backend.inspect(self.name)
+        if found is None:
             return False
-        released = self.backend.release(Lease(self.name, holder.token, holder))
+        holder = judged(found)
+        if holder.alive is not False or (holder.token is None and found.alive is not False):
+            return False
+        released = self.backend.release(Lease(self.name, holder.token or "", holder))
         if released:
             logger.info(
                 "Released the stale lock %s of dead pid %s on %s",
@@ -292,11 +289,12 @@ class LockGuard:
         self._state = threading.Lock()
         self._released = False
         self._lost = False
-        self._renewal: Renewal | None = None  # set by the renewal thread once it took it in
+        self._renewal: Renewal | None = None
         if self._backend.heartbeat:
             if ttl is None and self._backend.expiring:  # the lease's, if the caller read it
                 ttl = isolation.ttl
-            renewer.add(self, self._backend, lease, ttl)  # None: checked every backend TTL/3
+            # The renewal holds the guard weakly, so a dropped guard is still collected.
+            self._renewal = renewer.start(self._backend, lease, ttl, _on_lost(weakref.ref(self)))
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "held"
@@ -309,18 +307,27 @@ class LockGuard:
 
     @property
     def lost(self) -> bool:
-        """True once the lease was found expired or taken (or the session holding it gone)."""
+        """True once the lease was found expired or taken (or the session holding it gone),
+        while held or when releasing it found it no longer held."""
         return self._lost
 
-    def _mark_lost(self) -> None:
+    def _mark_lost(self, when: str = "while it was held") -> None:
         with self._state:
-            if self._lost or self._released:
+            if self._lost:
                 return
             self._lost = True
-        logger.warning(
-            "Lost lock %s: its lease expired or was taken while it was held", self.isolation.name
-        )
-        lock_lost.send(sender=CommandIsolation, name=self.isolation.name, guard=self)
+        logger.warning("Lost lock %s: its lease expired or was taken %s", self.isolation.name, when)
+        for receiver, error in lock_lost.send_robust(
+            sender=CommandIsolation, name=self.isolation.name, guard=self
+        ):
+            if isinstance(error, Exception):
+                logger.error(
+                    "A lock_lost receiver (%r) failed for %s: %s",
+                    receiver,
+                    self.isolation.name,
+                    error,
+                    exc_info=error,
+                )
 
     def check(self) -> None:
         """Raise ``LockLost`` if the lease was lost."""
@@ -328,13 +335,17 @@ class LockGuard:
             raise LockLost(self.isolation.name, self.isolation.holder())
 
     def release(self) -> None:
-        """Release the lock if this guard still holds it; calling it again does nothing."""
+        """Release the lock if this guard still holds it; calling it again does nothing.
+
+        A lock found no longer held marks the guard ``lost`` (and sends ``lock_lost``): someone
+        else may have run meanwhile.
+        """
         with self._state:
             if self._released:
                 return
             self._released = True
-        if self._backend.heartbeat:
-            renewer.remove(self)
+        if self._renewal is not None:
+            self._renewal.cancel()
         try:
             released = self._backend.release(self._lease)
         except IsolationError as e:  # never hide the result of the work the lock protected
@@ -342,8 +353,8 @@ class LockGuard:
             return
         if released:
             logger.info("Released lock %s", self.isolation.name)
-        elif self._lease.pid == os.getpid():
-            logger.warning("Lock %s was no longer held when released", self.isolation.name)
+        elif self._lease.pid == os.getpid() and not self._lost:
+            self._mark_lost("before it was released")
 
     def __enter__(self) -> LockGuard:
         return self
@@ -362,3 +373,12 @@ class LockGuard:
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
             self.release()
+
+
+def _on_lost(guard: weakref.ref[LockGuard]) -> Callable[[], None]:
+    def report() -> None:
+        held = guard()
+        if held is not None and not held._released:
+            held._mark_lost()
+
+    return report

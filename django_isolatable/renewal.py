@@ -1,157 +1,195 @@
-"""Lease renewal: one thread per process renews every held lease every TTL/3.
+"""Lease renewal: every held lease of a heartbeat strategy is renewed (or checked) every TTL/3.
 
-Taking a lock only registers its lease here (no thread is started per lock). The usual lease is
-due after the thread's next look anyway (it looks at least every IDLE_WAKE seconds): registering
-it is one dict entry the thread takes in when it looks, and a lock released before that (most
-are) never costs the thread anything; neither registering nor removing takes a lock or wakes the
-thread. A lease found lost (expired, taken, its session gone) marks its guard lost; a store that
-cannot be reached is retried until the lease must have expired. Guards are held weakly, so a
-dropped guard is still garbage collected, and released.
+``start()`` returns a ``Renewal``, the handle its guard cancels on release; a lease found lost is
+reported through the ``on_lost`` callback the guard passed in. Nothing else crosses between the
+two.
+
+One scheduler thread keeps the time and does no I/O: it hands due renewals to one worker thread
+per store (``Backend.store()``), so a store that stops answering delays only its own leases, and
+it reports a lease lost once its TTL has run out since the last renewal the store confirmed,
+whether or not the store ever answers. Taking a lock only registers its lease: the scheduler
+looks at new ones at least every ``IDLE_WAKE`` seconds, so a lock released before its first
+renewal is due (most are) never wakes a thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
-import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from django_isolatable.backends import Backend, Lease
 from django_isolatable.errors import IsolationError
 
-if TYPE_CHECKING:
-    from django_isolatable.isolation import LockGuard
-
 logger = logging.getLogger(__name__)
 
-#: Longest sleep of the renewal thread, in seconds, even with nothing due.
+#: Longest sleep of the scheduler, in seconds, even with nothing due.
 IDLE_WAKE = 1.0
-
-#: What ``add`` registers: the guard (weakly), its backend and lease, the TTL (None: the
-#: backend's), and when the lease was taken (monotonic).
-_Entry = tuple["weakref.ref[LockGuard]", Backend, Lease, "float | None", float]
 
 
 class Renewal:
-    """One lease the renewal thread renews (``LockGuard._renewal`` once taken in)."""
+    """One registered lease; ``cancel()`` stops its renewal (idempotent)."""
 
-    __slots__ = ("backend", "due", "guard", "lease", "removed", "renewed", "ttl")
+    __slots__ = (
+        "backend",
+        "deadline",
+        "due",
+        "in_flight",
+        "lease",
+        "on_lost",
+        "renewer",
+        "stopped",
+        "ttl",
+    )
 
-    def __init__(self, entry: _Entry) -> None:
-        self.guard, self.backend, self.lease, ttl, taken = entry
-        self.ttl = self.backend.options.ttl if ttl is None else ttl
-        self.due = taken + self.ttl / 3  # monotonic time of the next renewal
-        self.renewed = taken  # monotonic time of the last successful one
-        self.removed = False
+    def __init__(
+        self,
+        renewer: Renewer,
+        backend: Backend,
+        lease: Lease,
+        ttl: float,
+        on_lost: Callable[[], None],
+    ) -> None:
+        now = time.monotonic()
+        self.renewer = renewer
+        self.backend = backend
+        self.lease = lease
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self.due = now + ttl / 3  # monotonic time of the next renewal
+        self.deadline = now + ttl  # the lease must be taken as lost from then on
+        self.in_flight = False  # a worker has it
+        self.stopped = False
+
+    def cancel(self) -> None:
+        """Stop renewing; a renewal under way finishes but reports nothing."""
+        self.stopped = True
+        self.renewer._renewals.discard(self)
+
+    def _renewed(self, started: float) -> None:
+        # The store extended the lease when it got the call, after ``started``: counting from
+        # then never believes the lease lasts longer than the store does.
+        self.deadline = started + self.ttl
+        self.due = started + self.ttl / 3
+
+    def _lost(self) -> None:
+        if self.stopped:
+            return
+        self.cancel()
+        try:
+            self.on_lost()
+        except Exception:  # the callback sends signals robustly; never let it stop renewals
+            logger.exception("Reporting the lost lock %s failed", self.lease.name)
 
 
 class Renewer:
+    """The scheduler and the store workers of this process (one instance, ``renewer``)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        # Registered leases the thread has not taken in yet, by id of their guard, and those it
-        # renews. Locking threads add to and remove from both with single dict and set
-        # operations (atomic); the thread reads copies. An entry leaves when its lock is
-        # released, never later: objects that outlived their lock would make the garbage
-        # collector run on a process that locks often.
-        self._new: dict[int, _Entry] = {}
+        self._wake = threading.Condition(self._lock)
+        # Single set operations from locking threads, copies read by the scheduler.
         self._renewals: set[Renewal] = set()
+        self._workers: dict[str, queue.SimpleQueue[Renewal]] = {}
         self._thread: threading.Thread | None = None
-        self._asleep_until = 0.0  # when the thread wakes up next on its own (monotonic)
 
-    def add(self, guard: LockGuard, backend: Backend, lease: Lease, ttl: float | None) -> None:
-        """Renew ``lease`` every ``ttl / 3`` seconds until ``remove(guard)``. ``ttl`` None: a
-        lease that does not expire and is only checked (postgres), every backend TTL / 3."""
-        entry = (weakref.ref(guard), backend, lease, ttl, time.monotonic())
-        if self._thread is not None and (ttl is None or ttl / 3 >= IDLE_WAKE):
-            self._new[id(guard)] = entry  # the thread looks before the lease is due
-            return
-        with self._lock:
-            renewal = self._take_in(guard, entry)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="isolatable-renewal", daemon=True
-                )
-                self._thread.start()
-            elif renewal.due < self._asleep_until:  # asleep, and would wake too late
-                self._changed.notify()
-
-    def remove(self, guard: LockGuard) -> None:
-        """Stop renewing ``guard``'s lease. The guard is marked released before this."""
-        if self._new.pop(id(guard), None) is None:  # taken in by the thread already
-            renewal = guard._renewal
-            if renewal is not None:
-                self._forget(renewal)
-
-    def _take_in(self, guard: LockGuard, entry: _Entry) -> Renewal:
-        renewal = Renewal(entry)
-        guard._renewal = renewal
+    def start(
+        self, backend: Backend, lease: Lease, ttl: float | None, on_lost: Callable[[], None]
+    ) -> Renewal:
+        """Renew ``lease`` every ``ttl / 3`` seconds until the handle is cancelled. ``ttl`` None:
+        a lease that does not expire and is only checked (postgres), every backend TTL / 3.
+        ``on_lost()`` is called once, from a renewal thread, if the lease is found lost or its
+        TTL runs out unconfirmed."""
+        renewal = Renewal(
+            self, backend, lease, backend.options.ttl if ttl is None else ttl, on_lost
+        )
         self._renewals.add(renewal)
-        if guard._released:  # released while this ran: its remove() may have missed it
-            self._forget(renewal)
+        # Due before the scheduler's next look, it must be told (under its lock, so it cannot
+        # have just read the set without this one); otherwise the next look finds it in time.
+        if self._thread is None or renewal.ttl / 3 < IDLE_WAKE:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._schedule, name="isolatable-renewal", daemon=True
+                    )
+                    self._thread.start()
+                self._wake.notify()
         return renewal
 
-    def _forget(self, renewal: Renewal) -> None:
-        renewal.removed = True  # in case the thread is about to renew it
-        self._renewals.discard(renewal)
-
-    def _run(self) -> None:
+    def _schedule(self) -> None:
         while True:
-            with self._changed:
-                due = self._wait_for_due()
-            for renewal in due:
-                self._renew(renewal)
-
-    def _wait_for_due(self) -> list[Renewal]:
-        while True:
-            for key in list(self._new):
-                entry = self._new.pop(key, None)
-                if entry is None:  # released meanwhile
+            with self._wake:
+                now = time.monotonic()
+                renewals = list(self._renewals)
+                next_event = now + IDLE_WAKE
+                for renewal in renewals:
+                    next_event = min(next_event, renewal.deadline)
+                    if not renewal.in_flight:
+                        next_event = min(next_event, renewal.due)
+                if next_event > now:
+                    self._wake.wait(next_event - now)
                     continue
-                guard = entry[0]()
-                if guard is not None:
-                    self._take_in(guard, entry)
-            renewals = list(self._renewals)
-            now = time.monotonic()
-            due = [r for r in renewals if r.due <= now]
-            if due:
-                for renewal in due:
-                    renewal.due = now + renewal.ttl / 3
-                return due
-            # Idle, it still looks every IDLE_WAKE seconds, so taking a lock with a longer
-            # renewal interval need not wake it (most locks: the default TTL is 60 s).
-            next_due = min((r.due for r in renewals), default=now + IDLE_WAKE)
-            self._asleep_until = min(next_due, now + IDLE_WAKE)
-            self._changed.wait(self._asleep_until - now)
-            self._asleep_until = 0.0
+            for renewal in renewals:
+                now = time.monotonic()
+                if renewal.stopped:
+                    continue
+                if now >= renewal.deadline:
+                    logger.warning(
+                        "Lock %s: its store did not confirm the lease within its TTL (%s s)",
+                        renewal.lease.name,
+                        renewal.ttl,
+                    )
+                    renewal._lost()
+                elif now >= renewal.due and not renewal.in_flight:
+                    renewal.in_flight = True
+                    self._worker(renewal.backend).put(renewal)
 
-    def _renew(self, renewal: Renewal) -> None:
-        if renewal.removed:  # released while the others due before it were renewed
-            return
-        try:
-            held = renewal.backend.refresh(renewal.lease, renewal.ttl)
-        except IsolationError as e:
-            logger.warning("Could not renew lock %s: %s", renewal.lease.name, e)
-            held = time.monotonic() - renewal.renewed < renewal.ttl
-        else:
-            if held:
-                renewal.renewed = time.monotonic()
-        guard = renewal.guard()
-        if guard is None or not held:
-            self._forget(renewal)
-        if guard is not None and not held:
-            guard._mark_lost()
+    def _worker(self, backend: Backend) -> queue.SimpleQueue[Renewal]:
+        store = f"{backend.strategy}:{backend.store()}"
+        work = self._workers.get(store)
+        if work is None:
+            work = self._workers[store] = queue.SimpleQueue()
+            threading.Thread(
+                target=self._renew_from,
+                args=(work,),
+                name=f"isolatable-renewal {store}",
+                daemon=True,
+            ).start()
+        return work
+
+    @staticmethod
+    def _renew_from(work: queue.SimpleQueue[Renewal]) -> None:
+        while True:
+            renewal = work.get()
+            if not renewal.stopped:
+                _renew(renewal)
+            renewal.in_flight = False
 
     def _forget_after_fork(self) -> None:
-        # The parent's leases are not the child's to renew, and its thread did not survive.
+        # The parent's leases are not the child's to renew, and its threads did not survive.
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._new.clear()
-        self._renewals.clear()
+        self._wake = threading.Condition(self._lock)
+        self._renewals = set()
+        self._workers = {}
         self._thread = None
-        self._asleep_until = 0.0
+
+
+def _renew(renewal: Renewal) -> None:
+    started = time.monotonic()
+    try:
+        held = renewal.backend.refresh(renewal.lease, renewal.ttl)
+    except IsolationError as e:
+        # Tried again soon; the scheduler reports the lease lost once its TTL ran out.
+        logger.warning("Could not renew lock %s: %s", renewal.lease.name, e)
+        renewal.due = time.monotonic() + renewal.ttl / 6
+        return
+    if held:
+        renewal._renewed(started)
+    else:
+        renewal._lost()
 
 
 renewer = Renewer()

@@ -1,50 +1,52 @@
-"""The one wait loop: attempts, timeouts, back-off, wake-ups and progress reports."""
+"""The one wait loop: attempts, timeouts, back-off with jitter, and progress reports."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
-#: First pause between attempts; pauses double up to the backend's ``poll_interval``.
+#: First pause between polled attempts; pauses double up to the backend's ``poll_interval``.
 FIRST_PAUSE = 0.001
 PROGRESS_EVERY = 1.0
 
 
 def wait_for(
-    attempt: Callable[[], T | None],
-    pause: Callable[[float], None],
+    attempt: Callable[[float], T | None],
     timeout: float | None,
     *,
-    poll_interval: float,
-    first_pause: float = FIRST_PAUSE,
+    blocking: bool,
+    interval: float,
     progress: Callable[[float], None] | None = None,
 ) -> T | None:
-    """Call ``attempt`` until it returns a result, or return None after ``timeout`` seconds.
+    """Call ``attempt(seconds)`` until it returns a result, or return None after ``timeout``
+    seconds (None: never).
 
-    The caller made the first attempt, which failed: this starts with a pause. ``timeout``
-    None waits forever. Between attempts ``pause(s)`` blocks up to ``s`` seconds; a backend
-    with a wake-up returns early when the holder lets go.
-    Pauses grow from ``first_pause`` (1 ms) to ``poll_interval`` and start over after an early
-    wake-up, so a waiter retries within milliseconds of a release and costs almost nothing
-    while it waits.
+    The caller made the first attempt, which failed. ``blocking``: ``attempt(seconds)`` itself
+    blocks for up to ``seconds`` (a backend that waits in its store) and is given slices of at
+    most ``interval`` seconds. Otherwise ``attempt(0)`` is a single try, made after a pause that
+    grows from ``FIRST_PAUSE`` to ``interval``, each drawn at random from its upper half so
+    waiters that started together do not retry together.
     ``progress(waited_seconds)`` is called about once a second while waiting.
     """
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     next_progress = start + PROGRESS_EVERY
-    delay = first_pause
+    delay = FIRST_PAUSE
     while True:
         now = time.monotonic()
-        if deadline is not None and now >= deadline:
+        left = interval if deadline is None else min(interval, deadline - now)
+        if left <= 0:
             return None
-        step = delay if deadline is None else min(delay, deadline - now)
-        pause(step)
-        woke_early = time.monotonic() - now < step / 2
-        delay = first_pause if woke_early else min(delay * 2, poll_interval)
-        result = attempt()
+        if blocking:
+            result = attempt(left)
+        else:
+            time.sleep(min(left, random.uniform(delay / 2, delay)))
+            delay = min(delay * 2, interval)
+            result = attempt(0.0)
         if result is not None:
             return result
         if progress is not None and time.monotonic() >= next_progress:

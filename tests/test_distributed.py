@@ -13,7 +13,6 @@ workers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import queue
@@ -251,42 +250,15 @@ def run_sql(alias: str, sql: str, params: list[Any]) -> int:
         connection.close()
 
 
-def advisory_lock_ids(name: str) -> tuple[int, int]:
-    """``pg_locks`` (classid, objid) of the postgres strategy's lock on ``name``: the first 8
-    bytes of SHA-256(NUL, the length of KEY_PREFIX as 8 bytes, KEY_PREFIX, name) as a bigint,
-    split into its high and low 32 bits."""
-    prefix = KEY_PREFIX.encode()
-    data = b"\0" + len(prefix).to_bytes(8, "big") + prefix + name.encode()
-    key = int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
-    return key >> 32, key & 0xFFFFFFFF
-
-
 def take_away(strategy: Distributed, name: str, guard: LockGuard) -> None:
-    """Remove ``guard``'s lock from the store directly, as an operator or a failover would:
-    delete the redis key, the cache entry or the table row, or end the PostgreSQL session."""
-    if strategy.strategy == "redis":
-        import redis
-
-        client = redis.Redis.from_url(services.REDIS_URL)
-        removed = client.delete(f"{KEY_PREFIX}isolatable:lock:{name}")
-        client.close()
-    elif strategy.strategy == "cache":
-        digest = hashlib.sha256((KEY_PREFIX + name).encode()).hexdigest()
-        removed = caches[strategy.settings["CACHE_ALIAS"]].delete(f"isolatable:{digest}")
-    elif strategy.strategy == "database":
-        removed = run_sql(
-            strategy.settings["DATABASE_ALIAS"],
-            "DELETE FROM django_isolatable_lock WHERE token = %s",
-            [guard.info.token],
-        )
-    else:
-        removed = run_sql(
-            strategy.settings["DATABASE_ALIAS"],
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-            "AND granted AND objsubid = 1 AND classid = %s AND objid = %s",
-            list(advisory_lock_ids(name)),
-        )
-    assert removed == 1, f"found no {strategy.id} lock to take away: did its key layout change?"
+    """Remove ``guard``'s lock from the store behind its holder's back, as an operator or a
+    failover would: another ``CommandIsolation`` force-releases it (deletes the redis key, the
+    cache entry or the table row, or ends the PostgreSQL session)."""
+    operator = CommandIsolation(name)
+    try:
+        assert operator.release_all(), f"found no {strategy.id} lock to take away"
+    finally:
+        operator.backend.close()
 
 
 # -- the tests --------------------------------------------------------------------------------
@@ -477,6 +449,54 @@ def test_a_lost_lease_is_detected_signalled_and_released_quietly(strategy, name)
     with isolation.try_lock() as successor:
         guard.release()
         assert isolation.holder().token == successor.info.token
+
+
+def test_a_lock_lost_before_its_first_renewal_is_reported_at_release(strategy, name):
+    """A lock taken away before any renewal was due (a run shorter than TTL/3): the release
+    finds it gone, so the guard is lost and ``lock_lost`` is sent once, as for a lease the
+    heartbeat found lost; someone else may have run meanwhile."""
+    received: list[LockGuard] = []
+
+    def on_lock_lost(sender: object, **kwargs: Any) -> None:
+        if kwargs["name"] == name:
+            received.append(kwargs["guard"])
+
+    isolation = CommandIsolation(name, ttl=LONG_TTL)
+    lock_lost.connect(on_lock_lost, weak=False)
+    try:
+        guard = isolation.try_lock()
+        take_away(strategy, name, guard)
+        assert guard.lost is False, "a renewal found it: this test is about the release"
+        guard.release()
+        guard.release()  # idempotent: reported once
+    finally:
+        lock_lost.disconnect(on_lock_lost)
+    assert guard.lost is True
+    assert received == [guard]
+
+
+def test_a_command_whose_lock_was_taken_away_mid_run_exits_non_zero(strategy, name):
+    """One second into a four-second run with the default TTL, the lock is force-released and
+    could be taken by a second copy: the first run must not exit 0 as if it ran alone."""
+    lock_name = f"isolated_echo:{name}"
+    run = subprocess.Popen(
+        [sys.executable, "manage.py", "isolated_echo", "--key", name, "--seconds", "4"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **strategy.worker_env(60)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: CommandIsolation(lock_name).is_locked(), "the command's lock")
+        take_away(strategy, lock_name, None)  # type: ignore[arg-type]
+        stdout, stderr = run.communicate(timeout=EVENT_TIMEOUT)
+    finally:
+        run.kill()
+        CommandIsolation(lock_name).release_all()
+    assert f"echo {name}" in stdout  # handle() ran to its end
+    assert run.returncode == 1, stderr
+    assert f"The lock for {lock_name} was lost while it ran" in stderr
 
 
 def test_a_sigkilled_holders_lock_is_recovered_well_before_its_ttl(strategy, spawn, name):

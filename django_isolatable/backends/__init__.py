@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import enum
+import os
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 
-__all__ = ["Backend", "BackendOptions", "Lease", "LockStrategy", "Waiting", "load_backend_class"]
+__all__ = [
+    "Backend",
+    "BackendOptions",
+    "Lease",
+    "LockStrategy",
+    "Waiting",
+    "backend_for",
+    "load_backend_class",
+    "options_from_settings",
+]
 
 
 class LockStrategy(str, enum.Enum):
@@ -56,3 +67,34 @@ def load_backend_class(strategy: str) -> type[Backend]:
             f"Lock strategy {value!r} is not a subclass of django_isolatable.backends.base.Backend."
         )
     return backend_class
+
+
+def options_from_settings(
+    *, lock_dir: str | os.PathLike[str] | None = None, ttl: float | None = None
+) -> BackendOptions:
+    """The options a backend gets from ``settings.ISOLATABLE``, with these overrides applied.
+
+    Raises ``ImproperlyConfigured`` for a bad setting.
+    """
+    from django_isolatable.conf import isolatable_settings
+
+    return BackendOptions(
+        lock_dir=Path(lock_dir) if lock_dir is not None else isolatable_settings.LOCK_DIR,
+        ttl=ttl if ttl is not None else isolatable_settings.TTL,
+        key_prefix=isolatable_settings.KEY_PREFIX,
+        redis_url=isolatable_settings.REDIS_URL,
+        cache_alias=isolatable_settings.CACHE_ALIAS,
+        database_alias=isolatable_settings.DATABASE_ALIAS,
+    )
+
+
+def backend_for(strategy: str | None = None) -> Backend:
+    """The backend of ``strategy`` (default: the STRATEGY setting), configured from settings:
+    what ``manage.py locks`` lists and releases through, without naming a lock.
+
+    Raises ``ImproperlyConfigured`` for an unknown strategy or a bad setting.
+    """
+    from django_isolatable.conf import isolatable_settings
+
+    chosen = strategy if strategy is not None else isolatable_settings.STRATEGY
+    return load_backend_class(chosen)(options_from_settings())

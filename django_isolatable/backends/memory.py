@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import ClassVar
 
-from django_isolatable.backends.base import Backend, Lease
+from django_isolatable.backends.base import Backend, Lease, Waiting
 from django_isolatable.holders import LockInfo
 
 _held: dict[str, LockInfo] = {}
@@ -28,7 +28,7 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(Backend, Waiting):
     strategy: ClassVar[str] = "memory"
 
     def _key(self, name: str) -> str:
@@ -65,14 +65,20 @@ class MemoryBackend(Backend):
             infos = [info for key, info in sorted(_held.items()) if key.startswith(prefix)]
         return iter([replace(info, alive=True) for info in infos])
 
-    def force_release(self, name: str) -> bool:
-        with _changed:
-            released = _held.pop(self._key(name), None) is not None
-            _changed.notify_all()
-        return released
-
-    def wait(self, name: str, timeout: float) -> None:
+    def force_release(self, name: str, token: str | None = None) -> bool:
         key = self._key(name)
         with _changed:
-            if key in _held:
-                _changed.wait(timeout)
+            current = _held.get(key)
+            if current is None or (token is not None and current.token != token):
+                return False
+            del _held[key]
+            _changed.notify_all()
+        return True
+
+    def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
+        key = self._key(name)
+        with _changed:
+            if not _changed.wait_for(lambda: key not in _held, timeout):
+                return None
+            _held[key] = info
+        return Lease(name=name, token=info.token or "", info=info)
