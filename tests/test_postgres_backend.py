@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,7 +203,7 @@ def test_a_lease_keeps_the_record_it_was_given_and_the_server_shows_it(backend, 
 
 def test_each_operation_is_one_statement(backend, name, monkeypatch):
     """Taken, checked and released on a connection that ran them before: one statement (one
-    round trip) each, the same text every time."""
+    round trip) each, the same text every time, whatever the holder's record."""
     import psycopg
 
     statements: list[str] = []
@@ -223,6 +225,10 @@ def test_each_operation_is_one_statement(backend, name, monkeypatch):
         statements.clear()
     assert len(texts[0]) == 3
     assert texts[0] == texts[1] == texts[2]
+    for _ in range(2):  # a wait takes a free lock in one statement too, and claims it there
+        backend.release(backend.acquire_waiting(name, new_record(name, "postgres"), 1.0))
+        assert len(statements) == 2
+        statements.clear()
 
 
 def test_a_prefix_and_a_name_are_joined_injectively(make_backend, name):
@@ -460,13 +466,55 @@ def test_a_forked_child_never_uses_the_parents_connections(backend, name, observ
     assert backend.release(lease) is True
 
 
-def test_a_record_without_the_comment_is_unknown_but_held(backend, name, observer):
-    """A holding session whose last statement is not the strategy's (a pooler's other client
-    ran one there) still shows as held, by an unknown holder."""
+def test_a_session_without_the_records_comment_still_shows_its_token_and_time():
+    """A holding session whose statement another role cannot read ("<insufficient privilege>"),
+    or whose last statement is not the strategy's (a pooler's other client ran one there)."""
     from django_isolatable.backends.postgres import _record
 
-    assert _record("SELECT 1", "isolatable tok 12", "postgres") is None
-    info = _record(
-        'SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/', "isolatable tok 1", "postgres"
-    )
-    assert info == LockInfo("x", "postgres", token="tok", pid=1, acquired_at=info.acquired_at)
+    for query in ("<insufficient privilege>", "SELECT 1", "/*isolatable:{*/ SELECT 1"):
+        info = _record(query, "isolatable tok 1000000", "postgres")
+        assert info == LockInfo("", "postgres", token="tok", acquired_at=info.acquired_at)
+        assert info.acquired_at.timestamp() == 1.0
+    info = _record('SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/', "isolatable", "postgres")
+    assert info == LockInfo("x", "postgres", pid=1)
+
+
+def test_a_pooled_connection_whose_session_the_server_ended_is_not_used(backend, name, observer):
+    """After a server restart or pg_terminate_backend, the idle connections of the pool are
+    dead: the next lock gets a live one, not a LockIOError."""
+    lease = backend.acquire(name, new_record(name, "postgres"))
+    (pid,) = holders(observer, backend, name)
+    backend.release(lease)  # its connection goes back to the pool
+    observer.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    assert backend.acquire(name, new_record(name, "postgres")) is not None
+
+
+def test_a_command_whose_session_was_terminated_while_it_ran_exits_non_zero(tmp_path, observer):
+    """Issue 13.4, end to end: the lock lost a second into a run shorter than TTL / 3 (no check
+    ran meanwhile) is found at release, and the command says so and exits 1, not 0."""
+    from django_isolatable.backends.postgres import advisory_key, lock_ids
+
+    key = f"lost-{time.monotonic_ns()}"
+    marker = tmp_path / "ran"
+    strategy = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres", "KEY_PREFIX": KEY_PREFIX}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "django", "isolated_echo", "--key", key, "--marker", str(marker),
+         "--seconds", "4"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+             "ISOLATABLE_TEST_SETTINGS": json.dumps({**strategy, "TTL": 60})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert eventually(marker.exists, 30), "handle() did not start"
+        terminated = observer.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
+            lock_ids(advisory_key(KEY_PREFIX, f"isolated_echo:{key}")),
+        ).fetchall()
+        assert terminated == [(True,)]
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+    assert command.returncode == 1, stderr
+    assert f"The lock for isolated_echo:{key} was lost while it ran" in stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 from types import TracebackType
@@ -52,15 +53,23 @@ class Sessions:
         self.alias = alias
 
     def connect(self) -> Connection[Any]:
-        """An idle connection of the pool, or a new one (``LockIOError`` if it cannot be had).
+        """An idle connection of the pool that the server did not end, or a new one
+        (``LockIOError`` if it cannot be had).
 
         A new one checks that two statements run in the same server session: a pooler that
         shares server sessions between clients (PgBouncer in transaction mode) is refused.
         """
         pool = _idle.get(self.alias)
-        if pool:
-            with contextlib.suppress(IndexError):  # another thread took the last one meanwhile
-                return pool.pop()
+        while pool:
+            try:
+                connection = pool.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                break
+            # An idle connection has nothing to read unless the server ended its session (a
+            # restart, pg_terminate_backend): then it is closed, not used.
+            if not select.select([connection.fileno()], [], [], 0)[0]:
+                return connection
+            connection.close()
         import psycopg
 
         params = connections[self.alias].get_connection_params()

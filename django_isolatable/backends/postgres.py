@@ -10,6 +10,7 @@ holder runs, the owner token and time taken as its ``application_name`` (``isola
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -108,16 +109,15 @@ def _comment(name: str, process: tuple[Any, ...]) -> str:
     return f"{_MARK}{text}*/ "
 
 
-def _record(query: str, application_name: str, strategy: str) -> LockInfo | None:
-    """The record a holding session shows, or None when its statement carries none."""
+def _record(query: str, application_name: str, strategy: str) -> LockInfo:
+    """The record a holding session shows: the token and time from its label, the rest from
+    its statement's comment (unknown without one, as another role sees it)."""
     start = query.find(_MARK)
     end = query.find("*/", start)
-    if start < 0 or end < 0:
-        return None
-    try:
-        data = json.loads(query[start + len(_MARK) : end])
-    except ValueError:
-        return None
+    data = None
+    if start >= 0 and end >= 0:
+        with contextlib.suppress(ValueError):
+            data = json.loads(query[start + len(_MARK) : end])
     name = data.get("name") if isinstance(data, dict) else None
     info = LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
     _, token, microseconds = [*application_name.split(" "), "", "", ""][:3]
@@ -262,7 +262,7 @@ class PostgresBackend(Backend, Waiting):
         classid, objid = lock_ids(self.key(name))
         for _, _, query, label in self._holders(_ONE, {"classid": classid, "objid": objid}):
             record = _record(query or "", label or "", self.strategy)
-            return replace(record or LockInfo(name, self.strategy), name=name, alive=True)
+            return replace(record, name=name, alive=True)
         return None
 
     def list(self) -> Iterator[LockInfo]:
