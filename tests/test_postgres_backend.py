@@ -255,6 +255,9 @@ def test_a_check_after_the_session_was_terminated_reports_the_lock_lost(backend,
     (pid,) = holders(observer, backend, name)
     observer.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     assert backend.refresh(lease, 3.0) is False
+    assert backend.refresh(lease, 3.0) is False  # its connection is closed now
+    assert backend.release(lease) is False
+    assert backend.refresh(lease, 3.0) is False
     assert backend.acquire(name, new_record(name, "postgres")) is not None  # a new session
 
 

@@ -239,15 +239,17 @@ class PostgresBackend(Backend, Waiting):
         """Whether the lease's session still holds its lock. False as well when the session is
         gone or does not answer within ``ttl`` seconds: its connection is closed then, which
         ends the session (and the lock) once the server notices."""
+        import psycopg
+
         if not isinstance(lease, PostgresLease) or lease.named is None:
             return False
         connection = lease.connection  # read once: the owner's release may clear it meanwhile
-        if connection is None or connection.closed:
+        if connection is None:
             return False
         try:
             with Deadline(connection, ttl) as deadline:
                 row = self.sessions.run(connection, lease.named.holds, lease.named.ids)
-        except (LockIOError, OSError):
+        except (LockIOError, psycopg.Error, OSError):  # psycopg's: closed meanwhile
             return False
         return not deadline.passed and row is not None and row[0] > 0
 
