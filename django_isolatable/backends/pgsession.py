@@ -67,7 +67,9 @@ class Sessions:
                 break
             # An idle connection has nothing to read unless the server ended its session (a
             # restart, pg_terminate_backend): then it is closed, not used.
-            if not select.select([connection.fileno()], [], [], 0)[0]:
+            readable = select.poll()
+            readable.register(connection.fileno(), select.POLLIN)
+            if not readable.poll(0):
                 return connection
             connection.close()
         import psycopg

@@ -37,6 +37,7 @@ _PROCESS_FIELDS = ("pid", "hostname", "host_id", "process_started_at", "argv")
 #: What pg_stat_activity.query keeps (track_activity_query_size, 1024 bytes by default, its NUL
 #: included) minus the comment's marks: the record opens the statement, so it is never cut.
 _RECORD_BUDGET = 1023 - len(_MARK) - len("*/ ")
+_LONGEST_WAIT = 2**31 - 1  # milliseconds: the largest lock_timeout
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -196,7 +197,8 @@ class PostgresBackend(Backend, Waiting):
         return self._take(name, info, None)
 
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
-        return self._take(name, info, str(max(1, round(timeout * 1000))))
+        milliseconds = min(max(1, round(timeout * 1000)), _LONGEST_WAIT)
+        return self._take(name, info, str(milliseconds))
 
     def _take(self, name: str, info: LockInfo, wait: str | None) -> Lease | None:
         """One attempt (``wait`` None), or a wait in the server's queue of ``wait`` ms."""
@@ -272,7 +274,7 @@ class PostgresBackend(Backend, Waiting):
         for classid, objid, query, label in self._holders(marked):
             record = _record(query or "", label or "", self.strategy)
             # Only this prefix's names map to the ids
-            if record and record.name and lock_ids(self.key(record.name)) == (classid, objid):
+            if record.name and lock_ids(self.key(record.name)) == (classid, objid):
                 yield replace(record, alive=True)
 
     def force_release(self, name: str, token: str | None = None) -> bool:
