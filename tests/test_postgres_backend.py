@@ -521,3 +521,30 @@ def test_a_command_whose_session_was_terminated_while_it_ran_exits_non_zero(tmp_
         command.kill()
     assert command.returncode == 1, stderr
     assert f"The lock for isolated_echo:{key} was lost while it ran" in stderr
+
+
+def test_a_wait_whose_timeout_fired_as_the_lock_was_granted_keeps_it(backend, name, monkeypatch):
+    """lock_timeout can fire just as the lock is granted: the statement fails, yet the session
+    holds the lock. Simulated by a wait statement that takes the lock and then fails as a
+    timeout: the waiter claims the lock (its record shows), never leaves it held unknowingly."""
+    import psycopg
+
+    from django_isolatable.backends.pgsession import Sessions
+
+    run = Sessions.run
+
+    def granted_then_timed_out(self: Any, connection: Any, sql: str, params: Any = (), **kw: Any):
+        if kw.get("waits"):
+            connection.execute("SELECT pg_advisory_lock(%s)", (params[1],))
+            raise psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
+        return run(self, connection, sql, params, **kw)
+
+    monkeypatch.setattr(Sessions, "run", granted_then_timed_out)
+    info = new_record(name, "postgres")
+    lease = backend.acquire_waiting(name, info, 0.5)
+    monkeypatch.undo()
+    assert lease is not None
+    assert lease.info is info
+    assert backend.inspect(name).token == info.token
+    assert backend.release(lease) is True
+    assert backend.inspect(name) is None
