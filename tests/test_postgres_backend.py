@@ -548,3 +548,22 @@ def test_a_wait_whose_timeout_fired_as_the_lock_was_granted_keeps_it(backend, na
     assert backend.inspect(name).token == info.token
     assert backend.release(lease) is True
     assert backend.inspect(name) is None
+
+
+def test_without_psycopg_the_backend_is_a_clean_error_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_isolatable.backends.postgres import PostgresBackend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a)
+    )
+    with pytest.raises(ImproperlyConfigured) as raised:
+        PostgresBackend(BackendOptions(lock_dir=tmp_path, ttl=3, database_alias="postgres"))
+    assert str(raised.value) == (
+        "The postgres strategy needs the psycopg package: "
+        "pip install 'django-isolatable[postgres]'."
+    )
