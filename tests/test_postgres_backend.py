@@ -567,3 +567,34 @@ def test_without_psycopg_the_backend_is_a_clean_error_naming_the_extra(tmp_path,
         "The postgres strategy needs the psycopg package: "
         "pip install 'django-isolatable[postgres]'."
     )
+
+
+def test_a_stuck_postgres_server_loses_its_lock_and_delays_no_other_store(
+    settings, make_backend, name
+):
+    """Issue 13.6, through the engine: a postgres lock behind a server that stopped answering
+    and a redis lease in the same process. The postgres guard is reported lost within its TTL;
+    the redis lease is renewed all along."""
+    services.require("redis")
+    proxy = Proxy()
+    try:
+        with alias_on_port("pg-proxy", proxy.port) as alias:
+            settings.ISOLATABLE = {
+                "TTL": 1.5, "KEY_PREFIX": KEY_PREFIX, "DATABASE_ALIAS": alias,
+                "REDIS_URL": services.REDIS_URL,
+            }  # fmt: skip
+            from django_isolatable import CommandIsolation
+
+            stuck = CommandIsolation(name, strategy="postgres").lock(timeout=0)
+            healthy = CommandIsolation(name, strategy="redis").lock(timeout=0)
+            proxy.freeze()
+            assert eventually(lambda: stuck.lost, 15), "the stuck postgres lock is not lost"
+            assert not healthy.lost
+            time.sleep(2)  # past the redis lease's TTL: only renewal keeps it
+            assert not healthy.lost
+            assert CommandIsolation(name, strategy="redis").holder().token == healthy.info.token
+            healthy.release()
+            proxy.thaw()
+            stuck.release()
+    finally:
+        proxy.stop()
