@@ -160,13 +160,16 @@ class Renewer:
             ).start()
         return work
 
-    @staticmethod
-    def _renew_from(work: queue.SimpleQueue[Renewal]) -> None:
+    def _renew_from(self, work: queue.SimpleQueue[Renewal]) -> None:
         while True:
             renewal = work.get()
-            if not renewal.stopped:
-                _renew(renewal)
-            renewal.in_flight = False
+            try:
+                if not renewal.stopped:
+                    _renew(renewal)
+            finally:
+                with self._wake:  # its next renewal is due before the scheduler's next look
+                    renewal.in_flight = False
+                    self._wake.notify()
 
     def _forget_after_fork(self) -> None:
         # The parent's leases are not the child's to renew, and its threads did not survive.
@@ -181,9 +184,14 @@ def _renew(renewal: Renewal) -> None:
     started = time.monotonic()
     try:
         held = renewal.backend.refresh(renewal.lease, renewal.ttl)
-    except IsolationError as e:
+    except Exception as e:  # a backend's bug too: this worker renews other leases as well
         # Tried again soon; the scheduler reports the lease lost once its TTL ran out.
-        logger.warning("Could not renew lock %s: %s", renewal.lease.name, e)
+        logger.warning(
+            "Could not renew lock %s: %s",
+            renewal.lease.name,
+            e,
+            exc_info=not isinstance(e, IsolationError),
+        )
         renewal.due = time.monotonic() + renewal.ttl / 6
         return
     if held:

@@ -475,6 +475,35 @@ def test_a_lock_lost_before_its_first_renewal_is_reported_at_release(strategy, n
     assert received == [guard]
 
 
+def test_a_raising_lock_lost_receiver_leaves_the_other_leases_renewed(strategy, name, caplog):
+    """A ``lock_lost`` receiver that raises is logged; the process's other leases are still
+    renewed (a broken receiver once killed the renewal thread, and every lease then expired)."""
+
+    def broken(sender: object, **kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    kept = CommandIsolation(f"{name}:kept", ttl=RENEWAL_TTL)
+    lock_lost.connect(broken, weak=False)
+    try:
+        with caplog.at_level("ERROR", logger="django_isolatable"):
+            lost_guard = CommandIsolation(name, ttl=RENEWAL_TTL).try_lock()
+            kept_guard = kept.try_lock()
+            take_away(strategy, name, lost_guard)
+            wait_until(lambda: lost_guard.lost, "the lost lease's report", RENEWAL_TTL + 5)
+            deadline = time.monotonic() + 3 * RENEWAL_TTL
+            while time.monotonic() < deadline:  # three leases' worth: renewed, or taken
+                with pytest.raises(AlreadyRunning):
+                    CommandIsolation(kept.name).try_lock()
+                time.sleep(RENEWAL_TTL / 4)
+        assert kept_guard.lost is False
+        assert "receiver bug" in caplog.text
+        kept_guard.release()
+        lost_guard.release()
+    finally:
+        lock_lost.disconnect(broken)
+        kept.release_all()
+
+
 def test_a_command_whose_lock_was_taken_away_mid_run_exits_non_zero(strategy, name):
     """One second into a four-second run with the default TTL, the lock is force-released and
     could be taken by a second copy: the first run must not exit 0 as if it ran alone."""
