@@ -231,14 +231,19 @@ def test_each_operation_is_one_statement(backend, name, monkeypatch):
         statements.clear()
 
 
-def test_a_prefix_and_a_name_are_joined_injectively(make_backend, name):
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(("P:ns:", "job"), ("P:", "ns:job")), (("P:", "job"), ("", "P:job"))],
+    ids=["in-prefix", "empty-prefix"],
+)
+def test_a_prefix_and_a_name_are_joined_injectively(make_backend, name, first, second):
     """Issue 13.17: KEY_PREFIX "P:ns:" with name "job" and KEY_PREFIX "P:" with name "ns:job"
     were one lock (the prefix was joined to the name without a separator)."""
-    first = make_backend(prefix=f"{KEY_PREFIX}P:ns:")
-    second = make_backend(prefix=f"{KEY_PREFIX}P:")
-    assert first.acquire(f"{name}job", new_record(f"{name}job", "postgres")) is not None
-    job = f"ns:{name}job"
-    assert second.acquire(job, new_record(job, "postgres")) is not None
+    for prefix, job in (first, second):
+        # The test session's prefix goes in front of the name where the case has none
+        backend = make_backend(prefix=prefix and f"{KEY_PREFIX}{prefix}")
+        lock = f"{job if prefix else KEY_PREFIX + job}-{name}"
+        assert backend.acquire(lock, new_record(lock, "postgres")) is not None
 
 
 def test_release_of_a_lock_whose_session_was_terminated_is_false(backend, name, observer):
