@@ -93,28 +93,28 @@ def raw_advisory(slug: str) -> Lockable:
 
 def postgres_statements(slug: str) -> Lockable:
     """The postgres strategy's own two statements (queue-and-claim, unlock with its record
-    cleared) on one session, run its way, with none of the app's Python around them: what its
-    protocol costs, apart from the lock API."""
+    cleared) on one connection, run its way, with none of the app's Python around them: what
+    its protocol costs, apart from the lock API."""
     import psycopg
 
     from django_isolatable.backends import postgres
-    from django_isolatable.backends.pgsession import Session
     from django_isolatable.holders import new_record
 
-    session = Session(psycopg.connect(**environment.postgres_params(), autocommit=True))
-    key = environment.advisory_key(slug)
-    comment = postgres._comment(new_record(environment.lock_name(slug), "postgres"))
-    owner = postgres._owner_setting(key)
-
-    session.run("SELECT set_config('lock_timeout', $1, false)", (60_000,))  # as its waits keep it
+    connection = psycopg.connect(
+        **environment.postgres_params(), autocommit=True, application_name="isolatable"
+    )
+    name = environment.lock_name(slug)
+    named = postgres._named(environment.KEY_PREFIX, name, new_record(name, "postgres"))
+    wait = str(WAIT_LIMIT * 1000)
 
     def acquire() -> None:
-        session.run(postgres._WAIT_AND_CLAIM_AS_SET + comment, (owner, key, secrets.token_hex(16)))
+        label = postgres._label(new_record(name, "postgres"))
+        connection.execute(named.wait, (wait, named.key, label))
 
     def release() -> None:
-        session.run(postgres._UNLOCK, (key, owner))
+        connection.execute(postgres._UNLOCK, (named.key,))
 
-    return Lockable(acquire, release, session.close)
+    return Lockable(acquire, release, connection.close)
 
 
 def app(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
