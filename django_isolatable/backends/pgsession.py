@@ -92,9 +92,7 @@ class Sessions:
 
     def put_back(self, connection: Connection[Any]) -> None:
         """Return an idle connection (that holds no lock) to the pool; close any other."""
-        from psycopg.pq import TransactionStatus
-
-        if connection.info.transaction_status != TransactionStatus.IDLE:
+        if connection.info.transaction_status.name != "IDLE":
             connection.close()  # closed or broken (UNKNOWN), or in a statement
             return
         _idle.setdefault(self.alias, []).append(connection)
@@ -135,9 +133,7 @@ def abandon(connection: Connection[Any]) -> None:
     """Close ``connection`` in whatever state. A statement still running is cancelled first: the
     server would otherwise go on with a wait in its lock queue, and take the lock, until it next
     wrote to the closed connection."""
-    from psycopg.pq import TransactionStatus
-
-    if connection.info.transaction_status == TransactionStatus.ACTIVE:
+    if connection.info.transaction_status.name == "ACTIVE":
         with contextlib.suppress(Exception):
             connection.cancel_safe(timeout=CANCEL_TIMEOUT)
     connection.close()
@@ -150,7 +146,7 @@ class Deadline:
 
     def __init__(self, connection: Connection[Any], seconds: float) -> None:
         # A duplicate of the descriptor: the socket it names stays this connection's
-        self._socket: socket.socket | None = socket.socket(fileno=os.dup(connection.fileno()))
+        self._duplicate: socket.socket | None = socket.socket(fileno=os.dup(connection.fileno()))
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -158,10 +154,10 @@ class Deadline:
 
     def _expire(self) -> None:
         with self._lock:
-            if self._socket is not None:
+            if self._duplicate is not None:
                 self.passed = True
                 with contextlib.suppress(OSError):
-                    self._socket.shutdown(socket.SHUT_RDWR)
+                    self._duplicate.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> Deadline:
         self._timer.start()
@@ -175,7 +171,7 @@ class Deadline:
     ) -> None:
         self._timer.cancel()
         with self._lock:
-            watched, self._socket = self._socket, None
+            watched, self._duplicate = self._duplicate, None
         if watched is not None:
             watched.close()
 
