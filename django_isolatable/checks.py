@@ -7,7 +7,7 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
-from django_isolatable.conf import isolatable_settings
+from django_isolatable.conf import isolatable_settings, strategy_problem
 
 
 @register()
@@ -19,12 +19,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     ]
     if any(message.is_serious() for message in messages):
         return messages
-    from django_isolatable.backends import load_backend_class
-    from django_isolatable.isolation import CommandIsolation
+    from django_isolatable.backends import load_backend_class, options_from_settings
 
-    isolation = CommandIsolation("check")
+    strategy = isolatable_settings.STRATEGY
     try:
-        backend_class = load_backend_class(isolation.strategy)
-    except ImproperlyConfigured as e:
-        return [*messages, Error(str(e), id="isolatable.E002")]
-    return [*messages, *backend_class.check_settings(isolation.backend_options())]
+        backend_class = load_backend_class(strategy)
+    except ImproperlyConfigured:  # a dotted path that does not import, or names no backend
+        problem = strategy_problem(strategy)
+        return [*messages, Error(problem.message, id=problem.id)]
+    return [*messages, *backend_class.check_settings(options_from_settings())]

@@ -26,7 +26,7 @@ from django_isolatable.errors import (
     LockTimeout,
     describe_holder,
 )
-from django_isolatable.holders import LockInfo, utcnow
+from django_isolatable.holders import LockInfo, printable, utcnow
 from django_isolatable.isolation import CommandIsolation, LockGuard
 
 #: Signals that end a running command the normal way: finally blocks run, the lock is released.
@@ -159,7 +159,7 @@ class IsolatableCommand(BaseCommand):
             except (IsolationError, ImproperlyConfigured) as e:
                 if not from_cli:
                     raise
-                raise CommandError(f"Could not take the lock {name}: {e}") from e
+                raise CommandError(f"Could not take the lock {printable(name)}: {e}") from e
             finally:
                 self._end_progress_line()
             self.isolation_guard = guard
@@ -202,7 +202,8 @@ class IsolatableCommand(BaseCommand):
             status = isolatable_settings.SKIPPED_EXIT_CODE
         if options.get("verbosity", 1) > 0:
             self.stderr.write(
-                f"{error.command} is already running ({describe_holder(error.holder)}); skipped.",
+                f"{printable(error.command)} is already running "
+                f"({describe_holder(error.holder)}); skipped.",
                 self.style.WARNING,
             )
         return int(status)
@@ -221,7 +222,7 @@ class IsolatableCommand(BaseCommand):
                 running = (utcnow() - holder.acquired_at).total_seconds()
                 held_for = f", running for {duration(running)}"
             line = (
-                f"Waiting for {name} ({describe_holder(holder)}{held_for}); "
+                f"Waiting for {printable(name)} ({describe_holder(holder)}{held_for}); "
                 f"waited {duration(waited)}"
             )
             if live:
@@ -258,7 +259,7 @@ class IsolatableCommand(BaseCommand):
             self._end_progress_line()
             held = self.isolation_guard is not None
             outcome = "its lock is released" if held else "it never held the lock"
-            self.stderr.write(f"{name} {e}; stopped, {outcome}.", self.style.ERROR)
+            self.stderr.write(f"{printable(name)} {e}; stopped, {outcome}.", self.style.ERROR)
             raise _Exit(128 + e.signum) from e
         finally:
             for signum, handler in previous.items():

@@ -32,7 +32,16 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_ALIAS": "default",
     "KEY_PREFIX": "",
     "SKIPPED_EXIT_CODE": 0,
+    "RECORD_ARGV": "full",
 }
+#: The built-in strategies' names (``LockStrategy``'s values); anything else must be a dotted
+#: path, whose import ``manage.py check`` tries (checks.py): settings never import backends.
+BUILTIN_STRATEGIES = ("file", "memory", "redis", "cache", "database", "postgres")
+#: The longest lease: one day. Every store takes it as a relative expiry (Memcached reads more
+#: than 30 days as a date), and a holder killed on another host keeps its lock for a TTL.
+MAX_TTL = 86400
+RECORD_ARGV_VALUES = ("full", "command", "none")
+_DOTTED_PATH = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)+")
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,8 @@ class Settings:
     ``ImproperlyConfigured`` with the same sentence ``manage.py check`` reports."""
 
     def __init__(self) -> None:
-        # Valid values by key: locks of the renewed strategies read TTL on every acquire, and
-        # reading and validating it each time took 2 µs.
+        # Valid values by key: locks of the renewed strategies read TTL, and every new record
+        # RECORD_ARGV, on every acquire.
         self._valid: dict[str, Any] = {}
 
     def raw(self) -> dict[str, Any]:
@@ -95,6 +104,9 @@ class Settings:
         base_dir = getattr(django_settings, "BASE_DIR", None)
         if base_dir is not None:
             return Path(base_dir) / ".locks"
+        # Per user and project. The file strategy refuses the folder if another user made it
+        # first (or put a link there): a fresh one instead would split one project's processes
+        # over several folders, and so let two of them hold one lock.
         # override_settings hides SETTINGS_MODULE; the environment still names it.
         module = django_settings.SETTINGS_MODULE or os.environ.get("DJANGO_SETTINGS_MODULE")
         module = re.sub(r"[^A-Za-z0-9_.-]", "_", module or "settings")
@@ -129,6 +141,10 @@ class Settings:
     def SKIPPED_EXIT_CODE(self) -> int:
         return int(self._get("SKIPPED_EXIT_CODE"))
 
+    @property
+    def RECORD_ARGV(self) -> str:
+        return str(self._get("RECORD_ARGV"))
+
     def problems(self) -> list[Problem]:
         """Every problem in the current settings, for the system checks."""
         raw = getattr(django_settings, "ISOLATABLE", {})
@@ -152,10 +168,17 @@ class Settings:
 
 
 def _user() -> str:
+    """This process's user name, by its effective uid: not the USER or LOGNAME a process of
+    another user may have inherited, which would name (and make) this user's folder."""
     try:
+        import pwd
+    except ImportError:  # not a POSIX system
         user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers with an arbitrary uid)
-        user = str(os.getuid())
+    else:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # no passwd entry (containers with an arbitrary uid)
+            user = str(os.geteuid())
     return re.sub(r"[^A-Za-z0-9_.-]", "_", user)
 
 
@@ -167,20 +190,17 @@ def _not_a_dict(value: object) -> Problem:
 
 
 def _strategy(value: object) -> Problem | None:
-    from django_isolatable.backends import LockStrategy, load_backend_class
+    if isinstance(value, str) and (value in BUILTIN_STRATEGIES or _DOTTED_PATH.fullmatch(value)):
+        return None
+    return strategy_problem(value)
 
-    if isinstance(value, str) and value:
-        try:
-            load_backend_class(value)
-        except ImproperlyConfigured:
-            pass
-        else:
-            return None
+
+def strategy_problem(value: object) -> Problem:
+    """The problem of a STRATEGY that names no strategy, or no importable backend class."""
     return Problem(
         "isolatable.E002",
         f"{_key('STRATEGY')} is {value!r}, which is neither a strategy "
-        f"({', '.join(s.value for s in LockStrategy)}) nor the dotted path of an importable "
-        "backend class.",
+        f"({', '.join(BUILTIN_STRATEGIES)}) nor the dotted path of an importable backend class.",
     )
 
 
@@ -202,12 +222,19 @@ def _timeout(value: object) -> Problem | None:
     )
 
 
+def is_valid_ttl(value: object) -> bool:
+    """A lease length: a number of seconds > 0 and at most ``MAX_TTL`` (bool is no number).
+    ``CommandIsolation(ttl=...)`` holds its argument to the same bound."""
+    return _is_number(value) and 0 < value <= MAX_TTL  # type: ignore[operator]
+
+
 def _ttl(value: object) -> Problem | None:
-    if _is_number(value) and value > 0 and value != float("inf"):  # type: ignore[operator]
+    if is_valid_ttl(value):
         return None
     return Problem(
         "isolatable.E005",
-        f"{_key('TTL')} is {value!r}; use a finite number of seconds > 0 (leases must expire).",
+        f"{_key('TTL')} is {value!r}; use a number of seconds > 0 and at most {MAX_TTL} (a day): "
+        "leases must expire.",
     )
 
 
@@ -229,6 +256,16 @@ def _exit_code(value: object) -> Problem | None:
     )
 
 
+def _record_argv(value: object) -> Problem | None:
+    if isinstance(value, str) and value in RECORD_ARGV_VALUES:
+        return None
+    return Problem(
+        "isolatable.E008",
+        f"{_key('RECORD_ARGV')} is {value!r}; use one of "
+        f"{', '.join(repr(v) for v in RECORD_ARGV_VALUES)}.",
+    )
+
+
 _VALIDATORS = {
     "STRATEGY": _strategy,
     "LOCK_DIR": _lock_dir,
@@ -239,6 +276,7 @@ _VALIDATORS = {
     "DATABASE_ALIAS": _string("DATABASE_ALIAS", "isolatable.E006"),
     "KEY_PREFIX": _string("KEY_PREFIX", "isolatable.E006"),
     "SKIPPED_EXIT_CODE": _exit_code,
+    "RECORD_ARGV": _record_argv,
 }
 
 isolatable_settings = Settings()

@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from django_isolatable.holders import printable
+
 if TYPE_CHECKING:
     from django_isolatable.holders import LockInfo
 
@@ -22,7 +24,7 @@ def describe_holder(holder: LockInfo | None) -> str:
     """``pid 4242 on web-1 since 2026-11-28 15:30:01 UTC``, or the part of it that is known."""
     if holder is None or holder.pid is None:
         return "holder unknown"
-    text = f"pid {holder.pid} on {holder.hostname or 'an unknown host'}"
+    text = f"pid {holder.pid} on {printable(holder.hostname or 'an unknown host')}"
     if holder.acquired_at is not None:
         text += f" since {holder.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
     return text
@@ -43,8 +45,8 @@ class AlreadyRunning(IsolationError):
 
     def _message(self) -> str:
         return (
-            f"{self.command} is already running ({describe_holder(self.holder)}); "
-            f"see `manage.py locks status {self.command}`."
+            f"{printable(self.command)} is already running ({describe_holder(self.holder)}); "
+            f"see `manage.py locks status {printable(self.command)}`."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -60,9 +62,9 @@ class LockTimeout(AlreadyRunning):
 
     def _message(self) -> str:
         return (
-            f"Gave up waiting for {self.command} after {self.timeout:g} s: it is still running "
-            f"({describe_holder(self.holder)}); wait longer or see "
-            f"`manage.py locks status {self.command}`."
+            f"Gave up waiting for {printable(self.command)} after {self.timeout:g} s: it is still "
+            f"running ({describe_holder(self.holder)}); wait longer or see "
+            f"`manage.py locks status {printable(self.command)}`."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -99,9 +101,9 @@ class LockLost(IsolationError):
         self.command = command
         self.holder = holder
         super().__init__(
-            f"The lock for {command} was lost while it ran (its lease expired or was taken"
-            f"{'' if holder is None else ' by ' + describe_holder(holder)}); another copy may "
-            "be running now."
+            f"The lock for {printable(command)} was lost while it ran (its lease expired or was "
+            f"taken{'' if holder is None else ' by ' + describe_holder(holder)}); another copy "
+            "may be running now."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

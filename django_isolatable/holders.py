@@ -21,9 +21,13 @@ from typing import Any
 
 import psutil
 
+from django_isolatable.conf import isolatable_settings
+
 # Start times are compared net of boot-time changes (see host_id), so one process's start times
 # agree to the clock tick; this only absorbs float rounding.
 START_TIME_TOLERANCE = 0.05
+#: The largest process id any system gives out (``pid_t`` is a signed 32-bit integer).
+MAX_PID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class LockInfo:
             return None
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # corrupt, or nested too deep to parse: unknown
             data = None
         return cls.from_dict(name, strategy, data)
 
@@ -164,11 +168,21 @@ def _datetime(value: object) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        # An offset can carry a time past the ends of datetime's range: year 1 at +05:00.
+        return None if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        return None
-    return parsed.astimezone(timezone.utc)
+
+
+def printable(text: str) -> str:
+    """``text`` as it is safe to show on a terminal or in one cell of a table: each character
+    that is not printable (line breaks, escape sequences and other control characters, lone
+    surrogates from undecodable bytes, invisible formatting) as its Python escape (``\\n``,
+    ``\\x1b``, ``\\udcff``), the others as they are. For lock names, hostnames and command
+    lines read from a store, which anyone who can write there controls."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def utcnow() -> datetime:
@@ -178,7 +192,10 @@ def utcnow() -> datetime:
 def from_epoch_microseconds(text: str) -> datetime | None:
     """The UTC time ``text`` gives in microseconds since 1970 (how the redis and postgres
     strategies carry a server's time), or None when it is not such a number."""
-    microseconds = int(text) if text.isdigit() else 0
+    # isdigit() alone would pass other scripts' digits and numbers too long for int().
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        return None
+    microseconds = int(text)
     if not microseconds:
         return None
     try:
@@ -230,7 +247,9 @@ os.register_at_fork(after_in_child=host_id.cache_clear)  # a child reads its own
 def _machine_and_btime(identity: str) -> tuple[str, int | None]:
     """(the host part of a host id, the boot time it recorded)."""
     machine, _, btime = identity.rpartition(" btime=")
-    return (machine, int(btime)) if machine and btime.isdigit() else (identity, None)
+    if machine and btime.isascii() and btime.isdigit() and len(btime) <= 20:
+        return machine, int(btime)
+    return identity, None
 
 
 def process_started_at(pid: int) -> datetime:
@@ -259,10 +278,25 @@ def new_record(
         token=token or new_token(),
         acquired_at=acquired_at,
         expires_at=None if ttl is None else acquired_at + timedelta(seconds=ttl),
-        argv=tuple(sys.argv),
+        argv=recorded_argv(),
         alive=True,
     )
     return info
+
+
+def recorded_argv() -> tuple[str, ...]:
+    """The command line a new record keeps, as ``RECORD_ARGV`` says: all of it (``"full"``),
+    the program and the management command's name (``"command"``), or nothing (``"none"``).
+
+    The command's name is the first argument, as Django's ``manage.py`` takes it, unless that is
+    an option: what follows an option may be its value, and any value may be a secret.
+    """
+    mode = isolatable_settings.RECORD_ARGV
+    if mode == "full":
+        return tuple(sys.argv)
+    if mode == "none":
+        return ()
+    return tuple(sys.argv[:1]) + tuple(arg for arg in sys.argv[1:2] if not arg.startswith("-"))
 
 
 def stamped(
@@ -316,6 +350,8 @@ def is_alive(info: LockInfo) -> bool | None:
     """
     if info.pid is None or info.process_started_at is None or info.host_id is None:
         return None
+    if not 0 < info.pid <= MAX_PID:  # no process can have it: not a record this code wrote
+        return None
     machine, recorded_btime = _machine_and_btime(info.host_id)
     if recorded_btime is None or machine != _machine_and_btime(host_id())[0]:
         return None
@@ -327,7 +363,7 @@ def is_alive(info: LockInfo) -> bool | None:
         started = process.create_time()
     except psutil.NoSuchProcess:  # ZombieProcess is a subclass: a zombie is dead too
         return False
-    except psutil.Error:
+    except (psutil.Error, ValueError, OverflowError):
         return None
     shift = started - info.process_started_at.timestamp()
     return abs(shift - (btime - recorded_btime)) <= START_TIME_TOLERANCE

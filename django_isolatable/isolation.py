@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -24,7 +23,7 @@ from django_isolatable.backends import (
     load_backend_class,
     options_from_settings,
 )
-from django_isolatable.conf import isolatable_settings
+from django_isolatable.conf import MAX_TTL, is_valid_ttl, isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
 from django_isolatable.holders import LockInfo, judged, new_record
 from django_isolatable.renewal import Renewal, renewer
@@ -90,10 +89,10 @@ class CommandIsolation:
         self._strategy = strategy
         self._lock_dir = None if lock_dir is None else Path(lock_dir)
         self._timeout = timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
-        if ttl is not None and (
-            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf
-        ):
-            raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}.")
+        if ttl is not None and not is_valid_ttl(ttl):
+            raise ValueError(
+                f"ttl must be a number of seconds > 0 and at most {MAX_TTL} (a day), not {ttl!r}."
+            )
         self._ttl = ttl
         self._next_stale_check = 0.0
 

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import getpass
+import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from django_isolatable import CommandIsolation, LockStrategy
 from django_isolatable.backends.memory import MemoryBackend
-from django_isolatable.conf import isolatable_settings
+from django_isolatable.conf import BUILTIN_STRATEGIES, MAX_TTL, is_valid_ttl, isolatable_settings
+from django_isolatable.holders import new_record
+from tests.strategies import (
+    CACHE_ON_REDIS,
+    DATABASE_ON_MARIADB,
+    DATABASE_ON_POSTGRES,
+    DATABASE_ON_SQLITE,
+    POSTGRES,
+    REDIS,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def messages() -> list[tuple[str, str]]:
@@ -83,15 +101,15 @@ def test_remembered_values_follow_every_change_of_the_setting(settings):
             "TTL",
             0,
             "isolatable.E005",
-            'settings.ISOLATABLE["TTL"] is 0; use a finite number of seconds > 0 '
-            "(leases must expire).",
+            'settings.ISOLATABLE["TTL"] is 0; use a number of seconds > 0 and at most 86400 '
+            "(a day): leases must expire.",
         ),
         (
             "TTL",
             float("inf"),
             "isolatable.E005",
-            'settings.ISOLATABLE["TTL"] is inf; use a finite number of seconds > 0 '
-            "(leases must expire).",
+            'settings.ISOLATABLE["TTL"] is inf; use a number of seconds > 0 and at most 86400 '
+            "(a day): leases must expire.",
         ),
         (
             "TIMEOUT",
@@ -111,6 +129,25 @@ def test_remembered_values_follow_every_change_of_the_setting(settings):
             None,
             "isolatable.E006",
             'settings.ISOLATABLE["KEY_PREFIX"] is None; it must be a string.',
+        ),
+        (
+            "TTL",
+            1e12,
+            "isolatable.E005",
+            'settings.ISOLATABLE["TTL"] is 1000000000000.0; use a number of seconds > 0 and at '
+            "most 86400 (a day): leases must expire.",
+        ),
+        (
+            "RECORD_ARGV",
+            "all",
+            "isolatable.E008",
+            "settings.ISOLATABLE[\"RECORD_ARGV\"] is 'all'; use one of 'full', 'command', 'none'.",
+        ),
+        (
+            "RECORD_ARGV",
+            None,
+            "isolatable.E008",
+            "settings.ISOLATABLE[\"RECORD_ARGV\"] is None; use one of 'full', 'command', 'none'.",
         ),
     ],
 )
@@ -142,6 +179,123 @@ def test_dotted_path_that_is_not_a_backend(settings):
     assert [m[0] for m in messages()] == ["isolatable.E002"]
 
 
+def test_reading_a_dotted_path_strategy_imports_nothing_the_check_tries_it(settings):
+    """Settings never import backends: the check reports a path that does not import."""
+    settings.ISOLATABLE = {"STRATEGY": "tests.no_such_module.Backend"}
+    assert isolatable_settings.STRATEGY == "tests.no_such_module.Backend"
+    assert messages() == [
+        (
+            "isolatable.E002",
+            "settings.ISOLATABLE[\"STRATEGY\"] is 'tests.no_such_module.Backend', which is neither "
+            "a strategy (file, memory, redis, cache, database, postgres) nor the dotted path of an "
+            "importable backend class.",
+        )
+    ]
+
+
+def test_the_builtin_strategy_names_are_the_lock_strategies():
+    assert BUILTIN_STRATEGIES == tuple(strategy.value for strategy in LockStrategy)
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [(MAX_TTL, True), (0.001, True), (MAX_TTL + 0.001, False), (1e12, False), (True, False)],
+)
+def test_the_ttl_bound_the_constructor_shares(value, valid):
+    assert is_valid_ttl(value) is valid
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        REDIS,
+        POSTGRES,
+        DATABASE_ON_SQLITE,
+        DATABASE_ON_POSTGRES,
+        DATABASE_ON_MARIADB,
+        CACHE_ON_REDIS,
+    ],
+    ids=lambda config: config.id,
+)
+def test_the_longest_ttl_is_one_every_store_accepts(config):
+    config.require_service()
+    with (
+        config.override_settings(),
+        override_settings(ISOLATABLE={**django_settings.ISOLATABLE, "TTL": MAX_TTL}),
+    ):
+        assert messages() == []
+        with CommandIsolation(f"a-day-{os.getpid()}").try_lock() as guard:
+            holder = guard.isolation.holder()
+            assert holder is not None
+            assert holder.token == guard.info.token
+            if guard.info.expires_at is not None:
+                taken = guard.info.expires_at - guard.info.acquired_at
+                assert taken == timedelta(seconds=MAX_TTL)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("full", ["isolated_echo", "--marker", "{marker}", "--seconds", "60"]),
+        ("command", ["isolated_echo"]),
+        ("none", None),
+    ],
+)
+def test_record_argv_decides_what_a_holder_record_keeps(lock_dir, tmp_path, mode, expected):
+    marker = tmp_path / "marker"
+    isolatable = {"LOCK_DIR": str(lock_dir), "RECORD_ARGV": mode}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "django",
+            "isolated_echo",
+            "--marker",
+            str(marker),
+            "--seconds",
+            "60",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "ISOLATABLE_TEST_SETTINGS": json.dumps(isolatable),
+        },
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():  # handle() runs: the lock is held, its record written
+            assert child.poll() is None
+            assert time.monotonic() < deadline, "the command never ran"
+            time.sleep(0.01)
+        argv = json.loads((lock_dir / "isolated_echo.lock").read_text())["argv"]
+    finally:
+        child.kill()
+        child.wait()
+    if expected is None:
+        assert argv == []
+    else:
+        assert argv[0].endswith("__main__.py")
+        assert argv[1:] == [arg.format(marker=marker) for arg in expected]
+
+
+@pytest.mark.parametrize(
+    ("argv", "kept"),
+    [
+        (["manage.py", "import_data", "--password", "hunter2"], ("manage.py", "import_data")),
+        (["manage.py", "--token", "hunter2", "import_data"], ("manage.py",)),
+        (["manage.py"], ("manage.py",)),
+        ([], ()),
+    ],
+)
+def test_record_argv_command_keeps_no_argument_that_may_be_an_option_value(
+    settings, monkeypatch, argv, kept
+):
+    settings.ISOLATABLE = {"RECORD_ARGV": "command"}
+    monkeypatch.setattr(sys, "argv", argv)
+    assert new_record("x", "file").argv == kept
+
+
 def test_isolatable_must_be_a_dict(settings):
     settings.ISOLATABLE = ["file"]
     assert messages() == [
@@ -156,7 +310,7 @@ def test_unknown_key_is_a_warning(settings):
             "isolatable.W001",
             "Unknown key 'TIMOUT' in settings.ISOLATABLE is ignored; the known keys are "
             "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, "
-            "KEY_PREFIX, SKIPPED_EXIT_CODE.",
+            "KEY_PREFIX, SKIPPED_EXIT_CODE, RECORD_ARGV.",
         )
     ]
 
@@ -188,7 +342,7 @@ def test_bad_timeouts_are_value_errors(bad):
 
 @pytest.mark.parametrize("bad", [0, -5, float("inf")])
 def test_bad_ttl_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="ttl must be a finite"):
+    with pytest.raises(ValueError, match="ttl must be a number of seconds > 0 and at most"):
         CommandIsolation("x", ttl=bad)
 
 

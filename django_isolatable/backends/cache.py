@@ -92,8 +92,11 @@ class CacheBackend(Backend):
 
     def _key(self, name: str) -> str:
         # Hashed: Memcached refuses long keys and spaces; KEY_PREFIX namespaces shared caches.
-        digest = hashlib.sha256((self.options.key_prefix + name).encode("utf-8", "surrogatepass"))
-        return f"isolatable:{digest.hexdigest()}"
+        # A NUL ends the prefix (names never hold one), so no two (prefix, name) pairs share a
+        # key; without a prefix the key is the name's own hash, as before prefixes were kept apart.
+        prefix = self.options.key_prefix
+        key = f"{prefix}\0{name}" if prefix else name
+        return f"isolatable:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
     def _call(self, what: str, function: Any, *args: Any) -> Any:
         try:
@@ -113,19 +116,17 @@ class CacheBackend(Backend):
         self._update_index(name)
         return Lease(name=name, token=info.token or "", info=info)
 
-    def _owned(self, lease: Lease) -> bool:
-        value = self._call("read", self.cache.get, self._key(lease.name))
-        return isinstance(value, dict) and value.get("token") == lease.token
+    def _owned(self, name: str, token: str) -> bool:
+        value = self._call("read", self.cache.get, self._key(name))
+        return isinstance(value, dict) and value.get("token") == token
 
     def release(self, lease: Lease) -> bool:
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the lock is its parent's
-        if not self._owned(lease):
-            return False
-        return bool(self._call("release", self.cache.delete, self._key(lease.name)))
+        return self.force_release(lease.name, lease.token)
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
-        if not self._owned(lease):
+        if not self._owned(lease.name, lease.token):
             return False
         return bool(self._call("renew", self.cache.touch, self._key(lease.name), self._ttl(ttl)))
 
@@ -134,7 +135,9 @@ class CacheBackend(Backend):
         return None if value is None else _info(name, value)
 
     def list(self) -> Iterator[LockInfo]:
-        index: dict[str, str] = self._call("read", self.cache.get, self._index) or {}
+        index = self._call("read", self.cache.get, self._index)
+        if not isinstance(index, dict):  # none yet, or not one this code wrote
+            index = {}
         found = self._call("read", self.cache.get_many, list(index))
         if len(found) < len(index):  # released, or expired: prune them
             self._update_index(keep=set(found))
@@ -142,7 +145,10 @@ class CacheBackend(Backend):
             if key in found:
                 yield _info(name, found[key])
 
-    def force_release(self, name: str) -> bool:
+    def force_release(self, name: str, token: str | None = None) -> bool:
+        # With a token, compare then delete as release does (the window described above).
+        if token is not None and not self._owned(name, token):
+            return False
         return bool(self._call("release", self.cache.delete, self._key(name)))
 
     def _update_index(self, add: str | None = None, keep: set[str] | None = None) -> None:
@@ -165,5 +171,6 @@ def _info(name: str, value: object) -> LockInfo:
     if not isinstance(value, dict):
         return LockInfo(name=name, strategy=CacheBackend.strategy)
     info = LockInfo.from_dict(name, CacheBackend.strategy, value.get("record"))
+    token = value.get("token")
     # touch() renews without rewriting the value: the recorded expiry is out of date, so none.
-    return replace(info, token=value.get("token"), expires_at=None)
+    return replace(info, token=token if isinstance(token, str) else None, expires_at=None)

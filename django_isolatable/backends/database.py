@@ -56,8 +56,15 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _name_hash(name: str) -> str:
-    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+def _name_hash(prefix: str, name: str) -> str:
+    """The row's key: SHA-256 of the name, after KEY_PREFIX and a NUL when there is a prefix.
+
+    Names never hold NUL, so the last NUL ends the prefix: no two (prefix, name) pairs share a
+    key, as "P:ns:" + "job" and "P:" + "ns:job" would if they were only joined. Without a prefix
+    the key is the name's own hash, as it was before prefixes were kept apart.
+    """
+    key = f"{prefix}\0{name}" if prefix else name
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _for_django(value: datetime | None) -> datetime | None:
@@ -86,11 +93,33 @@ def _in_memory(name: str) -> bool:
 
 
 def _datetime(value: object) -> datetime | None:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if not isinstance(value, datetime):
+    """A stored time as aware UTC (naive ones are UTC); None for what is no time datetime can
+    hold, so a row written by hand never breaks reading the others."""
+    try:
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if not isinstance(value, datetime):
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _readable(column: str) -> str:
+    """SQL for a time column that is NULL where no ``datetime`` can hold the time (a row written
+    by hand): drivers raise on such a value, and one would make the whole table unreadable."""
+    return f"CASE WHEN {column} BETWEEN '0001-01-02' AND '9999-12-30' THEN {column} END"
+
+
+def _argv(value: object) -> tuple[str, ...]:
+    """The stored JSON list of the command line; () for anything else."""
+    try:
+        argv = json.loads(value) if isinstance(value, (str, bytes)) else None
+    except (ValueError, RecursionError):
+        return ()
+    return tuple(a for a in argv if isinstance(a, str)) if isinstance(argv, list) else ()
 
 
 class DatabaseBackend(Backend):
@@ -193,7 +222,7 @@ class DatabaseBackend(Backend):
     def _row(self, name: str, info: LockInfo) -> list[Any]:
         ops = self._connection().ops
         return [
-            _name_hash(self.options.key_prefix + name),
+            _name_hash(self.options.key_prefix, name),
             # Text columns take UTF-8 only: a name with lone surrogates is stored with them
             # escaped (its hash, the key, is exact; such a lock is not listed by `locks status`).
             name.encode("utf-8", "backslashreplace").decode(),
@@ -247,13 +276,13 @@ class DatabaseBackend(Backend):
     def release(self, lease: Lease) -> bool:
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the lock is its parent's
-        name_hash = _name_hash(self.options.key_prefix + lease.name)
+        name_hash = _name_hash(self.options.key_prefix, lease.name)
         sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
         return bool(self._retrying("release a lock", sql, [name_hash, lease.token]))
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         now, later, param = self._now()
-        name_hash = _name_hash(self.options.key_prefix + lease.name)
+        name_hash = _name_hash(self.options.key_prefix, lease.name)
         sql = (
             f"UPDATE {{table}} SET expires_at = {later} "
             f"WHERE name_hash = %s AND token = %s AND expires_at >= {now}"
@@ -267,22 +296,20 @@ class DatabaseBackend(Backend):
         their key are skipped: another KEY_PREFIX's, or a name the connection's character set
         could not carry (MySQL's 3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4)."""
         now, _, _ = self._now()
+        started, acquired, expires = (
+            _readable(c) for c in ("process_started_at", "acquired_at", "expires_at")
+        )
         sql = (
-            "SELECT name_hash, name, token, pid, hostname, host_id, process_started_at, "
-            f"acquired_at, argv, expires_at, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
+            f"SELECT name_hash, name, token, pid, hostname, host_id, {started}, {acquired}, "
+            f"argv, {expires}, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
             f"FROM {{table}} {where}"
         )
         for row in self._execute(sql, params, fetch=True):
             name_hash, stored, token, pid, hostname, host_id, started, acquired, argv = row[:9]
-            if name is None and name_hash != _name_hash(self.options.key_prefix + stored):
+            if name is None and name_hash != _name_hash(self.options.key_prefix, stored):
                 continue
-            lock_name = stored if name is None else name
-            try:
-                command = tuple(json.loads(argv))
-            except (TypeError, ValueError):
-                command = ()
             yield LockInfo(
-                name=lock_name,
+                name=stored if name is None else name,
                 strategy=self.strategy,
                 token=token,
                 pid=pid,
@@ -291,21 +318,27 @@ class DatabaseBackend(Backend):
                 process_started_at=_datetime(started),
                 acquired_at=_datetime(acquired),
                 expires_at=_datetime(row[9]),
-                argv=command,
+                argv=_argv(argv),
                 alive=False if row[10] else None,  # an expired lease is stale, whoever held it
             )
 
     def inspect(self, name: str) -> LockInfo | None:
-        name_hash = _name_hash(self.options.key_prefix + name)
+        name_hash = _name_hash(self.options.key_prefix, name)
         return next(self._records("WHERE name_hash = %s", [name_hash], name), None)
 
     def list(self) -> Iterator[LockInfo]:
         return self._records("ORDER BY name", [])
 
-    def force_release(self, name: str) -> bool:
-        name_hash = _name_hash(self.options.key_prefix + name)
-        sql = "DELETE FROM {table} WHERE name_hash = %s"
-        return bool(self._retrying("release a lock", sql, [name_hash]))
+    def force_release(self, name: str, token: str | None = None) -> bool:
+        name_hash = _name_hash(self.options.key_prefix, name)
+        if token is None:
+            sql, params = "DELETE FROM {table} WHERE name_hash = %s", [name_hash]
+        else:  # one statement: a holder that took the row since it was judged keeps it
+            sql, params = (
+                "DELETE FROM {table} WHERE name_hash = %s AND token = %s",
+                [name_hash, token],
+            )
+        return bool(self._retrying("release a lock", sql, params))
 
     def close(self) -> None:
         wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.get("wrappers", {})

@@ -32,7 +32,13 @@ class MemoryBackend(Backend, Waiting):
     strategy: ClassVar[str] = "memory"
 
     def _key(self, name: str) -> str:
-        return self.options.key_prefix + name
+        # A NUL between them, as names never hold one: "P:ns:" + "job" is not "P:" + "ns:job".
+        prefix = self.options.key_prefix
+        return f"{prefix}\0{name}" if prefix else name
+
+    def _mine(self, key: str) -> bool:
+        prefix = self.options.key_prefix
+        return key.startswith(f"{prefix}\0") if prefix else "\0" not in key
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         key = self._key(name)
@@ -60,9 +66,8 @@ class MemoryBackend(Backend, Waiting):
         return None if info is None else replace(info, alive=True)
 
     def list(self) -> Iterator[LockInfo]:
-        prefix = self.options.key_prefix
         with _changed:
-            infos = [info for key, info in sorted(_held.items()) if key.startswith(prefix)]
+            infos = [info for key, info in sorted(_held.items()) if self._mine(key)]
         return iter([replace(info, alive=True) for info in infos])
 
     def force_release(self, name: str, token: str | None = None) -> bool:

@@ -1,19 +1,28 @@
-"""``manage.py locks status|release``: see what runs, clear what is stale."""
+"""``manage.py locks status|release``: see what runs, clear what is stale.
+
+Every release goes by the owner token of the holder it judged, at the moment of release: a lock
+that another process took between the look and the release is reported and left alone. Names,
+hosts and command lines come from the store, so they are shown through ``printable``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_isolatable.backends import Backend, backend_for
 from django_isolatable.command import duration
 from django_isolatable.errors import IsolationError
-from django_isolatable.holders import LockInfo, judged, utcnow
-from django_isolatable.isolation import CommandIsolation
+from django_isolatable.holders import LockInfo, judged, printable, utcnow
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
 
@@ -61,21 +70,28 @@ class Command(BaseCommand):
             else:
                 self.release(options["names"], options["stale"], options["all"], options["force"])
         except (IsolationError, ImproperlyConfigured) as e:
-            raise CommandError(str(e)) from e
+            raise CommandError(printable(str(e))) from e
 
-    def isolation(self, name: str) -> CommandIsolation:
-        return CommandIsolation(name, strategy=self.strategy)
+    @cached_property
+    def backend(self) -> Backend:
+        return backend_for(self.strategy)
 
     def holders(self, names: list[str]) -> list[tuple[str, LockInfo | None]]:
+        if "" in names:
+            raise CommandError("A lock name must not be empty.")
         if names:
-            return [(name, self.isolation(name).holder()) for name in names]
-        backend = CommandIsolation("locks", strategy=self.strategy).backend
-        return [(info.name, judged(info)) for info in backend.list()]
+            return [(name, self.holder(name)) for name in names]
+        return [(info.name, judged(info)) for info in self.backend.list()]
+
+    def holder(self, name: str) -> LockInfo | None:
+        info = self.backend.inspect(name)
+        return None if info is None else judged(info)
 
     def status(self, names: list[str], *, as_json: bool) -> None:
         holders = self.holders(names)
-        strategy = CommandIsolation("locks", strategy=self.strategy).strategy
+        strategy = self.backend.strategy
         if as_json:
+            # ensure_ascii: exact JSON that any stdout can carry, lone surrogates included.
             self.stdout.write(json.dumps([_as_json(n, i, strategy) for n, i in holders], indent=2))
             return
         if not holders:
@@ -115,48 +131,79 @@ class Command(BaseCommand):
             )
 
     def _release_one(self, name: str, holder: LockInfo | None, force: bool) -> bool:
-        """Release one lock; False if it was refused."""
-        who = "holder unknown" if holder is None else _who(holder)
-        isolation = self.isolation(name)
+        """Release the lock ``holder`` holds, by its token; False if it was not released."""
+        shown = printable(name)
         if holder is None:
-            self.stdout.write(f"{name} is not locked.")
-        elif holder.alive is False and isolation.release_if_stale():
-            self.stdout.write(f"Released stale lock {name} ({who}).", self.style.SUCCESS)
-        elif force:
-            isolation.release_all()
-            self.stdout.write(
-                f"Force-released {name} ({who}); if that process still runs, it runs on "
-                "without the lock.",
-                self.style.WARNING,
-            )
-        else:
+            self.stdout.write(f"{shown} is not locked.")
+            return True
+        who = _who(holder)
+        if holder.alive is not False and not force:
             judgement = "is alive" if holder.alive else "cannot be judged from this host"
             self.stderr.write(
-                f"Not releasing {name}: its holder ({who}) {judgement}. "
+                f"Not releasing {shown}: its holder ({who}) {judgement}. "
                 "Use --force if you are sure it is not running.",
                 self.style.ERROR,
             )
             return False
+        if holder.token is None:  # nothing to release it by: it could be anyone's by now
+            self.stderr.write(
+                f"Not releasing {shown}: its holder's record ({who}) has no owner token, so it "
+                "cannot be released safely.",
+                self.style.ERROR,
+            )
+            return False
+        if not self.backend.force_release(name, token=holder.token):
+            return self._not_released(name, holder)
+        if holder.alive is False:
+            logger.info("Released the stale lock %s of %s", shown, who)
+            self.stdout.write(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
+        else:
+            logger.warning("Force-released lock %s (%s)", shown, self.backend.strategy)
+            self.stdout.write(
+                f"Force-released {shown} ({who}); if that process still runs, it runs on "
+                "without the lock.",
+                self.style.WARNING,
+            )
         return True
+
+    def _not_released(self, name: str, judged_holder: LockInfo) -> bool:
+        """Report why the holder judged earlier was not released; True if that is no failure
+        (the lock is free now)."""
+        shown = printable(name)
+        now = self.holder(name)
+        if now is None:
+            self.stdout.write(f"{shown} is not locked.")
+            return True
+        if now.token != judged_holder.token:
+            self.stderr.write(
+                f"{shown} now has another holder ({_who(now)}); not released.", self.style.ERROR
+            )
+        else:
+            self.stderr.write(
+                f"Could not release {shown} ({_who(now)}): the {self.backend.strategy} strategy "
+                "kept it.",
+                self.style.ERROR,
+            )
+        return False
 
 
 def _who(info: LockInfo) -> str:
-    return f"pid {info.pid if info.pid is not None else '?'} on {info.hostname or '?'}"
+    return f"pid {info.pid if info.pid is not None else '?'} on {printable(info.hostname or '?')}"
 
 
 def _row(name: str, info: LockInfo | None) -> tuple[str, ...]:
     if info is None:
-        return (name, "free", "-", "-", "-", "-", "")
+        return (printable(name), "free", "-", "-", "-", "-", "")
     started = "-" if info.acquired_at is None else f"{info.acquired_at:%Y-%m-%d %H:%M:%S}"
     age = _age(info)
     return (
-        name,
+        printable(name),
         state_of(info),
         str(info.pid) if info.pid is not None else "?",
-        info.hostname or "?",
+        printable(info.hostname or "?"),
         started,
         "-" if age is None else duration(age),
-        " ".join(info.argv),
+        printable(" ".join(info.argv)),
     )
 
 
