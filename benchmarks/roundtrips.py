@@ -10,8 +10,9 @@ the server shows the waiter blocked (Redis ``CLIENT LIST``: flag ``b``; PostgreS
 round trips from then until its ``lock()`` returns: 0 when the answer that wakes it carries the
 lock. A waiter that polls instead never shows blocked; the holder releases after a while then.
 
-The first trials warm up (connections opened, scripts loaded, statements prepared by psycopg
-after a few runs); the table shows the most any later trial took.
+The first trials warm up: a new connection's handshake, a script's first load, and psycopg
+preparing a statement (after its fifth run on a connection, at the cost of one more round trip,
+once) are not what each operation costs. The table shows the most any later trial took.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def run(trials: int) -> dict[str, int]:
         groups.append(group)
     print_table(
         f"Round trips per operation, counted on the wire by a proxy (the most of {trials} "
-        f"trials; wake-up: a woken waiter's, from the release to holding the lock)",
+        f"trials after {WARM_UP} to warm up; wake-up: a woken waiter's, from the release to "
+        "holding the lock)",
         list(OPERATIONS),
         groups,
         ratios=False,
