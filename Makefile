@@ -35,7 +35,8 @@ test: lint docs
 demo: install
 	@$(BIN)/python example_project/demo.py
 
-# Benchmarks against raw locks and the peers: about 3 minutes; BENCH_ARGS=--quick for a smoke run.
+# Round trips, then benchmarks against raw locks and the peers, then the targets: 3 to 6 minutes;
+# BENCH_ARGS=--quick for a smoke run.
 .PHONY: bench
 bench: install
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
