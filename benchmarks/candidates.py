@@ -91,30 +91,29 @@ def raw_advisory(slug: str) -> Lockable:
     return Lockable(acquire, release, connection.close)
 
 
-def postgres_statements(slug: str) -> Lockable:
-    """The postgres strategy's own two statements (queue-and-claim, unlock with its record
-    cleared) on one session, run its way, with none of the app's Python around them: what its
-    protocol costs, apart from the lock API."""
+def raw_advisory_recorded(slug: str) -> Lockable:
+    """``raw_advisory`` with the holder named where ``pg_stat_activity`` shows it, as a lock
+    that others can inspect must: its ``application_name`` set in the locking statement and
+    cleared in the unlocking one, so still one statement each way. The statements are this
+    benchmark's own, run through psycopg's ``Connection.execute``."""
     import psycopg
 
-    from django_isolatable.backends import postgres
-    from django_isolatable.backends.pgsession import Session
-    from django_isolatable.holders import new_record
-
-    session = Session(psycopg.connect(**environment.postgres_params(), autocommit=True))
+    connection = psycopg.connect(**environment.postgres_params(), autocommit=True)
     key = environment.advisory_key(slug)
-    comment = postgres._comment(new_record(environment.lock_name(slug), "postgres"))
-    owner = postgres._owner_setting(key)
-
-    session.run("SELECT set_config('lock_timeout', $1, false)", (60_000,))  # as its waits keep it
 
     def acquire() -> None:
-        session.run(postgres._WAIT_AND_CLAIM_AS_SET + comment, (owner, key, secrets.token_hex(16)))
+        connection.execute(
+            "SELECT pg_advisory_lock(%s), set_config('application_name', %s, false)",
+            (key, f"bench {secrets.token_hex(16)}"),
+        )
 
     def release() -> None:
-        session.run(postgres._UNLOCK, (key, owner))
+        connection.execute(
+            "SELECT pg_advisory_unlock(%s), set_config('application_name', 'bench', false)",
+            (key,),
+        )
 
-    return Lockable(acquire, release, session.close)
+    return Lockable(acquire, release, connection.close)
 
 
 def app(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
@@ -178,8 +177,8 @@ PYTHON_REDIS_LOCK = Candidate(
     "python-redis-lock", peer_python_redis_lock, 0, ("redis", "python-redis-lock")
 )
 RAW_ADVISORY = Candidate("raw blocking pg_advisory_lock", raw_advisory, 0, ("postgres",))
-POSTGRES_STATEMENTS = Candidate(
-    "postgres strategy's statements alone", postgres_statements, 0, ("postgres",)
+RAW_ADVISORY_RECORDED = Candidate(
+    "raw, holder in application_name", raw_advisory_recorded, 0, ("postgres",)
 )
 POSTGRES = _app_candidate("postgres strategy", "postgres", ("postgres",))
 DATABASE = _app_candidate(

@@ -53,7 +53,7 @@ GROUPS = [
         "PostgreSQL (raw: blocking pg_advisory_lock)",
         [
             candidates.RAW_ADVISORY,
-            candidates.POSTGRES_STATEMENTS,
+            candidates.RAW_ADVISORY_RECORDED,
             candidates.POSTGRES,
             candidates.DATABASE,
         ],

@@ -17,12 +17,14 @@ import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import django
 from django.conf import settings
 from django.db import DatabaseError, connections
 from django.test import override_settings
 
+from benchmarks.wire import CountingProxy
 from django_isolatable import CommandIsolation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,11 @@ CONNECT_TIMEOUT = 5  # seconds: a server that does not answer is skipped, not wa
 SERVER_DATABASES = ("postgres", "mariadb")
 PEERS = {"filelock": "filelock", "portalocker": "portalocker", "python-redis-lock": "redis_lock"}
 
+#: Round trips are counted through two proxies per server (see ``wire``): a holder's, a waiter's.
+COUNTED = 2
+
 _names: set[str] = set()
+_proxies: dict[tuple[str, int], CountingProxy] = {}
 _tables_before: dict[str, bool] = {}
 _work_dir: list[Path] = []
 
@@ -46,21 +52,32 @@ def configure(work_dir: Path) -> None:
         pymysql.install_as_MySQLdb()
     _work_dir.append(work_dir)
     env = os.environ.get
+    postgres: dict[str, Any] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": env("TEST_POSTGRES_DB", "test"),
+        "USER": env("TEST_POSTGRES_USER", "postgres"),
+        "PASSWORD": env("TEST_POSTGRES_PASSWORD", ""),
+        "HOST": env("TEST_POSTGRES_HOST", "127.0.0.1"),
+        "PORT": env("TEST_POSTGRES_PORT", "5432"),
+        "OPTIONS": {"connect_timeout": CONNECT_TIMEOUT},
+    }
+    counted = {}
+    if postgres["HOST"] and not postgres["HOST"].startswith("/"):  # a proxy forwards TCP only
+        for number in range(COUNTED):
+            proxy = _proxy("postgres", number, postgres["HOST"], int(postgres["PORT"]))
+            counted[counted_alias(number)] = {
+                **postgres,
+                "HOST": "127.0.0.1",
+                "PORT": str(proxy.port),
+            }
     settings.configure(
         SECRET_KEY="benchmarks-only",
         USE_TZ=True,
         INSTALLED_APPS=["django_isolatable"],
         DATABASES={
             "default": {},
-            "postgres": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": env("TEST_POSTGRES_DB", "test"),
-                "USER": env("TEST_POSTGRES_USER", "postgres"),
-                "PASSWORD": env("TEST_POSTGRES_PASSWORD", ""),
-                "HOST": env("TEST_POSTGRES_HOST", "127.0.0.1"),
-                "PORT": env("TEST_POSTGRES_PORT", "5432"),
-                "OPTIONS": {"connect_timeout": CONNECT_TIMEOUT},
-            },
+            "postgres": postgres,
+            **counted,
             "mariadb": {
                 "ENGINE": "django.db.backends.mysql",
                 "NAME": env("TEST_MARIADB_DB", "test"),
@@ -94,6 +111,34 @@ def configure(work_dir: Path) -> None:
     for alias in SERVER_DATABASES:
         if unavailable(alias) is None:
             _tables_before[alias] = _has_lock_table(alias)
+
+
+def _proxy(server: str, number: int, host: str, port: int) -> CountingProxy:
+    proxy = _proxies[server, number] = CountingProxy(host, port)
+    return proxy
+
+
+def counted_alias(number: int) -> str:
+    """A database alias of the ``postgres`` database reached through proxy ``number``."""
+    return f"postgres-counted-{number}"
+
+
+def counted_redis_url(number: int) -> str | None:
+    """``REDIS_URL`` through proxy ``number`` (made on first use), or None for a unix socket."""
+    parts = urlsplit(REDIS_URL)
+    if parts.scheme != "redis" or parts.hostname is None:
+        return None
+    proxy = _proxies.get(("redis", number)) or _proxy(
+        "redis", number, parts.hostname, parts.port or 6379
+    )
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def proxy(server: str, number: int) -> CountingProxy | None:
+    """The proxy ``number`` to ``server`` ("redis", "postgres"), if there is one."""
+    return _proxies.get((server, number))
 
 
 def lock_name(slug: str) -> str:
@@ -244,3 +289,5 @@ def leave_as_found() -> None:
                     f"DELETE FROM {LOCK_TABLE} WHERE name_hash IN ({placeholders})", hashes
                 )
     connections.close_all()
+    while _proxies:
+        _proxies.popitem()[1].close()

@@ -37,48 +37,58 @@ def ratio(value: float, base: float | None) -> float | None:
     return None if base is None or base == 0 else value / base
 
 
-def print_table(title: str, headers: list[str], groups: list[Group]) -> None:
-    """A title, then each group's title, rows and skip notes, the ratio in the last column."""
+def print_table(
+    title: str, headers: list[str], groups: list[Group], *, ratios: bool = True
+) -> None:
+    """A title, then each group's title, rows and skip notes, the ratio in the last column
+    (none for a table of counts, ``ratios`` False)."""
     width = max([36, *(len(row.label) + 4 for group in groups for row in group.rows)])
     print(f"\n{title}")
-    print(" " * width + "".join(f"{header:>11}" for header in [*headers, "x raw"]))
+    headers = [*headers, "x raw"] if ratios else headers
+    print(" " * width + "".join(f"{header:>11}" for header in headers))
     for group in groups:
         print(f"  {group.title}")
         for row in group.rows:
-            shown = "" if row.ratio is None else f"{row.ratio:.2f}x"
-            print(f"    {row.label:{width - 4}}" + "".join(f"{c:>11}" for c in [*row.cells, shown]))
+            cells = row.cells
+            if ratios:
+                cells = [*cells, "" if row.ratio is None else f"{row.ratio:.2f}x"]
+            print(f"    {row.label:{width - 4}}" + "".join(f"{cell:>11}" for cell in cells))
         for note in group.skipped:
             print(f"    skipped: {note}")
 
 
 @dataclass
 class Target:
-    """One of the issue's targets: ``measured`` against ``limit`` (``<=`` or ``>=``)."""
+    """One of the issue's targets: ``measured`` against ``limit`` (``relation`` <=, >= or =)."""
 
     what: str
     measured: float | None
     limit: float
     unit: str
-    at_most: bool = True
+    relation: str = "<="
     #: How to show ``measured`` when a number says less (e.g. which modules were imported).
     shown: str | None = None
-    #: What puts the figure in context, printed after the verdict (e.g. the raw limit's own).
+    #: What puts the figure in context, printed after the status (e.g. the raw limit's own).
     context: str = ""
 
     @property
-    def verdict(self) -> str:
+    def status(self) -> str:
         if self.measured is None:
-            return "not measured"
-        holds = self.measured <= self.limit if self.at_most else self.measured >= self.limit
-        return "holds" if holds else "MISSED"
+            return "not run"
+        met = {
+            "<=": self.measured <= self.limit,
+            ">=": self.measured >= self.limit,
+            "=": self.measured == self.limit,
+        }[self.relation]
+        return "met" if met else "missed"
 
 
 def print_targets(targets: list[Target], note: str = "") -> None:
-    print(f"\nTargets (issue 6){note}")
+    print(f"\nTargets (issue 15){note}")
     width = max(len(target.what) for target in targets) + 4
     for target in targets:
         measured = "-" if target.measured is None else f"{target.measured:.2f}{target.unit}"
         measured = target.shown or measured
-        limit = f"{'<=' if target.at_most else '>='} {target.limit:g}{target.unit}"
-        line = f"    {target.what:{width - 4}}{measured:>11}{limit:>12}   {target.verdict:12}"
+        limit = f"{target.relation} {target.limit:g}{target.unit}"
+        line = f"    {target.what:{width - 4}}{measured:>11}{limit:>12}   {target.status:8}"
         print(f"{line} {target.context}".rstrip())

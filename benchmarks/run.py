@@ -1,10 +1,12 @@
 """Benchmarks of django-isolatable: `python benchmarks/run.py` (or `make bench`) prints tables.
 
-Four sections, each next to the raw limit of the same run (the ``x raw`` column) and next to the
-peers: uncontended acquire+release, handoff latency between processes, 8 processes contending
-for one lock, and the overhead of an isolated management command. Ratios are what to compare:
-the machine is noisy, ratios much less so. Rows whose server or peer is missing are skipped
-with a note. ``--quick`` is a smoke run of a few seconds.
+First the round trips of the redis and postgres strategies' operations, counted on the wire;
+then four timed sections, each next to the raw limit of the same run (the ``x raw`` column) and
+next to the peers: uncontended acquire+release, handoff latency between processes, 8 processes
+contending for one lock, and the overhead of an isolated management command. Ratios are what to
+compare: the machine is noisy, ratios much less so. Rows whose server or peer is missing are
+skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
+of a few seconds.
 
 Exit status 1 if a measurement failed or a lock let two processes in at once (a contention
 counter did not end exact); a missed target is reported, not failed.
@@ -28,8 +30,9 @@ from benchmarks import environment
 from benchmarks.report import print_targets
 from benchmarks.targets import Results, targets
 
-SECTIONS = ("uncontended", "handoff", "contention", "commands")
+SECTIONS = ("round-trips", "uncontended", "handoff", "contention", "commands")
 FULL = {
+    "round_trip_trials": 10,
     "batches": 30,
     "batch_ms": 40.0,
     "trials": 40,
@@ -37,7 +40,15 @@ FULL = {
     "rounds": 3,
     "runs": 20,
 }
-QUICK = {"batches": 5, "batch_ms": 10.0, "trials": 5, "acquisitions": 20, "rounds": 1, "runs": 3}
+QUICK = {
+    "round_trip_trials": 2,
+    "batches": 5,
+    "batch_ms": 10.0,
+    "trials": 5,
+    "acquisitions": 20,
+    "rounds": 1,
+    "runs": 3,
+}
 
 
 def _arguments() -> argparse.Namespace:
@@ -46,6 +57,9 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run (well under 30 s)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument(
+        "--round-trip-trials", type=int, help="round trips: counted trials per strategy (10)"
+    )
     parser.add_argument("--batches", type=int, help="uncontended: batches per row (30)")
     parser.add_argument("--batch-ms", type=float, help="uncontended: ms per batch (40)")
     parser.add_argument("--trials", type=int, help="handoff: trials per row (40)")
@@ -71,7 +85,7 @@ def main() -> int:
     results = Results()
     with tempfile.TemporaryDirectory(prefix="isolatable-bench-") as directory:
         environment.configure(Path(directory))
-        from benchmarks import commands, contention, handoff, uncontended
+        from benchmarks import commands, contention, handoff, roundtrips, uncontended
 
         now = datetime.datetime.now().astimezone()
         print(f"django-isolatable benchmarks, {now:%Y-%m-%d %H:%M %Z}")
@@ -87,6 +101,9 @@ def main() -> int:
             results.commands, results.drivers = commands.run(args.runs)
 
         sections = {
+            "round-trips": lambda: setattr(
+                results, "trips", roundtrips.run(args.round_trip_trials)
+            ),
             "uncontended": lambda: setattr(
                 results, "uncontended", uncontended.run(args.batches, args.batch_ms / 1000)
             ),
@@ -110,7 +127,7 @@ def main() -> int:
             if any(not outcome.exact for outcome in results.contention.values()):
                 failed = True
                 print("\nA lock let two processes in at once: see 'exact' above.", file=sys.stderr)
-            smoke = ": a --quick run is too short to judge them" if args.quick else ""
+            smoke = ": a --quick run is too short to judge the timed ones" if args.quick else ""
             print_targets(targets(results), smoke)
         finally:
             environment.leave_as_found()

@@ -1,5 +1,7 @@
 """Run a Django management command at most once at a time."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from django_isolatable.backends import LockStrategy
 from django_isolatable.command import IsolatableCommand
 from django_isolatable.errors import (
@@ -13,6 +15,12 @@ from django_isolatable.errors import (
 )
 from django_isolatable.holders import LockInfo
 from django_isolatable.isolation import CommandIsolation, LockGuard
+
+try:
+    __version__ = version("django-isolatable")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+del PackageNotFoundError, version  # not names of this package
 
 __all__ = [
     "AlreadyRunning",

@@ -104,6 +104,9 @@ class Settings:
         base_dir = getattr(django_settings, "BASE_DIR", None)
         if base_dir is not None:
             return Path(base_dir) / ".locks"
+        # Per user and project. The file strategy refuses the folder if another user made it
+        # first (or put a link there): a fresh one instead would split one project's processes
+        # over several folders, and so let two of them hold one lock.
         # override_settings hides SETTINGS_MODULE; the environment still names it.
         module = django_settings.SETTINGS_MODULE or os.environ.get("DJANGO_SETTINGS_MODULE")
         module = re.sub(r"[^A-Za-z0-9_.-]", "_", module or "settings")
@@ -165,10 +168,17 @@ class Settings:
 
 
 def _user() -> str:
+    """This process's user name, by its effective uid: not the USER or LOGNAME a process of
+    another user may have inherited, which would name (and make) this user's folder."""
     try:
+        import pwd
+    except ImportError:  # not a POSIX system
         user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers with an arbitrary uid)
-        user = str(os.getuid())
+    else:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # no passwd entry (containers with an arbitrary uid)
+            user = str(os.geteuid())
     return re.sub(r"[^A-Za-z0-9_.-]", "_", user)
 
 

@@ -25,7 +25,6 @@ from django_isolatable import (
     LockGuard,
     LockIOError,
     LockPermissionError,
-    LockTimeout,
 )
 from django_isolatable.backends import BackendOptions
 from django_isolatable.backends.file import FileBackend
@@ -516,14 +515,14 @@ def shared_session(settings, django_db_blocker, monkeypatch):
     name, its guard and an undo() of the sharing."""
     services.require("postgres")
     settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
-    from django_isolatable.backends import postgres
+    from django_isolatable.backends.pgsession import Sessions
 
     name = f"pooled-{time.monotonic_ns()}"
     with django_db_blocker.unblock():
         first = CommandIsolation(name).lock(timeout=0)
-        shared = first._lease.session  # type: ignore[attr-defined]
-        monkeypatch.setattr(postgres.PostgresBackend, "_connect", lambda self: shared)
-        monkeypatch.setattr(postgres.PostgresBackend, "_put_back", lambda self, c: None)
+        shared = first._lease.connection  # type: ignore[attr-defined]
+        monkeypatch.setattr(Sessions, "connect", lambda self: shared)
+        monkeypatch.setattr(Sessions, "put_back", lambda self, connection: None)
         yield name, first, monkeypatch.undo
         monkeypatch.undo()
         first.release()
@@ -538,96 +537,26 @@ def test_a_pooler_sharing_sessions_is_caught_not_trusted(shared_session):
     with pytest.raises(LockIOError, match="pooler that shares server sessions"):
         CommandIsolation(name).try_lock()
     undo()
-    assert CommandIsolation(name).is_locked()  # (its record, the session's last statement,
-    first.check()  # is gone: the pooled statements overwrote it)
-    first.release()
-    assert CommandIsolation(name).holder() is None
-
-
-def test_a_pooler_sharing_sessions_is_caught_in_a_queued_wait_too(shared_session):
-    """The same, for a waiter whose pg_advisory_lock was granted (reentrantly) in the queue:
-    its claim sees the first client's owner token and refuses."""
-    from django_isolatable.holders import new_record
-
-    name, first, undo = shared_session
-    backend = CommandIsolation(name).backend
-    backend.wait(name, 1.0)
-    with pytest.raises(LockIOError, match="pooler that shares server sessions"):
-        backend.acquire(name, new_record(name, "postgres"))
-    undo()
     assert CommandIsolation(name).is_locked()
     first.check()
     first.release()
     assert CommandIsolation(name).holder() is None
 
 
-def test_a_postgres_waiter_claims_the_lock_in_the_statement_that_waited(
-    settings, django_db_blocker, monkeypatch
-):
-    """A waiter blocked in the server's queue records itself as it is granted: its guard, the
-    session's record and the time it got the lock agree, with no statement more after it."""
-    services.require("postgres")
-    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
-    from django_isolatable.backends import postgres
+def test_a_pooler_sharing_sessions_is_caught_in_a_queued_wait_too(shared_session):
+    """The same, for a waiter handed the holder's session: it refuses before it queues (there,
+    its pg_advisory_lock would be granted at once, reentrantly)."""
+    from django_isolatable.holders import new_record
 
-    name = f"queued-{time.monotonic_ns()}"
-    claims: list[str] = []
-    run = postgres.PostgresBackend._run
-    monkeypatch.setattr(
-        postgres.PostgresBackend,
-        "_run",
-        lambda self, session, sql, params=(), prepare=True: (
-            claims.append(sql) or run(self, session, sql, params, prepare)
-        ),
-    )
-    with django_db_blocker.unblock():
-        first = CommandIsolation(name).lock(timeout=0)
-        got: list[LockGuard] = []
-        waiter = threading.Thread(target=lambda: got.append(CommandIsolation(name).lock(10)))
-        waiter.start()
-        time.sleep(0.5)  # queued on the server by now
-        claims.clear()
-        released_at = datetime.now(timezone.utc)
-        first.release()
-        waiter.join(10)
-        guard = got[0]
-        holder = CommandIsolation(name).holder()
-        assert holder is not None
-        assert holder.token == guard.info.token
-        assert holder.acquired_at == guard.info.acquired_at
-        assert guard.info.acquired_at is not None
-        # When it was granted, not when it began to wait (its record was made before the wait)
-        waited = (guard.info.acquired_at - released_at).total_seconds()
-        assert -0.25 < waited < 5
-        assert not any(sql.startswith(postgres._CLAIM) for sql in claims)
-        guard.release()
-        assert CommandIsolation(name).holder() is None
-
-
-def test_a_postgres_wait_cut_short_leaves_the_next_wait_its_own_timeout(
-    settings, django_db_blocker
-):
-    """A wait that lock_timeout cut short failed, which undoes the set_config of lock_timeout
-    in its statement: the session's lock_timeout is back to the server's default (no limit).
-    The next waits on that session must set it again, not wait without a limit."""
-    services.require("postgres")
-    settings.ISOLATABLE = {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres"}
-    name = f"timeouts-{time.monotonic_ns()}"
-    with django_db_blocker.unblock():
-        holder = CommandIsolation(name).lock(timeout=0)
-        release_later = threading.Timer(30, holder.release)  # ends a wait that has no limit
-        release_later.start()
-        try:
-            backend = CommandIsolation(name).backend
-            for _ in range(3):
-                started = time.monotonic()
-                backend.wait(name, 0.3)
-                assert time.monotonic() - started < 10
-            with pytest.raises(LockTimeout):
-                CommandIsolation(name).lock(timeout=0.5)
-        finally:
-            release_later.cancel()
-            holder.release()
+    name, first, undo = shared_session
+    backend = CommandIsolation(name).backend
+    with pytest.raises(LockIOError, match="pooler that shares server sessions"):
+        backend.acquire_waiting(name, new_record(name, "postgres"), 1.0)  # type: ignore[attr-defined]
+    undo()
+    assert CommandIsolation(name).is_locked()
+    first.check()
+    first.release()
+    assert CommandIsolation(name).holder() is None
 
 
 def test_database_strategy_without_use_tz(settings, django_db_blocker):

@@ -6,7 +6,9 @@ import dataclasses
 import fcntl
 import json
 import os
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -183,7 +185,12 @@ class TestBadInput:
         parent = Path(tempfile.mkdtemp(prefix="isolatable-readonly-"))
         directory = parent / "locks"
         directory.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # the user tried below (nobody) owns it, but may not write in it
+            os.chown(directory, 65534, 65534)
         parent.chmod(0o755)
+        # Read before the fork: as nobody, the child may not read the interpreter's own modules
+        # (a Python installed under /root), which reading this process's identity imports.
+        new_record("x", "file")
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe
@@ -309,6 +316,30 @@ class TestOpenLockFiles:
             os.waitpid(pid, 0)
             assert report == "already running"
             assert isolation.is_locked()
+
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_fork_while_lock_dir_is_being_checked_never_hangs_the_child(self, lock_dir):
+        """A thread may be checking LOCK_DIR (its lock held) at the instant another forks: the
+        child must not wait forever for a lock whose holder it does not have."""
+        isolation = CommandIsolation("forked-dir")
+        isolation.try_lock().release()
+        with isolation.backend._directory._lock:  # as that other thread would hold it
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through its exit status
+                try:
+                    isolation.try_lock().release()
+                finally:
+                    os._exit(0)
+        exited = os.pidfd_open(pid)
+        try:
+            hung = not select.select([exited], [], [], 30)[0]
+        finally:
+            os.close(exited)
+        if hung:
+            os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+        assert not hung, "the forked child hung"
+        assert status == 0
 
     def test_an_interrupted_acquire_leaves_the_file_unlocked(self, lock_dir, monkeypatch):
         """An exception between the flock and the lease (here while writing the record) must

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,9 @@ from pathlib import Path
 import pytest
 
 from django_isolatable import AlreadyRunning, CommandIsolation, LockTimeout
+from django_isolatable.backends import inotify
+from django_isolatable.backends.base import BackendOptions, Waiting
+from django_isolatable.backends.file import FileBackend
 from django_isolatable.holders import is_alive, new_record, process_started_at
 from tests.processes import (
     EVENT_TIMEOUT,
@@ -303,3 +307,114 @@ def test_timed_out_waits_leave_no_descriptor_behind(spawn):
         for isolation in isolations:
             isolation.backend.close()
     holder.finish()
+
+
+def file_backend(lock_dir: Path) -> FileBackend:
+    return FileBackend(BackendOptions(lock_dir=lock_dir, ttl=60))
+
+
+class TestAcquireWaiting:
+    """The file strategy's ``Waiting`` ability: one call that waits for another process's
+    release and takes the lock, or gives up after its timeout holding nothing."""
+
+    def test_it_takes_the_lock_when_the_holder_releases(self, spawn, lock_dir):
+        holder = spawn("hold")
+        holder.expect("held")
+        backend = file_backend(lock_dir)
+        record = new_record(NAME, "file")
+        taken: list[object] = []
+        waiter = threading.Thread(
+            target=lambda: taken.append(backend.acquire_waiting(NAME, record, EVENT_TIMEOUT))
+        )
+        waiter.start()
+        holder.finish()
+        waiter.join(EVENT_TIMEOUT)
+        (lease,) = taken
+        assert lease is not None
+        assert record_in(backend.lock_path(NAME))["token"] == record.token
+        assert backend.release(lease)
+
+    def test_without_inotify_it_polls(self, spawn, lock_dir, monkeypatch):
+        monkeypatch.setattr(inotify, "_libc", None)
+        holder = spawn("hold")
+        holder.expect("held")
+        backend = file_backend(lock_dir)
+        taken: list[object] = []
+        waiter = threading.Thread(  # a new thread: no inotify instance of its own yet
+            target=lambda: taken.append(
+                backend.acquire_waiting(NAME, new_record(NAME, "file"), EVENT_TIMEOUT)
+            )
+        )
+        waiter.start()
+        holder.finish()
+        waiter.join(EVENT_TIMEOUT)
+        (lease,) = taken
+        assert lease is not None
+        assert backend.release(lease)
+
+    def test_a_timeout_returns_none_holding_nothing(self, spawn, lock_dir):
+        holder = spawn("hold")
+        holder.expect("held")
+        backend = file_backend(lock_dir)
+        started = time.monotonic()
+        assert backend.acquire_waiting(NAME, new_record(NAME, "file"), 0.2) is None
+        assert 0.2 <= time.monotonic() - started < 5.0
+        holder.finish()
+        lease = backend.acquire(NAME, new_record(NAME, "file"))  # no claim of ours in the way
+        assert lease is not None
+        assert backend.release(lease)
+
+    def test_an_interrupt_mid_wait_leaves_nothing_held(self, spawn, lock_dir):
+        holder = spawn("hold")
+        holder.expect("held")
+        backend = file_backend(lock_dir)
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(KeyboardInterrupt):
+                backend.acquire_waiting(NAME, new_record(NAME, "file"), EVENT_TIMEOUT)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        holder.finish()
+        other = spawn("hold")  # another process takes it: nothing of this one's is in the way
+        other.expect("held")
+        other.finish()
+        lease = backend.acquire(NAME, new_record(NAME, "file"))  # nor a claim in this process
+        assert lease is not None
+        assert backend.release(lease)
+
+    def test_the_engine_waits_through_it(self, spawn):
+        """lock(timeout=...) on the file strategy blocks in acquire_waiting, not in a poll."""
+        assert isinstance(CommandIsolation(NAME).backend, Waiting)
+        holder = spawn("hold")
+        holder.expect("held")
+        with pytest.raises(LockTimeout):
+            CommandIsolation(NAME).lock(timeout=0.1)
+        holder.finish()
+
+
+def test_a_lock_dir_replaced_under_a_running_process_is_followed(spawn, lock_dir, tmp_path):
+    """A deploy that moves LOCK_DIR aside and makes a new one: a process that checked the old
+    one reports and takes the locks of the new one (each open checks what the path names)."""
+    backend = file_backend(lock_dir)
+    lease = backend.acquire(NAME, new_record(NAME, "file"))
+    assert lease is not None
+    assert backend.release(lease)
+    lock_dir.rename(tmp_path / "previous")
+    lock_dir.mkdir(mode=0o700)
+    holder = spawn("hold")
+    pid, _token = holder.expect("held")
+    info = backend.inspect(NAME)
+    assert info is not None
+    assert (info.pid, info.alive) == (int(pid), True)
+    assert backend.acquire(NAME, new_record(NAME, "file")) is None
+    holder.finish()
+    lease = backend.acquire(NAME, new_record(NAME, "file"))
+    assert lease is not None
+    assert lease.path == str(lock_dir / f"{NAME}.lock")
+    assert backend.release(lease)

@@ -208,13 +208,14 @@ def test_a_postgres_session_label_with_a_foreign_time_reads_as_unknown_time():
 def test_a_postgres_record_fits_what_pg_stat_activity_keeps_of_every_statement(name):
     """pg_stat_activity.query keeps 1023 bytes by default: whichever statement the holding
     session ran last, the record in its comment reads back whole, whatever its length."""
+    pytest.importorskip("psycopg")
     from django_isolatable.backends import postgres
 
     for length in range(0, 1200, 5):  # command lines around every length the budget cuts at
         info = dataclasses.replace(new_record(name, "postgres"), argv=("a" * length,))
-        comment = postgres._comment(info)
-        for statement in postgres._RECORD_STATEMENTS:
-            kept = (statement + comment).encode()[:1023].decode()
+        named = postgres._named("", name, info)
+        for statement in (named.try_lock, named.wait, named.holds):
+            kept = statement.encode()[:1023].decode()
             record = postgres._record(kept, "isolatable tok 1795896665847315", "postgres")
             assert record is not None, (length, statement[:40])
             assert (record.pid, record.host_id) == (info.pid, info.host_id)

@@ -202,3 +202,65 @@ def test_a_holder_whose_record_has_no_token_is_not_released(settings):
         assert backend.inspect(name) is not None
     finally:
         backend.cache.delete(backend._key(name))
+
+
+def run_locks(*args: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py locks *args`` in a new process with the current ISOLATABLE settings."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "locks", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=EVENT_TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("record", [b'{"token": 5, "pid": "x"', b"[" * 60_000, b"\xff\xfe"])
+def test_a_free_file_lock_with_a_corrupt_record_is_released_as_stale(settings, tmp_path, record):
+    """The kernel says nobody holds it, so its unreadable record is stale: ``release --stale``
+    clears it (it used to refuse it as "cannot be judged" and exit 1)."""
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    settings.ISOLATABLE = {"STRATEGY": "file", "LOCK_DIR": str(lock_dir)}
+    (lock_dir / "corrupt.lock").write_bytes(record)
+    (lock_dir / "corrupt.lock").chmod(0o600)
+    assert "corrupt  stale" in run_locks("status").stdout
+
+    released = run_locks("release", "--stale")
+
+    assert released.returncode == 0, released.stderr
+    assert released.stdout.startswith("Released stale lock corrupt ")
+    assert run_locks("status").stdout.strip() == "No locks (file strategy)."
+
+
+def test_a_held_file_lock_with_a_corrupt_record_is_not_released_as_stale(settings, tmp_path):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    settings.ISOLATABLE = {"STRATEGY": "file", "LOCK_DIR": str(lock_dir)}
+    path = lock_dir / "corrupt.lock"
+    path.write_bytes(b"[" * 60_000)
+    path.chmod(0o600)
+    holder = subprocess.Popen(  # holds the kernel lock without writing a record
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'r+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        released = run_locks("release", "--stale")
+        assert released.returncode == 0, released.stderr
+        assert released.stdout.strip() == "No stale locks."
+        assert path.read_bytes() == b"[" * 60_000
+    finally:
+        holder.kill()
+        holder.wait()

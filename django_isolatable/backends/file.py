@@ -4,7 +4,10 @@ The kernel lock is the truth; the record is for people (``cat`` shows who holds 
 are never unlinked on release, only blanked while still locked, so the unlink race that
 filelock, portalocker and tendo shipped cannot happen here; an acquirer still checks, after
 ``flock``, that the path names the inode it locked, in case a person deleted the file by hand.
-One lock file's name, ``flock`` attempts and record are in ``backends/lockfile.py``.
+LOCK_DIR is checked once per backend (no link, this user's, writable by nobody else unless
+sticky) and lock files are opened relative to its descriptor; each lock file must be a regular
+file of this user's with one link. One lock file's name, ``flock`` attempts, record and those
+checks are in ``backends/lockfile.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import fcntl
 import json
 import logging
 import os
-import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,14 +28,14 @@ from urllib.parse import unquote
 from django.core.checks import CheckMessage, Error
 
 from django_isolatable.backends import inotify, lockfile
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 from django_isolatable.backends.lockfile import file_name
-from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
+from django_isolatable.errors import IsolationError, LockIOError
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger(__name__)
 
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
+FIRST_PAUSE = 0.001  # seconds a waiter first sleeps between attempts; doubles to poll_interval
 
 # Locks this process holds (or is trying to take: None), by path. Threads exclude each other
 # here before the kernel is asked, which also keeps NFS correct, where flock is emulated with
@@ -76,7 +79,7 @@ class FileLease(Lease):
     record_size: int = 0
 
 
-class FileBackend(Backend):
+class FileBackend(Backend, Waiting):
     """``flock`` locks in LOCK_DIR. Not expiring: the kernel drops a dead process's lock."""
 
     strategy: ClassVar[str] = "file"
@@ -86,6 +89,7 @@ class FileBackend(Backend):
         super().__init__(options)
         self.lock_dir = options.lock_dir
         self._dir = os.path.join(options.lock_dir, "")  # with a trailing separator
+        self._directory = lockfile.LockDirectory(options.lock_dir)  # checked on first use
 
     def lock_path(self, name: str) -> Path:
         return Path(self._path(name))
@@ -99,6 +103,10 @@ class FileBackend(Backend):
         setting = f'settings.ISOLATABLE["LOCK_DIR"] ({str(directory)!r})'
         if directory.exists() and not directory.is_dir():
             return [Error(f"{setting} is not a directory; point it at one.", id="isolatable.E010")]
+        with contextlib.suppress(FileNotFoundError):
+            problem = lockfile.directory_problem(directory, os.lstat(directory))
+            if problem is not None:
+                return [Error(problem, id="isolatable.E012")]
         existing = next(p for p in (directory, *directory.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             return [
@@ -156,12 +164,12 @@ class FileBackend(Backend):
             except BaseException:
                 _close(path, entry)  # never leave it locked with no lease to release it
                 raise
-            _close(path, entry)  # replaced or removed after it was opened: lock the new file
+            _close(path, entry)  # replaced or removed after it was opened (LOCK_DIR too, maybe)
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
 
     def _open_file(self, path: str) -> _OpenFile:
-        fd, opened = self._open(path, os.O_RDWR | os.O_CREAT)
+        fd, opened = self._directory.open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
         entry = _OpenFile(fd, opened.st_dev, opened.st_ino)
         with _held_lock:
             if len(_open_files) >= MAX_OPEN_FILES:
@@ -211,17 +219,19 @@ class FileBackend(Backend):
         return True
 
     def _clear_stale(self, lease: Lease) -> bool:
-        """Empty the record of a dead holder, if ``lease.token`` is still the one recorded."""
+        """Empty the record of a dead holder, if ``lease.token`` is still the one recorded
+        (an empty token: if the record has none, or cannot be read). Never while anyone holds
+        the flock; free under flock, a record is stale whatever it says."""
         path = self._path(lease.name)
+        with _held_lock:
+            if path in _held:
+                return False  # this process holds it (opening it would drop the lock on NFS)
         try:
-            fd, _ = self._open(path, os.O_RDWR)
+            fd, _ = self._directory.open(file_name(lease.name), os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
-            if not lockfile.try_flock(fd, path):
-                return False
-            record = lockfile.read_record(fd, lease.name)
-            if record is None or record.token != lease.token:
+            if not lockfile.try_flock(fd, path) or not _records(fd, lease.name, lease.token):
                 return False
             lockfile.truncate(fd)
             return True
@@ -242,7 +252,7 @@ class FileBackend(Backend):
         if mine is not None:
             return mine  # reading would open and close the file, which drops locks on NFS
         try:
-            fd, _ = self._open(path, os.O_RDONLY)
+            fd, _ = self._directory.open(file_name(name), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -257,6 +267,9 @@ class FileBackend(Backend):
         return replace(record, alive=held)
 
     def list(self) -> Iterator[LockInfo]:
+        self._directory.recheck()
+        if self._directory.fd(create=False) is None:  # checked: refused if unsafe
+            return
         try:
             entries = sorted(os.scandir(self.lock_dir), key=lambda e: e.name)
         except FileNotFoundError:
@@ -266,41 +279,52 @@ class FileBackend(Backend):
         for entry in entries:
             if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
                 continue
-            name = self._name_of(entry.path, entry.name)
+            name = self._name_of(entry.name)
             info = None if name is None else self.inspect(name)
             if info is not None:
                 yield info
 
-    def _name_of(self, path: str, entry_name: str) -> str | None:
+    def _name_of(self, entry_name: str) -> str | None:
         """The lock name a file belongs to: unescaped, or read from the record for hashed ones."""
         candidates = [unquote(entry_name[: -len(lockfile.SUFFIX)], errors="surrogatepass")]
         if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
             try:
-                fd, _ = self._open(path, os.O_RDONLY)
+                fd, _ = self._directory.open(entry_name, os.O_RDONLY)
                 try:
                     data = json.loads(os.pread(fd, lockfile.MAX_RECORD, 0))
                 finally:
                     os.close(fd)
-            except (OSError, ValueError, LockFileError, LockIOError, LockPermissionError):
-                data = None
+            except (OSError, ValueError, RecursionError, IsolationError):
+                data = None  # unknown: inspect() reports the file's own trouble, if any
             if isinstance(data, dict) and isinstance(data.get("name"), str):
                 candidates.append(data["name"])
         return next((c for c in candidates if c and file_name(c) == entry_name), None)
 
-    def force_release(self, name: str) -> bool:
-        path = self._path(name)
+    def force_release(self, name: str, token: str | None = None) -> bool:
+        """Release ``name`` whoever holds it; with ``token`` only while that token is recorded.
+
+        Free under flock, the record is emptied (with ``token``: only that holder's, judged
+        under the flock). Held by a live process, which nobody can take the flock from, the
+        file is unlinked so the next acquirer locks a new one while the old holder runs on
+        (with ``token``: only if the record still carries it right before the unlink).
+        """
+        file = file_name(name)
+        path = self._dir + file
         try:
-            fd, _ = self._open(path, os.O_RDWR)
+            fd, _ = self._directory.open(file, os.O_RDWR)
+            directory = self._directory.fd(create=False)
         except FileNotFoundError:
             return False
         try:
             if lockfile.try_flock(fd, path):
+                if token is not None and not _records(fd, name, token):
+                    return False
                 had_record = bool(os.pread(fd, lockfile.MAX_RECORD, 0).strip())
                 lockfile.truncate(fd)
                 return had_record
-            # A live process holds the kernel lock and nobody can take it from it: unlink the
-            # file so the next acquirer locks a new one. The old holder keeps running.
-            os.unlink(path)
+            if token is not None and not _records(fd, name, token):
+                return False  # its holder released it since; a new holder's lock is not ours
+            os.unlink(file, dir_fd=directory)
             with _held_lock:
                 _held.pop(path, None)  # our own lock: its lease closes its descriptor itself
                 _open_files.pop(path, None)
@@ -309,44 +333,33 @@ class FileBackend(Backend):
         finally:
             os.close(fd)
 
-    def wait(self, name: str, timeout: float) -> None:
-        file_watch, new = inotify.watch(self._path(name))
-        if file_watch is None:
-            super().wait(name, timeout)  # no inotify here: poll
-        elif not new:
-            file_watch.wait(timeout)
-        # A new watch returns at once: the caller retries with the watch in place, so a release
-        # between its last attempt and now is not missed.
-
-    def _open(self, path: str, flags: int) -> tuple[int, os.stat_result]:
-        """Open a lock file (never through a link, never blocking); its descriptor and stat."""
-        for attempt in range(2):
-            try:
-                fd = os.open(path, flags | _OPEN_FLAGS, 0o600)
-            except FileNotFoundError:
-                if not flags & os.O_CREAT or attempt:
-                    raise
-                self._make_dir()
-                continue
-            except OSError as e:
-                raise lockfile.os_error(e, path, self.lock_dir) from e
-            opened = os.fstat(fd)
-            if not stat.S_ISREG(opened.st_mode):
-                os.close(fd)
-                raise LockFileError(f"{path} is not a regular file; remove it so locks can use it.")
-            return fd, opened
-        raise AssertionError("unreachable")
-
-    def _make_dir(self) -> None:
+    def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
+        """Attempt, then sleep until the lock file changes (inotify: a release touches it) or
+        a pause passes (1 ms, doubling to ``poll_interval``: other hosts' releases on NFS, no
+        inotify here), until taken or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        path = self._path(name)
+        pause = FIRST_PAUSE
+        lease = None
         try:
-            os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        except FileExistsError as e:
-            raise LockFileError(
-                f"LOCK_DIR {self.lock_dir} is not a directory; point "
-                'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
-            ) from e
-        except OSError as e:
-            raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
+            while True:
+                lease = self.acquire(name, info)
+                remaining = deadline - time.monotonic()
+                if lease is not None or remaining <= 0:
+                    return lease
+                file_watch, new = inotify.watch(path)
+                if new:
+                    continue  # attempt again with the watch in place: no release is missed
+                if file_watch is None:
+                    time.sleep(min(pause, remaining))
+                    woken = False
+                else:
+                    woken = file_watch.wait(min(pause, remaining))
+                pause = FIRST_PAUSE if woken else min(pause * 2, self.poll_interval)
+        except BaseException:
+            if lease is not None:  # an interrupt between the grant and the return
+                self.release(lease)
+            raise
 
 
 def _stat_if_at(opened: _OpenFile, path: str) -> os.stat_result | None:
@@ -364,6 +377,13 @@ def _close(path: str, entry: _OpenFile) -> None:
         if _open_files.get(path) is entry:
             del _open_files[path]
     os.close(entry.fd)
+
+
+def _records(fd: int, name: str, token: str) -> bool:
+    """Whether the lock file's record is ``token``'s; one without a readable token is ``""``'s.
+    A blank file is nobody's."""
+    record = lockfile.read_record(fd, name)
+    return record is not None and (record.token or "") == token
 
 
 def _forget(path: str, info: LockInfo | None = None) -> None:

@@ -1,206 +1,185 @@
-"""One dedicated PostgreSQL session of the postgres strategy, its statements run through libpq.
+"""The postgres strategy's connections: opened, pooled, and run statements on, safely.
 
-psycopg opens and closes the connection; statements go through its documented libpq wrapper
-(``psycopg.pq``) instead of ``Connection.execute``, which spends 50-70 µs of client CPU per
-statement on a cursor, parameter adaptation, its prepared-statement cache and row making. A lock
-takes two statements, and with several processes per CPU that CPU is what bounds how many locks
-a second pass (docs/performance.md). Here each statement is prepared on the server the first
-time the session runs it, then only its parameters travel, as text: about 12 µs per statement.
-
-Waiting for a result blocks in ``poll`` (the GIL released, interruptible by signals). Anything
-that interrupts a statement before its result is read, ``KeyboardInterrupt`` included, cancels
-the statement and closes the session: its server process ends, and every lock it held or
-queued for with it.
+A lock connection is a psycopg connection in autocommit mode, used only through
+``Connection.execute``. Whatever interrupts a statement (an error, ``KeyboardInterrupt``, a signal
+handler's exception) closes its connection, the statement cancelled first if it still runs: the
+connection's state is unknown then, and ending its session frees what it held or queued for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import os
 import select
+import socket
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from django.db import connections
+
+from django_isolatable.errors import LockIOError
+
 if TYPE_CHECKING:
-    import psycopg
-    from psycopg.pq.abc import PGresult
+    from psycopg import Connection, Cursor
 
-_COMMAND_OK, _TUPLES_OK = 1, 2  # psycopg.pq.ExecStatus, without importing psycopg here
-_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
-_SQLSTATE = ord("C")  # psycopg.pq.DiagnosticField.SQLSTATE
+CONNECT_TIMEOUT = 5
+#: Seconds an interrupted statement's cancel request may take before its connection is closed.
+CANCEL_TIMEOUT = 5
+#: libpq settings of the lock connections unless the alias's OPTIONS set them: a connection whose
+#: packets go unanswered fails instead of hanging (seconds; tcp_user_timeout in milliseconds).
+TCP_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+#: The application_name of a lock connection that holds no lock.
+IDLE_LABEL = "isolatable"
 
-#: Prepared statements a session keeps (the least recently used one is dropped past that):
-#: a few per lock name, since each carries the name's record as a comment.
-MAX_PREPARED = 100
-
-_FIRST_ROW = itertools.repeat(0)  # map(result.get_value, _FIRST_ROW, columns): row 0's values
-
-Row = tuple[str | None, ...]
-
-
-class StatementError(Exception):
-    """The server refused a statement (``sqlstate`` says why); the session is still usable."""
-
-    def __init__(self, message: str, sqlstate: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-
-class SessionLost(StatementError):
-    """The connection failed under a statement (broken, or its server process terminated): the
-    session is closed. psycopg's error is the ``__cause__``.
-
-    Anything else that interrupts a statement (``KeyboardInterrupt``, an exception raised by a
-    signal handler) closes the session too, and is raised as it is.
-    """
+# Idle connections by database alias. list.pop and list.append are atomic: threads share the
+# pools without a lock.
+_idle: dict[str, list[Connection[Any]]] = {}
+# A forked child shares its parent's sockets and must never talk on them (psycopg never closes
+# a connection another process opened).
+os.register_at_fork(after_in_child=_idle.clear)
 
 
-class Session:
-    """An autocommit psycopg connection used only through this object, by one thread at a time
-    (a lock guards it: a lease's owner and the renewal thread may both use it)."""
+class Sessions:
+    """The lock connections of one database alias in this process."""
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
-        self.connection = connection
-        self._pgconn = connection.pgconn
-        self._lock = threading.Lock()
-        self._prepared: OrderedDict[str, bytes] = OrderedDict()  # SQL -> statement name
-        self._named = 0
-        #: The session's lock_timeout in ms as last set through it, None when unknown (a failed
-        #: statement undoes its set_config): the postgres strategy's waits set it only if it
-        #: changes.
-        self.lock_timeout: int | None = None
-        self._readable = select.poll()
-        self._readable.register(self._pgconn.socket, select.POLLIN)
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
 
-    @property
-    def closed(self) -> bool:
-        return self.connection.closed
+    def connect(self) -> Connection[Any]:
+        """An idle connection of the pool that the server did not end, or a new one
+        (``LockIOError`` if it cannot be had).
 
-    @property
-    def idle(self) -> bool:
-        """Open, with no transaction or statement in progress (a closed or broken connection's
-        transaction status is UNKNOWN)."""
-        return self._pgconn.transaction_status == _IDLE
+        A new one checks that two statements run in the same server session: a pooler that
+        shares server sessions between clients (PgBouncer in transaction mode) is refused.
+        """
+        pool = _idle.get(self.alias)
+        while pool:
+            try:
+                connection = pool.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                break
+            # An idle connection has nothing to read unless the server ended its session (a
+            # restart, pg_terminate_backend): then it is closed, not used.
+            readable = select.poll()
+            readable.register(connection.fileno(), select.POLLIN)
+            if not readable.poll(0):
+                return connection
+            connection.close()
+        import psycopg
 
-    @property
-    def backend_pid(self) -> int:
-        return self._pgconn.backend_pid
+        params = connections[self.alias].get_connection_params()
+        for key in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(key, None)
+        params = {**TCP_SETTINGS, "connect_timeout": CONNECT_TIMEOUT, **params}
+        params.update(autocommit=True, application_name=IDLE_LABEL)
+        where = f"database {self.alias!r} ({params.get('host') or 'local socket'})"
+        try:
+            connection = psycopg.connect(**params)
+        except psycopg.Error as e:
+            raise LockIOError(f"PostgreSQL {where} is unreachable: {e}".strip()) from e
+        first = self.run(connection, "SELECT pg_backend_pid()")
+        if first != self.run(connection, "SELECT pg_backend_pid()"):  # a busy pooler
+            connection.close()
+            raise LockIOError(pooled(where))
+        return connection
+
+    def put_back(self, connection: Connection[Any]) -> None:
+        """Return an idle connection (that holds no lock) to the pool; close any other."""
+        if connection.info.transaction_status.name != "IDLE":
+            connection.close()  # closed or broken (UNKNOWN), or in a statement
+            return
+        _idle.setdefault(self.alias, []).append(connection)
+
+    def run(
+        self, connection: Connection[Any], sql: str, params: Any = (), *, waits: bool = False
+    ) -> tuple[Any, ...] | None:
+        """The first row of ``sql`` on ``connection`` (None if none), as ``execute``."""
+        return self.execute(connection, sql, params, waits=waits).fetchone()
+
+    def execute(
+        self, connection: Connection[Any], sql: str, params: Any = (), *, waits: bool = False
+    ) -> Cursor[Any]:
+        """``sql``'s result, read whole. Any failure, an interrupt included, closes the
+        connection. psycopg's errors are raised as ``LockIOError``, except a ``lock_timeout``
+        that ended a wait (``waits``): that connection is fine."""
+        import psycopg
+
+        try:
+            return connection.execute(sql, params)
+        except BaseException as e:
+            if waits and isinstance(e, psycopg.errors.LockNotAvailable):
+                raise
+            abandon(connection)
+            if isinstance(e, psycopg.Error):
+                raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
+            raise
 
     def close(self) -> None:
-        self.connection.close()
+        """Close the idle connections of the pool."""
+        pool = _idle.get(self.alias)
+        while pool:
+            with contextlib.suppress(IndexError):
+                pool.pop().close()
 
-    def run(self, sql: str, params: Sequence[str | int | None] = (), prepare: bool = True) -> Row:
-        """The first row of ``sql`` (``$1``-style placeholders), as text (None for NULL);
-        ``prepare=False`` for statements run once in a while, which should not take a prepared
-        slot. Raises ``StatementError`` if the server refuses it or it returns no row."""
-        result = self._execute(sql, params, prepare)
-        if not result.ntuples:
-            raise StatementError(f"no row returned by: {sql[:60]}")
-        value = result.get_value
-        return tuple(
-            [
-                None if cell is None else cell.decode()
-                for cell in map(value, _FIRST_ROW, range(result.nfields))
-            ]
-        )
 
-    def rows(
-        self, sql: str, params: Sequence[str | int | None] = (), prepare: bool = True
-    ) -> list[Row]:
-        """Every row of ``sql``, as text (None for NULL)."""
-        result = self._execute(sql, params, prepare)
-        value = result.get_value
-        columns = range(result.nfields)
-        return [
-            tuple(_text(value(row, column)) for column in columns) for row in range(result.ntuples)
-        ]
-
-    def _execute(self, sql: str, params: Sequence[str | int | None], prepare: bool) -> PGresult:
-        values = [None if value is None else str(value).encode() for value in params]
-        with self._lock:
-            try:
-                if prepare:
-                    name = self._prepared.get(sql)
-                    if name is None:
-                        name = self._prepare(sql)
-                    else:
-                        self._prepared.move_to_end(sql)
-                    self._pgconn.send_query_prepared(name, values)
-                else:
-                    self._pgconn.send_query_params(sql.encode(), values)
-                result = self._result()
-            except StatementError:
-                raise  # refused when prepared: the session is idle
-            except BaseException as e:
-                self._abandon()
-                if _driver_error(e):
-                    raise SessionLost(str(e).strip() or type(e).__name__) from e
-                raise
-        if result.status != _TUPLES_OK:
-            raise StatementError(_message(result), _sqlstate(result))
-        return result
-
-    def _abandon(self) -> None:
-        """Close the session in the middle of a statement. The server would go on running it
-        (a wait in a lock queue until its lock_timeout, and then hold the lock) until it next
-        wrote to the closed connection: the statement is cancelled first."""
+def abandon(connection: Connection[Any]) -> None:
+    """Close ``connection`` in whatever state. A statement still running is cancelled first: the
+    server would otherwise go on with a wait in its lock queue, and take the lock, until it next
+    wrote to the closed connection."""
+    if connection.info.transaction_status.name == "ACTIVE":
         with contextlib.suppress(Exception):
-            self.connection.cancel()
-        self.connection.close()
-
-    def _prepare(self, sql: str) -> bytes:
-        """Prepare ``sql`` on this session; its statement name."""
-        if len(self._prepared) >= MAX_PREPARED:
-            _, oldest = self._prepared.popitem(last=False)
-            self._pgconn.send_query(b"DEALLOCATE " + oldest)
-            self._result()
-        self._named += 1
-        name = b"isolatable_%d" % self._named
-        self._pgconn.send_prepare(name, sql.encode())
-        result = self._result()
-        if result.status != _COMMAND_OK:
-            raise StatementError(_message(result), _sqlstate(result))
-        self._prepared[sql] = name
-        return name
-
-    def _result(self) -> PGresult:
-        """The last result of the statement sent, once the server has finished it."""
-        pgconn = self._pgconn
-        if pgconn.flush():  # non-blocking connection: the rest goes once the socket takes it
-            writable = select.poll()
-            writable.register(pgconn.socket, select.POLLIN | select.POLLOUT)
-            while pgconn.flush():
-                writable.poll()
-                pgconn.consume_input()
-        result = None
-        while True:
-            while pgconn.is_busy():
-                self._readable.poll()
-                pgconn.consume_input()
-            next_result = pgconn.get_result()
-            if next_result is None:
-                if result is None:
-                    raise StatementError("the server returned no result")
-                return result
-            result = next_result
+            connection.cancel_safe(timeout=CANCEL_TIMEOUT)
+    connection.close()
 
 
-def _driver_error(error: BaseException) -> bool:
-    import psycopg
+class Deadline:
+    """Bounds a statement from the client's side: past ``seconds``, the connection's socket is
+    shut down, which fails the statement (a server that takes packets but never answers would
+    keep it waiting for ever, its TCP connection healthy). ``passed`` says if it came to that."""
 
-    return isinstance(error, psycopg.Error)
+    def __init__(self, connection: Connection[Any], seconds: float) -> None:
+        # A duplicate of the descriptor: the socket it names stays this connection's
+        self._duplicate: socket.socket | None = socket.socket(fileno=os.dup(connection.fileno()))
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self.passed = False
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._duplicate is not None:
+                self.passed = True
+                with contextlib.suppress(OSError):
+                    self._duplicate.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:
+            watched, self._duplicate = self._duplicate, None
+        if watched is not None:
+            watched.close()
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
-def _message(result: PGresult) -> str:
-    return result.error_message.decode(errors="replace").strip()
-
-
-def _sqlstate(result: PGresult) -> str | None:
-    sqlstate = result.error_field(_SQLSTATE)
-    return None if sqlstate is None else sqlstate.decode()
+def pooled(where: str) -> str:
+    """The error message for a pooler that shares server sessions between clients."""
+    return (
+        f"PostgreSQL {where} is reached through a pooler that shares server sessions between "
+        "clients (PgBouncer in transaction mode?); session advisory locks need a session of "
+        "their own. Point ISOLATABLE['DATABASE_ALIAS'] at a direct or session-pooled connection."
+    )
