@@ -24,6 +24,7 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 
 INSTALLED_APPS = [
+    "django_isolatable.contrib.migrate",  # first: its `migrate` waits and locks per database
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "django_isolatable",
