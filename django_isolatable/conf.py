@@ -69,6 +69,9 @@ class Settings:
         # Valid values by key: locks of the renewed strategies read TTL, and every new record
         # RECORD_ARGV, on every acquire.
         self._valid: dict[str, Any] = {}
+        #: Counts the changes of ``ISOLATABLE``: what was built from the settings (a lock's
+        #: backend) is built again once it differs.
+        self.generation = 0
 
     def raw(self) -> dict[str, Any]:
         value = getattr(django_settings, "ISOLATABLE", {})
@@ -91,6 +94,7 @@ class Settings:
     def forget(self) -> None:
         """Read every value again on next use (``ISOLATABLE`` changed)."""
         self._valid.clear()
+        self.generation += 1
 
     @property
     def STRATEGY(self) -> str:

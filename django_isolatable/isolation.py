@@ -9,7 +9,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -95,6 +94,8 @@ class CommandIsolation:
             )
         self._ttl = ttl
         self._next_stale_check = 0.0
+        self._backend: Backend | None = None
+        self._backend_generation = -1
 
     def __repr__(self) -> str:
         return f"<CommandIsolation {self.name!r} strategy={self.strategy!r}>"
@@ -140,10 +141,16 @@ class CommandIsolation:
         """The settings this lock's backend gets, with this object's overrides applied."""
         return options_from_settings(lock_dir=self._lock_dir, ttl=self.ttl)
 
-    @cached_property
+    @property
     def backend(self) -> Backend:
-        """This lock's backend (created on first use; raises ``ImproperlyConfigured``)."""
-        return load_backend_class(self.strategy)(self.backend_options())
+        """This lock's backend (created on first use, and again after ``ISOLATABLE`` changed,
+        as in tests; raises ``ImproperlyConfigured``). A held lock keeps the backend that took
+        it."""
+        generation = isolatable_settings.generation
+        if self._backend is None or self._backend_generation != generation:
+            self._backend = load_backend_class(self.strategy)(self.backend_options())
+            self._backend_generation = generation
+        return self._backend
 
     def lock(
         self,
@@ -183,7 +190,7 @@ class CommandIsolation:
                 raise AlreadyRunning(self.name, holder)
             raise LockTimeout(self.name, holder, wait or 0.0)
         logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
-        return LockGuard(self, lease, ttl)
+        return LockGuard(self, lease, ttl, backend)
 
     def _attempt(self, ttl: float | None, seconds: float = 0.0) -> Lease | None:
         """One attempt, or (``seconds`` > 0, a ``Waiting`` backend) one wait of up to
@@ -281,10 +288,16 @@ class LockGuard:
     releases its parent's lock.
     """
 
-    def __init__(self, isolation: CommandIsolation, lease: Lease, ttl: float | None = None) -> None:
+    def __init__(
+        self,
+        isolation: CommandIsolation,
+        lease: Lease,
+        ttl: float | None = None,
+        backend: Backend | None = None,
+    ) -> None:
         self.isolation = isolation
         self._lease = lease
-        self._backend = isolation.backend
+        self._backend = backend or isolation.backend  # the one that took the lease
         self._state = threading.Lock()
         self._released = False
         self._lost = False

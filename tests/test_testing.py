@@ -166,3 +166,16 @@ def test_a_lock_never_waits_forever(settings_restored: None) -> None:
         with pytest.raises(LockTimeout) as timed_out:
             CommandIsolation("report").lock()
         assert timed_out.value.timeout == 0.2
+
+
+def test_a_lock_made_before_the_block_uses_the_memory_strategy_inside_it(settings, tmp_path):
+    """A module-level ``CommandIsolation`` used before the block builds its backend again when
+    ``ISOLATABLE`` changes: inside, it locks in memory, not in the real store."""
+    settings.ISOLATABLE = {"STRATEGY": "file", "LOCK_DIR": str(tmp_path)}
+    early = CommandIsolation("made-early")
+    early.try_lock().release()
+    assert early.backend.strategy == "file"
+    with isolated_locks(), early.try_lock() as guard:
+        assert early.backend.strategy == "memory"
+        assert guard.info.strategy == "memory"
+    assert early.backend.strategy == "file"
