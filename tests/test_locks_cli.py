@@ -260,3 +260,28 @@ def test_a_missing_driver_is_one_line_naming_the_extra(settings, strategy, modul
     assert len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith("CommandError: ")
     assert f"pip install 'django-isolatable[{extra}]'" in run.stderr
+
+
+@pytest.mark.parametrize("command", [["isolated_echo"], ["locks", "status"]])
+def test_a_redis_package_that_fails_to_import_is_one_line_naming_the_extra(
+    settings, tmp_path, command
+):
+    """A broken install (the package is there, its import raises) used to print a traceback
+    from the system checks that ``locks`` ran."""
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "__init__.py").write_text('raise ImportError("broken redis")\n')
+    settings.ISOLATABLE = {"STRATEGY": "redis"}
+    run = subprocess.run(
+        [sys.executable, "manage.py", *command],
+        cwd=ROOT,
+        env=child_env(PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert "pip install 'django-isolatable[redis]'" in run.stderr
