@@ -186,7 +186,7 @@ def _user() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", user)
 
 
-def did_you_mean(value: object, choices: Iterable[str], *, case: Callable[[str], str]) -> str:
+def _did_you_mean(value: object, choices: Iterable[str], *, case: Callable[[str], str]) -> str:
     """``"; did you mean 'X'?"`` for the choice closest to a misspelt ``value`` (compared after
     ``case``, such as ``str.upper``), or ``""`` when none is close: the hint every message about
     an unknown key or strategy ends with."""
@@ -196,13 +196,20 @@ def did_you_mean(value: object, choices: Iterable[str], *, case: Callable[[str],
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def strategy_hint(value: object) -> str:
+    """``"; did you mean 'redis'?"`` for a misspelt strategy name (not for a dotted path)."""
+    if isinstance(value, str) and "." in value:
+        return ""
+    return _did_you_mean(value, BUILTIN_STRATEGIES, case=str.lower)
+
+
 def _unknown_keys(raw: dict[Any, Any]) -> list[Problem]:
     return [
         Problem(
             "isolatable.E009",
             f"settings.ISOLATABLE has the unknown key {key!r}"
             + (
-                did_you_mean(key, DEFAULTS, case=str.upper)
+                _did_you_mean(key, DEFAULTS, case=str.upper)
                 or f"; remove it, or use one of the known keys: {', '.join(DEFAULTS)}."
             ),
         )
@@ -230,7 +237,7 @@ def strategy_problem(value: object) -> Problem:
         "isolatable.E002",
         f"{_key('STRATEGY')} is {value!r}, which is neither a strategy "
         f"({', '.join(BUILTIN_STRATEGIES)}) nor the dotted path of an importable backend class"
-        + (did_you_mean(value, BUILTIN_STRATEGIES, case=str.lower) or "."),
+        + (strategy_hint(value) or "."),
     )
 
 

@@ -167,6 +167,18 @@ def test_bad_strategy_is_improperly_configured_on_use(settings):
         CommandIsolation("x").try_lock()
 
 
+def test_a_dotted_path_that_does_not_import_gets_no_strategy_suggestion(settings):
+    settings.ISOLATABLE = {"STRATEGY": "redis.X"}
+    assert messages() == [
+        (
+            "isolatable.E002",
+            "settings.ISOLATABLE[\"STRATEGY\"] is 'redis.X', which is neither a strategy "
+            "(file, memory, redis, cache, database, postgres) nor the dotted path of an "
+            "importable backend class.",
+        )
+    ]
+
+
 def test_strategy_by_dotted_path(settings):
     settings.ISOLATABLE = {"STRATEGY": f"{__name__}.CustomBackend"}
     assert messages() == []

@@ -53,17 +53,16 @@ def load_backend_class(strategy: str) -> type[Backend]:
 
     Raises ``ImproperlyConfigured`` naming the strategy when it is unknown or not importable.
     """
-    from django_isolatable.conf import did_you_mean
+    from django_isolatable.conf import strategy_hint
 
     value = strategy.value if isinstance(strategy, LockStrategy) else str(strategy)
     try:
         backend_class = import_string(BUILTIN_BACKENDS.get(value, value))
     except ImportError as e:
-        strategies = [s.value for s in LockStrategy]
         raise ImproperlyConfigured(
-            f"Unknown lock strategy {value!r}: use one of {', '.join(strategies)} or the dotted "
-            f"path of a backend class ({e})"
-            + (did_you_mean(value, strategies, case=str.lower) or ".")
+            f"Unknown lock strategy {value!r}: use one of "
+            f"{', '.join(s.value for s in LockStrategy)} or the dotted path of a backend class "
+            f"({e})" + (strategy_hint(value) or ".")
         ) from e
     if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
         raise ImproperlyConfigured(
