@@ -2,18 +2,20 @@
 
 Each value is validated on first use and remembered until ``ISOLATABLE`` changes through
 ``override_settings`` or pytest-django's ``settings`` fixture (Django's ``setting_changed``
-signal, which Django's own setting caches follow too); nothing is written into
-``django.conf.settings``. Each problem has one message, used both by the system checks and by
-the ``ImproperlyConfigured`` raised when the app is used with that value.
+signal, which Django's own setting caches follow too); an unknown key (a typo, which would leave
+a default silently in force) is an error at the first use after each change. Nothing is written
+into ``django.conf.settings``. Each problem has one message, used both by the system checks and
+by the ``ImproperlyConfigured`` raised when the app is used with that value.
 """
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,6 @@ class Problem:
 
     id: str
     message: str
-    warning: bool = False
 
 
 def _is_number(value: object) -> bool:
@@ -72,6 +73,7 @@ class Settings:
         #: Counts the changes of ``ISOLATABLE``: what was built from the settings (a lock's
         #: backend) is built again once it differs.
         self.generation = 0
+        self._keys_known = False  # no unknown key in this generation's ISOLATABLE
 
     def raw(self) -> dict[str, Any]:
         value = getattr(django_settings, "ISOLATABLE", {})
@@ -84,7 +86,13 @@ class Settings:
             return self._valid[name]
         except KeyError:
             pass
-        value = self.raw().get(name, DEFAULTS[name])
+        raw = self.raw()
+        if not self._keys_known:
+            unknown = _unknown_keys(raw)
+            if unknown:
+                raise ImproperlyConfigured(unknown[0].message)
+            self._keys_known = True
+        value = raw.get(name, DEFAULTS[name])
         problem = _VALIDATORS[name](value)
         if problem is not None:
             raise ImproperlyConfigured(problem.message)
@@ -94,6 +102,7 @@ class Settings:
     def forget(self) -> None:
         """Read every value again on next use (``ISOLATABLE`` changed)."""
         self._valid.clear()
+        self._keys_known = False
         self.generation += 1
 
     @property
@@ -154,16 +163,7 @@ class Settings:
         raw = getattr(django_settings, "ISOLATABLE", {})
         if not isinstance(raw, dict):
             return [_not_a_dict(raw)]
-        found = [
-            Problem(
-                "isolatable.W001",
-                f"Unknown key {key!r} in settings.ISOLATABLE is ignored; the known keys are "
-                f"{', '.join(DEFAULTS)}.",
-                warning=True,
-            )
-            for key in raw
-            if key not in DEFAULTS
-        ]
+        found = _unknown_keys(raw)
         for name, validate in _VALIDATORS.items():
             problem = validate(raw.get(name, DEFAULTS[name]))
             if problem is not None:
@@ -186,6 +186,38 @@ def _user() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", user)
 
 
+def _did_you_mean(value: object, choices: Iterable[str], *, case: Callable[[str], str]) -> str:
+    """``"; did you mean 'X'?"`` for the choice closest to a misspelt ``value`` (compared after
+    ``case``, such as ``str.upper``), or ``""`` when none is close: the hint every message about
+    an unknown key or strategy ends with."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(case(value), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def strategy_hint(value: object) -> str:
+    """``"; did you mean 'redis'?"`` for a misspelt strategy name (not for a dotted path)."""
+    if isinstance(value, str) and "." in value:
+        return ""
+    return _did_you_mean(value, BUILTIN_STRATEGIES, case=str.lower)
+
+
+def _unknown_keys(raw: dict[Any, Any]) -> list[Problem]:
+    return [
+        Problem(
+            "isolatable.E009",
+            f"settings.ISOLATABLE has the unknown key {key!r}"
+            + (
+                _did_you_mean(key, DEFAULTS, case=str.upper)
+                or f"; remove it, or use one of the known keys: {', '.join(DEFAULTS)}."
+            ),
+        )
+        for key in raw
+        if key not in DEFAULTS
+    ]
+
+
 def _not_a_dict(value: object) -> Problem:
     return Problem(
         "isolatable.E001",
@@ -204,7 +236,8 @@ def strategy_problem(value: object) -> Problem:
     return Problem(
         "isolatable.E002",
         f"{_key('STRATEGY')} is {value!r}, which is neither a strategy "
-        f"({', '.join(BUILTIN_STRATEGIES)}) nor the dotted path of an importable backend class.",
+        f"({', '.join(BUILTIN_STRATEGIES)}) nor the dotted path of an importable backend class"
+        + (strategy_hint(value) or "."),
     )
 
 

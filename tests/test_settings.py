@@ -167,6 +167,18 @@ def test_bad_strategy_is_improperly_configured_on_use(settings):
         CommandIsolation("x").try_lock()
 
 
+def test_a_dotted_path_that_does_not_import_gets_no_strategy_suggestion(settings):
+    settings.ISOLATABLE = {"STRATEGY": "redis.X"}
+    assert messages() == [
+        (
+            "isolatable.E002",
+            "settings.ISOLATABLE[\"STRATEGY\"] is 'redis.X', which is neither a strategy "
+            "(file, memory, redis, cache, database, postgres) nor the dotted path of an "
+            "importable backend class.",
+        )
+    ]
+
+
 def test_strategy_by_dotted_path(settings):
     settings.ISOLATABLE = {"STRATEGY": f"{__name__}.CustomBackend"}
     assert messages() == []
@@ -303,16 +315,90 @@ def test_isolatable_must_be_a_dict(settings):
     ]
 
 
-def test_unknown_key_is_a_warning(settings):
-    settings.ISOLATABLE = {"STRATEGY": "file", "TIMOUT": 5}
-    assert messages() == [
+KNOWN_KEYS = (
+    "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, KEY_PREFIX, "
+    "SKIPPED_EXIT_CODE, RECORD_ARGV"
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
         (
-            "isolatable.W001",
-            "Unknown key 'TIMOUT' in settings.ISOLATABLE is ignored; the known keys are "
-            "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, "
-            "KEY_PREFIX, SKIPPED_EXIT_CODE, RECORD_ARGV.",
-        )
-    ]
+            "STRATEGIE",
+            "settings.ISOLATABLE has the unknown key 'STRATEGIE'; did you mean 'STRATEGY'?",
+        ),
+        (
+            "strategy",
+            "settings.ISOLATABLE has the unknown key 'strategy'; did you mean 'STRATEGY'?",
+        ),
+        ("TIMOUT", "settings.ISOLATABLE has the unknown key 'TIMOUT'; did you mean 'TIMEOUT'?"),
+        (
+            "EXTRA",
+            "settings.ISOLATABLE has the unknown key 'EXTRA'; remove it, or use one of the known "
+            f"keys: {KNOWN_KEYS}.",
+        ),
+        (
+            1,
+            "settings.ISOLATABLE has the unknown key 1; remove it, or use one of the known "
+            f"keys: {KNOWN_KEYS}.",
+        ),
+    ],
+)
+def test_unknown_key_is_an_error_and_improperly_configured(settings, key, message):
+    """A typo must not leave the default silently in force (``STRATEGIE`` used ``file``)."""
+    settings.ISOLATABLE = {"STRATEGY": "memory", key: "redis"}
+    assert messages() == [("isolatable.E009", message)]
+    with pytest.raises(ImproperlyConfigured) as raised:
+        CommandIsolation("x").try_lock()
+    assert str(raised.value) == message
+    with pytest.raises(ImproperlyConfigured) as raised:
+        _ = isolatable_settings.TTL  # every setting, not only STRATEGY
+    assert str(raised.value) == message
+
+
+def test_unknown_keys_are_looked_for_once_per_change_of_the_settings(settings, monkeypatch):
+    from django_isolatable import conf
+
+    looked = []
+    real = conf._unknown_keys
+
+    def counted(raw):
+        looked.append(1)
+        return real(raw)
+
+    monkeypatch.setattr(conf, "_unknown_keys", counted)
+    settings.ISOLATABLE = {"STRATEGY": "memory"}
+    for _ in range(3):
+        CommandIsolation("x").try_lock().release()
+    assert looked == [1]
+    settings.ISOLATABLE = {"STRATEGY": "memory", "TTL": 5}
+    CommandIsolation("x").try_lock().release()
+    assert looked == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"), [("reddis", "redis"), ("Redis", "redis"), ("fiel", "file")]
+)
+def test_a_misspelt_strategy_gets_a_suggestion(settings, value, meant):
+    message = (
+        f'settings.ISOLATABLE["STRATEGY"] is {value!r}, which is neither a strategy (file, '
+        "memory, redis, cache, database, postgres) nor the dotted path of an importable "
+        f"backend class; did you mean {meant!r}?"
+    )
+    settings.ISOLATABLE = {"STRATEGY": value}
+    assert messages() == [("isolatable.E002", message)]
+    with pytest.raises(ImproperlyConfigured) as raised:
+        CommandIsolation("x").try_lock()
+    assert str(raised.value) == message
+    settings.ISOLATABLE = {}
+    with pytest.raises(ImproperlyConfigured) as raised:
+        CommandIsolation("x", strategy=value).try_lock()
+    assert str(raised.value) == (
+        f"Unknown lock strategy {value!r}: use one of file, memory, redis, cache, database, "
+        f"postgres or the dotted path of a backend class ({value} doesn't look like a module "
+        f"path); did you mean {meant!r}?"
+    )
 
 
 def test_lock_dir_that_is_a_file_is_a_check_error(settings, tmp_path):

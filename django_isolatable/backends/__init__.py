@@ -53,6 +53,8 @@ def load_backend_class(strategy: str) -> type[Backend]:
 
     Raises ``ImproperlyConfigured`` naming the strategy when it is unknown or not importable.
     """
+    from django_isolatable.conf import strategy_hint
+
     value = strategy.value if isinstance(strategy, LockStrategy) else str(strategy)
     try:
         backend_class = import_string(BUILTIN_BACKENDS.get(value, value))
@@ -60,7 +62,7 @@ def load_backend_class(strategy: str) -> type[Backend]:
         raise ImproperlyConfigured(
             f"Unknown lock strategy {value!r}: use one of "
             f"{', '.join(s.value for s in LockStrategy)} or the dotted path of a backend class "
-            f"({e})."
+            f"({e})" + (strategy_hint(value) or ".")
         ) from e
     if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
         raise ImproperlyConfigured(

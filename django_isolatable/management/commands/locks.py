@@ -3,6 +3,9 @@
 Every release goes by the owner token of the holder it judged, at the moment of release: a lock
 that another process took between the look and the release is reported and left alone. Names,
 hosts and command lines come from the store, so they are shown through ``printable``.
+
+Django's common options (``-v``, ``--no-color``, ``--settings``...) are taken before or after the
+subcommand: each subcommand's parser gets a copy of every one that ``create_parser`` adds.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
@@ -26,6 +31,9 @@ from django_isolatable.isolation import CommandIsolation
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
+#: The column that ``-v 2`` adds before COMMAND.
+TOKEN = "TOKEN"
+ELLIPSIS = "\u2026"
 
 
 def state_of(info: LockInfo | None) -> str:
@@ -41,20 +49,40 @@ def _age(info: LockInfo) -> float | None:
 
 class Command(BaseCommand):
     help = "Show and release the locks of isolated commands."
+    # No system checks: a problem elsewhere in the project must not hide the locks, and a bad
+    # ISOLATABLE setting or a missing driver is one CommandError line when the backend is made.
+    requires_system_checks: tuple[str, ...] = ()
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        self._base_arguments: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+        return super().create_parser(prog_name, subcommand, **kwargs)
+
+    def add_base_argument(self, parser: CommandParser, *args: Any, **kwargs: Any) -> None:
+        """Django's common option, remembered for the subcommands (all but ``--version``)."""
+        super().add_base_argument(parser, *args, **kwargs)
+        if kwargs.get("action") != "version":
+            self._base_arguments.append((args, dict(kwargs)))
 
     def add_arguments(self, parser: CommandParser) -> None:
         strategy_help = 'Lock strategy to look at (default: settings.ISOLATABLE["STRATEGY"]).'
         parser.add_argument("--strategy", help=strategy_help)
         actions = parser.add_subparsers(dest="action", required=True, metavar="{status,release}")
         status = actions.add_parser("status", help="Show locks: held, stale or free.")
-        status.add_argument("--strategy", help=strategy_help, default=argparse.SUPPRESS)
-        status.add_argument("names", nargs="*", metavar="NAME", help="Only these locks.")
-        status.add_argument("--json", action="store_true", help="Print a JSON list.")
         release = actions.add_parser(
             "release", help="Release locks whose holders are dead (or any, with --force)."
         )
+        for subparser in (status, release):
+            # SUPPRESS: a subcommand's parser writes all its values over those parsed before
+            # it, so it must have none of its own for an option it was not given.
+            subparser.add_argument("--strategy", help=strategy_help, default=argparse.SUPPRESS)
+            for names, options in self._base_arguments:
+                subparser.add_argument(*names, **{**options, "default": argparse.SUPPRESS})
+        status.add_argument("names", nargs="*", metavar="NAME", help="Only these locks.")
+        status.add_argument("--json", action="store_true", help="Print a JSON list.")
+        status.add_argument(
+            "--wide", action="store_true", help="Never cut the table to the terminal's width."
+        )
         release.add_argument("names", nargs="*", metavar="NAME")
-        release.add_argument("--strategy", help=strategy_help, default=argparse.SUPPRESS)
         release.add_argument("--stale", action="store_true", help="Release every stale lock.")
         release.add_argument("--all", action="store_true", help="Release every lock (--force).")
         release.add_argument(
@@ -65,9 +93,14 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.strategy = options["strategy"]
+        self.verbosity = int(options["verbosity"])
         try:
+            if self.verbosity >= 2 and not options.get("json"):
+                store = self.backend.store()
+                where = "" if store == self.backend.strategy else f" ({printable(store)})"
+                self.stdout.write(f"Locks of the {self.backend.strategy} strategy{where}:")
             if options["action"] == "status":
-                self.status(options["names"], as_json=options["json"])
+                self.status(options["names"], as_json=options["json"], wide=options["wide"])
             else:
                 self.release(options["names"], options["stale"], options["all"], options["force"])
         except (IsolationError, ImproperlyConfigured) as e:
@@ -88,7 +121,12 @@ class Command(BaseCommand):
         info = self.backend.inspect(name)
         return None if info is None else judged(info)
 
-    def status(self, names: list[str], *, as_json: bool) -> None:
+    def say(self, message: str, style_func: Any = None) -> None:
+        """Write a line that is neither the table, the JSON nor an error: not at ``-v 0``."""
+        if self.verbosity > 0:
+            self.stdout.write(message, style_func)
+
+    def status(self, names: list[str], *, as_json: bool, wide: bool) -> None:
         holders = self.holders(names)
         strategy = self.backend.strategy
         if as_json:
@@ -96,21 +134,25 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps([_as_json(n, i, strategy) for n, i in holders], indent=2))
             return
         if not holders:
-            self.stdout.write(f"No locks ({strategy} strategy).")
+            self.say(f"No locks ({strategy} strategy).")
             return
+        header: tuple[str, ...] = COLUMNS
         rows = [_row(name, info) for name, info in holders]
-        widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS) - 1)]
-        self.stdout.write(self._line(COLUMNS, widths), self.style.MIGRATE_HEADING)
+        if self.verbosity >= 2:
+            header = (*COLUMNS[:-1], TOKEN, COLUMNS[-1])
+            rows = [
+                (*row[:-1], _token(info), row[-1])
+                for row, (_, info) in zip(rows, holders, strict=True)
+            ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+        # Cut to a terminal's width, or to COLUMNS when that is set; a pipe or a file gets
+        # whole lines, for grep and for scripts.
+        cut = not wide and (self.stdout.isatty() or "COLUMNS" in os.environ)
+        width = shutil.get_terminal_size().columns if cut else None
+        self.stdout.write(_line(header, widths, width), self.style.MIGRATE_HEADING)
         styles = {"held": self.style.WARNING, "stale": self.style.ERROR, "free": self.style.SUCCESS}
         for row in rows:
-            self.stdout.write(self._line(row, widths), styles[row[1]])
-
-    @staticmethod
-    def _line(cells: Iterable[str], widths: list[int]) -> str:
-        *fixed, last = cells
-        return "  ".join(cell.ljust(width) for cell, width in zip(fixed, widths, strict=True)) + (
-            "  " + last
-        )
+            self.stdout.write(_line(row, widths, width), styles[row[1]])
 
     def release(self, names: list[str], stale: bool, every: bool, force: bool) -> None:
         if every and not force:
@@ -122,7 +164,7 @@ class Command(BaseCommand):
         else:
             targets = [(n, i) for n, i in self.holders([]) if every or state_of(i) == "stale"]
             if not targets:
-                self.stdout.write("No stale locks." if stale else "No locks.")
+                self.say("No stale locks." if stale else "No locks.")
         refused = 0
         for name, holder in targets:
             refused += not self._release_one(name, holder, force)
@@ -135,7 +177,7 @@ class Command(BaseCommand):
         """Release the lock ``holder`` holds, by its token; False if it was not released."""
         shown = printable(name)
         if holder is None:
-            self.stdout.write(f"{shown} is not locked.")
+            self.say(f"{shown} is not locked{self._held_under(name)}.")
             return True
         who = _who(holder)
         if holder.alive is not False and not force:
@@ -153,7 +195,7 @@ class Command(BaseCommand):
                 holder.alive is False
                 and CommandIsolation(name, strategy=self.strategy).release_if_stale()
             ):
-                self.stdout.write(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
+                self.say(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
                 return True
             self.stderr.write(
                 f"Not releasing {shown}: its holder's record ({who}) has no owner token, so it "
@@ -165,10 +207,10 @@ class Command(BaseCommand):
             return self._not_released(name, holder)
         if holder.alive is False:
             logger.info("Released the stale lock %s of %s", shown, who)
-            self.stdout.write(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
+            self.say(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
         else:
             logger.warning("Force-released lock %s (%s)", shown, self.backend.strategy)
-            self.stdout.write(
+            self.say(
                 f"Force-released {shown} ({who}); if that process still runs, it runs on "
                 "without the lock.",
                 self.style.WARNING,
@@ -181,7 +223,7 @@ class Command(BaseCommand):
         shown = printable(name)
         now = self.holder(name)
         if now is None:
-            self.stdout.write(f"{shown} is not locked.")
+            self.say(f"{shown} is not locked.")
             return True
         if now.token != judged_holder.token:
             self.stderr.write(
@@ -194,6 +236,39 @@ class Command(BaseCommand):
                 self.style.ERROR,
             )
         return False
+
+    def _held_under(self, name: str) -> str:
+        """``"; held: import:a, import:b (release them by name)"`` for the held locks named
+        ``name:...`` (``get_isolation_id`` suffixes), or ``""``: one listing, asked for only
+        when ``name`` itself is not locked."""
+        if self.verbosity == 0:
+            return ""
+        try:
+            held = sorted(
+                {info.name for info in self.backend.list() if info.name.startswith(name + ":")}
+            )
+        except NotImplementedError:  # a backend that cannot list its locks
+            return ""
+        if not held:
+            return ""
+        return f"; held: {', '.join(printable(n) for n in held)} (release them by name)"
+
+
+def _line(cells: Iterable[str], widths: list[int], width: int | None) -> str:
+    """The cells padded to their column's width; a line longer than ``width`` (when given) is
+    cut to it, its last character an ellipsis."""
+    *fixed, last = cells
+    line = "  ".join(cell.ljust(size) for cell, size in zip(fixed, widths, strict=True))
+    line += "  " + last
+    if width is not None and len(line) > width:
+        return line[: max(width - 1, 0)] + ELLIPSIS
+    return line
+
+
+def _token(info: LockInfo | None) -> str:
+    if info is None:
+        return "-"
+    return "?" if info.token is None else printable(info.token)
 
 
 def _who(info: LockInfo) -> str:
