@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from tests import services
 
 # The isolatable_locks fixture, registered the way a project without the entry point would.
 pytest_plugins = ["django_isolatable.testing"]
+
+# `locks status` cuts its table to COLUMNS: tests that read its rows must see whole lines.
+os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(autouse=True)

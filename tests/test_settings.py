@@ -470,17 +470,30 @@ def test_cache_strategy_on_an_unsafe_cache_is_a_warning(settings, backend):
 def test_a_missing_driver_is_a_check_error(
     settings, monkeypatch, strategy, module, check_id, extra
 ):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
     settings.ISOLATABLE = {"STRATEGY": strategy, "DATABASE_ALIAS": "postgres"}
     assert messages() == [
         (
             check_id,
             f"The {strategy} strategy needs the {module} package: "
             f"pip install 'django-isolatable[{extra}]'.",
+        )
+    ]
+
+
+def test_a_driver_that_fails_to_import_is_a_check_error_saying_why(settings, monkeypatch, tmp_path):
+    """Installed but broken (find_spec finds it, import fails): the check says so instead of
+    passing and leaving a traceback for the first lock."""
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "__init__.py").write_text("raise ImportError('broken build')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for loaded in [m for m in sys.modules if m == "redis" or m.startswith("redis.")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    settings.ISOLATABLE = {"STRATEGY": "redis"}
+    assert messages() == [
+        (
+            "isolatable.E020",
+            "The redis strategy needs the redis package: pip install 'django-isolatable[redis]' "
+            "(it is installed but fails to import: broken build).",
         )
     ]

@@ -8,7 +8,7 @@ and nothing else.
 from __future__ import annotations
 
 import abc
-import importlib.util
+import importlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,16 +47,21 @@ class Lease:
 
 
 def missing_driver(strategy: str, module: str, extra: str, check_id: str) -> list[CheckMessage]:
-    """The check error for a strategy whose optional driver is not installed, if it is not."""
-    if importlib.util.find_spec(module) is not None:
-        return []
-    return [
-        Error(
-            f"The {strategy} strategy needs the {module} package: "
-            f"pip install 'django-isolatable[{extra}]'.",
-            id=check_id,
-        )
-    ]
+    """The check error for a strategy whose optional driver is not installed, or installed but
+    broken (it fails to import), if it is not usable."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        missing = isinstance(e, ModuleNotFoundError) and e.name == module
+        return [
+            Error(
+                f"The {strategy} strategy needs the {module} package: "
+                f"pip install 'django-isolatable[{extra}]'"
+                + ("." if missing else f" (it is installed but fails to import: {e})."),
+                id=check_id,
+            )
+        ]
+    return []
 
 
 class Backend:
