@@ -23,7 +23,12 @@ import time
 import weakref
 from pathlib import Path
 
-from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
+from django_isolatable.errors import (
+    LockFileError,
+    LockIOError,
+    LockPermissionError,
+    UnsafeLockLocation,
+)
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger("django_isolatable.backends.file")
@@ -39,20 +44,6 @@ _FIX = (
     'point settings.ISOLATABLE["LOCK_DIR"] (or BASE_DIR) at a directory that only this user can '
     "write"
 )
-
-
-class UnsafeLockLocation(LockPermissionError):
-    """LOCK_DIR, or a lock file in it, could be changed by another local user: refused.
-
-    ``path`` is the directory or file; the message says why and what to change.
-    """
-
-    def __init__(self, path: Path | str, message: str) -> None:
-        super().__init__(path)
-        self.args = (message,)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.path, self.args[0]))
 
 
 @functools.lru_cache(maxsize=4096)
