@@ -6,15 +6,15 @@ filelock, portalocker and tendo shipped cannot happen here; an acquirer still ch
 ``flock``, that the path names the inode it locked, in case a person deleted the file by hand.
 LOCK_DIR is checked once per backend (no link, this user's, writable by nobody else unless
 sticky) and lock files are opened relative to its descriptor; each lock file must be a regular
-file of this user's with one link. One lock file's name, ``flock`` attempts, record and those
-checks are in ``backends/lockfile.py``.
+file of this user's with one link: LOCK_DIR's descriptor and those checks are in
+``backends/lockdir.py``, one lock file's name, ``flock`` attempts and record in
+``backends/lockfile.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -23,14 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, NamedTuple
-from urllib.parse import unquote
 
-from django.core.checks import CheckMessage, Error
+from django.core.checks import CheckMessage
 
-from django_isolatable.backends import inotify, lockfile
+from django_isolatable.backends import inotify, lockdir, lockfile
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 from django_isolatable.backends.lockfile import file_name
-from django_isolatable.errors import IsolationError, LockIOError
+from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class FileBackend(Backend, Waiting):
         super().__init__(options)
         self.lock_dir = options.lock_dir
         self._dir = os.path.join(options.lock_dir, "")  # with a trailing separator
-        self._directory = lockfile.LockDirectory(options.lock_dir)  # checked on first use
+        self._directory = lockdir.LockDirectory(options.lock_dir)  # checked on first use
 
     def lock_path(self, name: str) -> Path:
         return Path(self._path(name))
@@ -99,24 +98,7 @@ class FileBackend(Backend, Waiting):
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
-        directory = options.lock_dir
-        setting = f'settings.ISOLATABLE["LOCK_DIR"] ({str(directory)!r})'
-        if directory.exists() and not directory.is_dir():
-            return [Error(f"{setting} is not a directory; point it at one.", id="isolatable.E010")]
-        with contextlib.suppress(FileNotFoundError):
-            problem = lockfile.directory_problem(directory, os.lstat(directory))
-            if problem is not None:
-                return [Error(problem, id="isolatable.E012")]
-        existing = next(p for p in (directory, *directory.parents) if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return [
-                Error(
-                    f"{setting} is not writable by this user: {existing} denies it; make it "
-                    "writable or point the setting at a directory that is.",
-                    id="isolatable.E011",
-                )
-            ]
-        return []
+        return lockdir.check(options.lock_dir)
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         path = self._path(name)
@@ -231,7 +213,8 @@ class FileBackend(Backend, Waiting):
         except FileNotFoundError:
             return False
         try:
-            if not lockfile.try_flock(fd, path) or not _records(fd, lease.name, lease.token):
+            locked = lockfile.try_flock(fd, path)
+            if not locked or not lockfile.record_is(fd, lease.name, lease.token):
                 return False
             lockfile.truncate(fd)
             return True
@@ -275,30 +258,14 @@ class FileBackend(Backend, Waiting):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
+            raise lockdir.os_error(e, str(self.lock_dir), self.lock_dir) from e
         for entry in entries:
             if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
                 continue
-            name = self._name_of(entry.name)
+            name = lockfile.name_of(self._directory, entry.name)
             info = None if name is None else self.inspect(name)
             if info is not None:
                 yield info
-
-    def _name_of(self, entry_name: str) -> str | None:
-        """The lock name a file belongs to: unescaped, or read from the record for hashed ones."""
-        candidates = [unquote(entry_name[: -len(lockfile.SUFFIX)], errors="surrogatepass")]
-        if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
-            try:
-                fd, _ = self._directory.open(entry_name, os.O_RDONLY)
-                try:
-                    data = json.loads(os.pread(fd, lockfile.MAX_RECORD, 0))
-                finally:
-                    os.close(fd)
-            except (OSError, ValueError, RecursionError, IsolationError):
-                data = None  # unknown: inspect() reports the file's own trouble, if any
-            if isinstance(data, dict) and isinstance(data.get("name"), str):
-                candidates.append(data["name"])
-        return next((c for c in candidates if c and file_name(c) == entry_name), None)
 
     def force_release(self, name: str, token: str | None = None) -> bool:
         """Release ``name`` whoever holds it; with ``token`` only while that token is recorded.
@@ -317,12 +284,12 @@ class FileBackend(Backend, Waiting):
             return False
         try:
             if lockfile.try_flock(fd, path):
-                if token is not None and not _records(fd, name, token):
+                if token is not None and not lockfile.record_is(fd, name, token):
                     return False
                 had_record = bool(os.pread(fd, lockfile.MAX_RECORD, 0).strip())
                 lockfile.truncate(fd)
                 return had_record
-            if token is not None and not _records(fd, name, token):
+            if token is not None and not lockfile.record_is(fd, name, token):
                 return False  # its holder released it since; a new holder's lock is not ours
             os.unlink(file, dir_fd=directory)
             with _held_lock:
@@ -377,13 +344,6 @@ def _close(path: str, entry: _OpenFile) -> None:
         if _open_files.get(path) is entry:
             del _open_files[path]
     os.close(entry.fd)
-
-
-def _records(fd: int, name: str, token: str) -> bool:
-    """Whether the lock file's record is ``token``'s; one without a readable token is ``""``'s.
-    A blank file is nobody's."""
-    record = lockfile.read_record(fd, name)
-    return record is not None and (record.token or "") == token
 
 
 def _forget(path: str, info: LockInfo | None = None) -> None:
