@@ -1,8 +1,8 @@
 """One lock file of the file strategy: its name, one-call ``flock`` attempts and its record.
 
 LOCK_DIR, relative to which lock files are opened and checked, is in ``backends/lockdir.py``;
-the per-process tables (which locks this process holds, which lock files it keeps open) and
-the strategy itself are in ``backends/file.py``.
+the per-process tables (which locks this process holds, which lock files it keeps open) are in
+``backends/heldfiles.py``, the strategy itself in ``backends/file.py``.
 """
 
 from __future__ import annotations
