@@ -4,8 +4,7 @@ and which it keeps open between acquisitions.
 Threads exclude each other here before the kernel is asked, which also keeps NFS correct, where
 flock is emulated with per-process POSIX locks. A lock file stays open after its lock is
 released, so taking it again locks and unlocks the same descriptor in place; only the thread
-that claimed a path uses its descriptor. Every read and change of the two tables happens under
-one lock.
+that claimed a path uses its descriptor. The tables change only under one lock.
 """
 
 from __future__ import annotations
