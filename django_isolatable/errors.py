@@ -90,6 +90,20 @@ class LockPermissionError(IsolationError):
         return (type(self), (self.path, self.setting))
 
 
+class UnsafeLockLocation(LockPermissionError):
+    """LOCK_DIR, or a lock file in it, could be changed by another local user: refused.
+
+    ``path`` is the directory or file; the message says why and what to change.
+    """
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(path)
+        self.args = (message,)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.args[0]))
+
+
 class LockIOError(IsolationError):
     """An OS or network failure while talking to the lock store."""
 

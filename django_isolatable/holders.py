@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cache
-from json.encoder import encode_basestring, encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -66,27 +66,13 @@ class LockInfo:
         }
 
     def to_json(self) -> str:
-        """``to_dict`` as one line of JSON (written on every acquire, so it is made fast: what is
-        the same for every lock of a process, and each name's part, are encoded once)."""
-        process = (self.pid, self.hostname, self.host_id, self.process_started_at, self.argv)
-        tail = _process_json.get(process)
-        if tail is None:
-            data = self.to_dict()
-            tail = _json_object({key: data[key] for key in _PROCESS_FIELDS})[1:]
-            if len(_process_json) > 64:
-                _process_json.clear()
-            _process_json[process] = tail
-        head = _head_json.get((self.name, self.strategy))
-        if head is None:
-            head = _json_object({"name": self.name, "strategy": self.strategy})[:-1]
-            if len(_head_json) > 256:
-                _head_json.clear()
-            _head_json[(self.name, self.strategy)] = head
-        acquired_at, expires_at = _iso_json(self.acquired_at), _iso_json(self.expires_at)
-        return (
-            f'{head}, "token": {_string(self.token)}, "acquired_at": {acquired_at}, '
-            f'"expires_at": {expires_at}, {tail}\n'
-        )
+        """``to_dict`` as one line of JSON that always encodes to UTF-8: lone surrogates (from
+        undecodable argv bytes, or odd names) are escaped."""
+        data = self.to_dict()
+        text = json.dumps(data, ensure_ascii=False)
+        if not _utf8_safe(text):
+            text = json.dumps(data)
+        return text + "\n"
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -123,17 +109,6 @@ class LockInfo:
         return cls.from_dict(name, strategy, data)
 
 
-_PROCESS_FIELDS = ("pid", "hostname", "host_id", "process_started_at", "argv")
-_process_json: dict[tuple[Any, ...], str] = {}
-_head_json: dict[tuple[str, str], str] = {}
-
-
-def _json_object(fields: dict[str, Any]) -> str:
-    """``fields`` as a JSON object that always encodes to UTF-8 (lone surrogates escaped)."""
-    text = json.dumps(fields, ensure_ascii=False)
-    return text if _utf8_safe(text) else json.dumps(fields)
-
-
 def _utf8_safe(value: str) -> bool:
     try:
         value.encode()
@@ -142,19 +117,8 @@ def _utf8_safe(value: str) -> bool:
     return True
 
 
-def _string(value: str | None) -> str:
-    """A JSON string that always encodes to UTF-8 (lone surrogates are escaped)."""
-    if value is None:
-        return "null"
-    return encode_basestring(value) if _utf8_safe(value) else encode_basestring_ascii(value)
-
-
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-def _iso_json(value: datetime | None) -> str:
-    return "null" if value is None else f'"{value.isoformat()}"'  # ISO 8601 is plain ASCII
 
 
 def _typed(value: object, kind: type[Any]) -> Any:
@@ -200,16 +164,15 @@ def from_epoch_microseconds(text: str) -> datetime | None:
         return None
     try:
         # Exact to the microsecond until 2255 (2**53 µs): a double then resolves a quarter of
-        # one, and fromtimestamp rounds to the nearest. Half the cost of adding a timedelta.
+        # one, and fromtimestamp rounds to the nearest.
         return datetime.fromtimestamp(microseconds / 1_000_000, timezone.utc)
     except (OverflowError, ValueError, OSError):  # not a time this code wrote
         return None
 
 
 def new_token() -> str:
-    """A random owner token: 32 hex digits (``secrets.token_hex(16)``, one call instead of
-    three: it is made on every acquire)."""
-    return os.urandom(16).hex()
+    """A random owner token: 32 hex digits."""
+    return secrets.token_hex(16)
 
 
 def _read_first_line(path: str) -> str | None:
@@ -267,21 +230,20 @@ def new_record(
     """A fresh record for the current process taking ``name``, with a new random owner token
     (or ``token``, one the backend already gave the store)."""
     acquired_at = now or datetime.now(timezone.utc)
-    # This runs on every acquire. A frozen dataclass's __init__ sets its eleven fields one
-    # object.__setattr__ call at a time; filling __dict__ at once makes the same object in a
-    # third of the time (tests/test_holders.py compares the two).
-    info: LockInfo = object.__new__(LockInfo)
-    info.__dict__.update(
-        _process or _this_process(),
+    process = _this_process()
+    return LockInfo(
         name=name,
         strategy=strategy,
         token=token or new_token(),
+        pid=process.pid,
+        hostname=process.hostname,
+        host_id=process.host_id,
+        process_started_at=process.started_at,
         acquired_at=acquired_at,
         expires_at=None if ttl is None else acquired_at + timedelta(seconds=ttl),
         argv=recorded_argv(),
         alive=True,
     )
-    return info
 
 
 def recorded_argv() -> tuple[str, ...]:
@@ -299,36 +261,26 @@ def recorded_argv() -> tuple[str, ...]:
     return tuple(sys.argv[:1]) + tuple(arg for arg in sys.argv[1:2] if not arg.startswith("-"))
 
 
-def stamped(
-    info: LockInfo, token: str, acquired_at: datetime | None, *, ttl: float | None = None
-) -> LockInfo:
-    """``info`` with another owner token and time taken (and, given ``ttl``, the expiry that
-    follows): ``dataclasses.replace`` at a quarter of its cost, for a record a backend's wait
-    completed (every handoff)."""
-    copy: LockInfo = object.__new__(LockInfo)
-    copy.__dict__.update(info.__dict__, token=token, acquired_at=acquired_at)
-    if ttl is not None and acquired_at is not None:
-        copy.__dict__["expires_at"] = acquired_at + timedelta(seconds=ttl)
-    return copy
+class _Process(NamedTuple):
+    """This process's part of a record."""
+
+    pid: int
+    hostname: str
+    host_id: str
+    started_at: datetime
 
 
-#: pid, hostname, host_id and process_started_at of this process, once read.
-_process: dict[str, Any] | None = None
+_process: _Process | None = None
 
 
-def _this_process() -> dict[str, Any]:
-    """This process's fields of a record, read once per process: reading /proc costs more than
-    taking a lock. A forked child forgets its parent's (``_forget_process``) and reads its own."""
+def _this_process() -> _Process:
+    """This process's part of a record, read once per process, not on every acquire: it reads
+    /proc. A forked child forgets its parent's (``_forget_process``) and reads its own."""
     global _process
     pid = os.getpid()
-    if _process is None or _process["pid"] != pid:
+    if _process is None or _process.pid != pid:
         identity = host_id()  # first: the start time is computed from the boot time it recorded
-        _process = {
-            "pid": pid,
-            "hostname": socket.gethostname(),
-            "host_id": identity,
-            "process_started_at": process_started_at(pid),
-        }
+        _process = _Process(pid, socket.gethostname(), identity, process_started_at(pid))
     return _process
 
 

@@ -18,6 +18,7 @@ from django_isolatable import (
     LockPermissionError,
     LockTimeout,
 )
+from django_isolatable.errors import UnsafeLockLocation
 
 HOLDER = LockInfo(
     name="import_data",
@@ -31,6 +32,7 @@ HOLDER = LockInfo(
 
 def test_hierarchy():
     assert issubclass(LockTimeout, AlreadyRunning)
+    assert issubclass(UnsafeLockLocation, LockPermissionError)
     for error in (AlreadyRunning, LockFileError, LockPermissionError, LockIOError, LockLost):
         assert issubclass(error, IsolationError)
 
@@ -76,6 +78,7 @@ def test_permission_error_names_the_path_and_setting():
         AlreadyRunning("a"),
         LockTimeout("b", HOLDER, 3.0),
         LockPermissionError(Path("/x")),
+        UnsafeLockLocation(Path("/x"), "LOCK_DIR /x is a symbolic link; point it elsewhere."),
         LockFileError("bad place"),
         LockIOError("no network"),
         LockLost("c", HOLDER),

@@ -23,8 +23,7 @@ from django_isolatable import (
     LockFileError,
     LockPermissionError,
 )
-from django_isolatable.backends import file as file_backend
-from django_isolatable.backends import lockfile
+from django_isolatable.backends import heldfiles, lockfile
 from django_isolatable.backends.file import file_name
 from django_isolatable.holders import new_record
 from tests.conformance import TRICKY_NAMES
@@ -278,9 +277,9 @@ class TestOpenLockFiles:
         assert _open_lock_files(lock_dir) == [str(lock_dir / "again.lock")]
 
     def test_open_lock_files_are_bounded(self, lock_dir):
-        for i in range(3 * file_backend.MAX_OPEN_FILES):
+        for i in range(3 * heldfiles.MAX_OPEN_FILES):
             CommandIsolation(f"tenant-{i}").try_lock().release()
-        assert len(_open_lock_files(lock_dir)) <= file_backend.MAX_OPEN_FILES
+        assert len(_open_lock_files(lock_dir)) <= heldfiles.MAX_OPEN_FILES
 
     def test_close_closes_free_lock_files_but_never_held_ones(self, lock_dir):
         CommandIsolation("free").try_lock().release()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import pwd
 import shutil
 import stat
@@ -25,7 +24,6 @@ import pytest
 from django_isolatable import AlreadyRunning, CommandIsolation, LockFileError, LockPermissionError
 from django_isolatable.backends.base import BackendOptions, Lease
 from django_isolatable.backends.file import FileBackend
-from django_isolatable.backends.lockfile import UnsafeLockLocation
 from django_isolatable.conf import isolatable_settings
 from django_isolatable.holders import new_record
 from tests.processes import ROOT, Worker, Workers
@@ -328,11 +326,3 @@ def test_release_if_stale_clears_a_free_lock_with_a_corrupt_record(lock_dir):
     assert CommandIsolation(NAME).release_if_stale() is True
     assert path.read_bytes().strip() == b""
     assert CommandIsolation(NAME).holder() is None
-
-
-def test_the_refusal_pickles():
-    path = Path("/tmp/theirs")
-    error = UnsafeLockLocation(path, unsafe_dir_message(path, "is a symbolic link"))
-    copy = pickle.loads(pickle.dumps(error))
-    assert isinstance(copy, LockPermissionError)
-    assert (type(copy), copy.path, str(copy)) == (type(error), path, str(error))

@@ -6,70 +6,34 @@ filelock, portalocker and tendo shipped cannot happen here; an acquirer still ch
 ``flock``, that the path names the inode it locked, in case a person deleted the file by hand.
 LOCK_DIR is checked once per backend (no link, this user's, writable by nobody else unless
 sticky) and lock files are opened relative to its descriptor; each lock file must be a regular
-file of this user's with one link. One lock file's name, ``flock`` attempts, record and those
-checks are in ``backends/lockfile.py``.
+file of this user's with one link: LOCK_DIR's descriptor and those checks are in
+``backends/lockdir.py``, one lock file's name, ``flock`` attempts and record in
+``backends/lockfile.py``, and which lock files this process holds or keeps open in
+``backends/heldfiles.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, NamedTuple
-from urllib.parse import unquote
+from typing import ClassVar
 
-from django.core.checks import CheckMessage, Error
+from django.core.checks import CheckMessage
 
-from django_isolatable.backends import inotify, lockfile
+from django_isolatable.backends import heldfiles, inotify, lockdir, lockfile
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 from django_isolatable.backends.lockfile import file_name
-from django_isolatable.errors import IsolationError, LockIOError
+from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger(__name__)
 
 FIRST_PAUSE = 0.001  # seconds a waiter first sleeps between attempts; doubles to poll_interval
-
-# Locks this process holds (or is trying to take: None), by path. Threads exclude each other
-# here before the kernel is asked, which also keeps NFS correct, where flock is emulated with
-# per-process POSIX locks.
-_held: dict[str, LockInfo | None] = {}
-_held_lock = threading.Lock()
-
-
-class _OpenFile(NamedTuple):
-    fd: int
-    dev: int
-    ino: int
-
-
-# Lock files this process keeps open between acquisitions, by path, so taking a lock again
-# costs no open(): the descriptor is locked and unlocked in place. Only the thread that claimed
-# a path in _held uses its descriptor. Free ones are closed past MAX_OPEN_FILES.
-_open_files: dict[str, _OpenFile] = {}
-MAX_OPEN_FILES = 64
-
-
-def _after_fork_in_child() -> None:
-    # The child shares the parent's open file descriptions, hence its flocks: it must never
-    # lock through them. Closing its copies leaves the parent's locks alone.
-    global _held_lock
-    _held_lock = threading.Lock()  # another thread may have held it at fork
-    _held.clear()
-    for entry in _open_files.values():
-        with contextlib.suppress(OSError):
-            os.close(entry.fd)
-    _open_files.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass
@@ -89,7 +53,7 @@ class FileBackend(Backend, Waiting):
         super().__init__(options)
         self.lock_dir = options.lock_dir
         self._dir = os.path.join(options.lock_dir, "")  # with a trailing separator
-        self._directory = lockfile.LockDirectory(options.lock_dir)  # checked on first use
+        self._directory = lockdir.LockDirectory(options.lock_dir)  # checked on first use
 
     def lock_path(self, name: str) -> Path:
         return Path(self._path(name))
@@ -99,91 +63,62 @@ class FileBackend(Backend, Waiting):
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
-        directory = options.lock_dir
-        setting = f'settings.ISOLATABLE["LOCK_DIR"] ({str(directory)!r})'
-        if directory.exists() and not directory.is_dir():
-            return [Error(f"{setting} is not a directory; point it at one.", id="isolatable.E010")]
-        with contextlib.suppress(FileNotFoundError):
-            problem = lockfile.directory_problem(directory, os.lstat(directory))
-            if problem is not None:
-                return [Error(problem, id="isolatable.E012")]
-        existing = next(p for p in (directory, *directory.parents) if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return [
-                Error(
-                    f"{setting} is not writable by this user: {existing} denies it; make it "
-                    "writable or point the setting at a directory that is.",
-                    id="isolatable.E011",
-                )
-            ]
-        return []
+        return lockdir.check(options.lock_dir)
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
         path = self._path(name)
-        with _held_lock:
-            if path in _held:
-                return None
-            _held[path] = None
+        if not heldfiles.claim(path):
+            return None
+        lease = None
         try:
             lease = self._lock(name, path, info)
-        except BaseException:
-            _forget(path)
-            raise
-        with _held_lock:
-            if lease is None:
-                _held.pop(path, None)
-            else:
-                _held[path] = info
+        finally:
+            heldfiles.settle(path, None if lease is None else info)
         return lease
 
     def _lock(self, name: str, path: str, info: LockInfo) -> FileLease | None:
         for _ in range(5):
-            entry = _open_files.get(path) or self._open_file(path)
+            entry = heldfiles.kept(path) or self._open_file(path)
             try:
                 fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 # held, or only looked at (see try_flock)
                 locked = lockfile.try_flock(entry.fd, path)
             except OSError as e:
-                _close(path, entry)
+                heldfiles.close(path, entry)
                 raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
             else:
                 locked = True
             if not locked:
-                if _stat_if_at(entry, path) is not None:
+                if entry.stat_if_at(path) is not None:
                     return None
-                _close(path, entry)  # held, but a person deleted the file: lock the new one
+                # held, but a person deleted the file: lock the new one
+                heldfiles.close(path, entry)
                 continue
             try:
-                current = _stat_if_at(entry, path)
-                if current is not None:  # its size, read under the lock, spares an fstat
+                current = entry.stat_if_at(path)
+                if current is not None:
                     size = lockfile.write_record(entry.fd, path, info, current.st_size)
                     return FileLease(
                         name, info.token or "", info, fd=entry.fd, path=path, record_size=size
                     )
             except BaseException:
-                _close(path, entry)  # never leave it locked with no lease to release it
+                heldfiles.close(path, entry)  # never leave it locked with no lease to release it
                 raise
-            _close(path, entry)  # replaced or removed after it was opened (LOCK_DIR too, maybe)
+            # replaced or removed after it was opened (LOCK_DIR too, maybe)
+            heldfiles.close(path, entry)
         logger.warning("Lock file %s keeps being replaced; is something deleting it?", path)
         return None  # as if held: a waiter tries again
 
-    def _open_file(self, path: str) -> _OpenFile:
+    def _open_file(self, path: str) -> heldfiles.OpenFile:
         fd, opened = self._directory.open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
-        entry = _OpenFile(fd, opened.st_dev, opened.st_ino)
-        with _held_lock:
-            if len(_open_files) >= MAX_OPEN_FILES:
-                for other in [p for p in _open_files if p not in _held]:
-                    os.close(_open_files.pop(other).fd)
-            _open_files[path] = entry
+        entry = heldfiles.OpenFile(fd, opened.st_dev, opened.st_ino)
+        heldfiles.keep(path, entry)
         return entry
 
     def close(self) -> None:
         """Close the lock files of this LOCK_DIR that this process keeps open and holds not."""
-        with _held_lock:
-            free = [p for p in _open_files if p.startswith(self._dir) and p not in _held]
-            for path in free:
-                os.close(_open_files.pop(path).fd)
+        heldfiles.close_free(self._dir)
 
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, FileLease):
@@ -198,24 +133,10 @@ class FileBackend(Backend, Waiting):
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError as e:  # closing the descriptor below unlocks it all the same
             logger.warning("Could not unlock lock file %s on release: %s", lease.path, e)
-            keep = False
+            unlocked = False
         else:
-            keep = True
-        with _held_lock:
-            if _held.get(lease.path) is lease.info:
-                del _held[lease.path]
-            cached = _open_files.get(lease.path)
-            if cached is not None and cached.fd == fd and not keep:
-                del _open_files[lease.path]
-            keep = keep and cached is not None and cached.fd == fd  # else force_release took it
-            # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win; under
-            # the lock, so no other thread closes the descriptor for room meanwhile.
-            try:  # noqa: SIM105 (a hot path: contextlib.suppress costs more than the syscall)
-                os.utime(fd)
-            except OSError:
-                pass  # waiters poll too
-        if not keep:
-            os.close(fd)
+            unlocked = True
+        heldfiles.released(lease.path, lease.info, fd, unlocked=unlocked)
         return True
 
     def _clear_stale(self, lease: Lease) -> bool:
@@ -223,15 +144,15 @@ class FileBackend(Backend, Waiting):
         (an empty token: if the record has none, or cannot be read). Never while anyone holds
         the flock; free under flock, a record is stale whatever it says."""
         path = self._path(lease.name)
-        with _held_lock:
-            if path in _held:
-                return False  # this process holds it (opening it would drop the lock on NFS)
+        if heldfiles.claimed(path):
+            return False  # this process holds it (opening it would drop the lock on NFS)
         try:
             fd, _ = self._directory.open(file_name(lease.name), os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
-            if not lockfile.try_flock(fd, path) or not _records(fd, lease.name, lease.token):
+            locked = lockfile.try_flock(fd, path)
+            if not locked or not lockfile.record_is(fd, lease.name, lease.token):
                 return False
             lockfile.truncate(fd)
             return True
@@ -247,8 +168,7 @@ class FileBackend(Backend, Waiting):
         only an acquirer racing for a dead holder's lock can see (and it retries).
         """
         path = self._path(name)
-        with _held_lock:
-            mine = _held.get(path)
+        mine = heldfiles.holder(path)
         if mine is not None:
             return mine  # reading would open and close the file, which drops locks on NFS
         try:
@@ -275,30 +195,14 @@ class FileBackend(Backend, Waiting):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise lockfile.os_error(e, str(self.lock_dir), self.lock_dir) from e
+            raise lockdir.os_error(e, str(self.lock_dir), self.lock_dir) from e
         for entry in entries:
             if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
                 continue
-            name = self._name_of(entry.name)
+            name = lockfile.name_of(self._directory, entry.name)
             info = None if name is None else self.inspect(name)
             if info is not None:
                 yield info
-
-    def _name_of(self, entry_name: str) -> str | None:
-        """The lock name a file belongs to: unescaped, or read from the record for hashed ones."""
-        candidates = [unquote(entry_name[: -len(lockfile.SUFFIX)], errors="surrogatepass")]
-        if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
-            try:
-                fd, _ = self._directory.open(entry_name, os.O_RDONLY)
-                try:
-                    data = json.loads(os.pread(fd, lockfile.MAX_RECORD, 0))
-                finally:
-                    os.close(fd)
-            except (OSError, ValueError, RecursionError, IsolationError):
-                data = None  # unknown: inspect() reports the file's own trouble, if any
-            if isinstance(data, dict) and isinstance(data.get("name"), str):
-                candidates.append(data["name"])
-        return next((c for c in candidates if c and file_name(c) == entry_name), None)
 
     def force_release(self, name: str, token: str | None = None) -> bool:
         """Release ``name`` whoever holds it; with ``token`` only while that token is recorded.
@@ -317,17 +221,15 @@ class FileBackend(Backend, Waiting):
             return False
         try:
             if lockfile.try_flock(fd, path):
-                if token is not None and not _records(fd, name, token):
+                if token is not None and not lockfile.record_is(fd, name, token):
                     return False
                 had_record = bool(os.pread(fd, lockfile.MAX_RECORD, 0).strip())
                 lockfile.truncate(fd)
                 return had_record
-            if token is not None and not _records(fd, name, token):
+            if token is not None and not lockfile.record_is(fd, name, token):
                 return False  # its holder released it since; a new holder's lock is not ours
             os.unlink(file, dir_fd=directory)
-            with _held_lock:
-                _held.pop(path, None)  # our own lock: its lease closes its descriptor itself
-                _open_files.pop(path, None)
+            heldfiles.forget(path)
             logger.info("Removed %s: its holder runs on without the lock", path)
             return True
         finally:
@@ -360,34 +262,3 @@ class FileBackend(Backend, Waiting):
             if lease is not None:  # an interrupt between the grant and the return
                 self.release(lease)
             raise
-
-
-def _stat_if_at(opened: _OpenFile, path: str) -> os.stat_result | None:
-    """The file at ``path``, if it is still the one we opened (and locked), else None."""
-    try:
-        current = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return current if current.st_ino == opened.ino and current.st_dev == opened.dev else None
-
-
-def _close(path: str, entry: _OpenFile) -> None:
-    """Close a lock file's descriptor (unlocking it) and drop it from the cache."""
-    with _held_lock:
-        if _open_files.get(path) is entry:
-            del _open_files[path]
-    os.close(entry.fd)
-
-
-def _records(fd: int, name: str, token: str) -> bool:
-    """Whether the lock file's record is ``token``'s; one without a readable token is ``""``'s.
-    A blank file is nobody's."""
-    record = lockfile.read_record(fd, name)
-    return record is not None and (record.token or "") == token
-
-
-def _forget(path: str, info: LockInfo | None = None) -> None:
-    """Drop this process's claim on ``path`` (only ``info``'s claim, when given)."""
-    with _held_lock:
-        if info is None or _held.get(path) is info:
-            _held.pop(path, None)

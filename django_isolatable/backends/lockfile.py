@@ -1,29 +1,25 @@
-"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record; and
-LOCK_DIR, opened and checked once, relative to which lock files are opened and checked, so that
-another local user cannot steer a lock (LOCK_DIR's owner, mode and links; a file's owner,
-links and mode).
+"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record.
 
-The per-process tables (which locks this process holds, which lock files it keeps open) and the
-strategy itself are in ``backends/file.py``.
+LOCK_DIR, relative to which lock files are opened and checked, is in ``backends/lockdir.py``;
+the per-process tables (which locks this process holds, which lock files it keeps open) are in
+``backends/heldfiles.py``, the strategy itself in ``backends/file.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
-import stat
-import threading
 import time
-import weakref
-from pathlib import Path
+from urllib.parse import unquote
 
-from django_isolatable.errors import LockFileError, LockIOError, LockPermissionError
+from django_isolatable.backends.lockdir import LockDirectory
+from django_isolatable.errors import IsolationError, LockIOError
 from django_isolatable.holders import LockInfo
 
 logger = logging.getLogger("django_isolatable.backends.file")
@@ -33,26 +29,6 @@ _MAX_READABLE = 120  # characters of the escaped name kept before a long name is
 MAX_RECORD = 64 * 1024
 SUFFIX = ".lock"
 PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO never hangs
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FIX = (
-    'point settings.ISOLATABLE["LOCK_DIR"] (or BASE_DIR) at a directory that only this user can '
-    "write"
-)
-
-
-class UnsafeLockLocation(LockPermissionError):
-    """LOCK_DIR, or a lock file in it, could be changed by another local user: refused.
-
-    ``path`` is the directory or file; the message says why and what to change.
-    """
-
-    def __init__(self, path: Path | str, message: str) -> None:
-        super().__init__(path)
-        self.args = (message,)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.path, self.args[0]))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,195 +54,22 @@ def file_name(name: str) -> str:
     return escaped + SUFFIX
 
 
-def os_error(e: OSError, path: str, lock_dir: Path) -> Exception:
-    """The error to raise for ``e`` from opening a lock file or making LOCK_DIR: it names the
-    path and the fix."""
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LockPermissionError(lock_dir)
-    if e.errno == errno.ELOOP:
-        return LockFileError(
-            f"{path} is a symbolic link; lock files never follow links, remove it."
-        )
-    if e.errno == errno.EISDIR:
-        return LockFileError(f"{path} is a directory; remove it so locks can use that name.")
-    if e.errno == errno.ENOTDIR:
-        return LockFileError(
-            f"LOCK_DIR {lock_dir} is not a directory; point "
-            'settings.ISOLATABLE["LOCK_DIR"] at a directory.'
-        )
-    return LockIOError(f"Could not use lock file {path}: {e.strerror or e}.")
-
-
-def directory_problem(lock_dir: Path, found: os.stat_result) -> str | None:
-    """Why LOCK_DIR, as ``lstat`` or ``fstat`` found it, must not be used, or None if it may.
-
-    Another user must not be able to remove or replace its lock files (a held lock's file
-    unlinked lets a second holder in) nor point it elsewhere: so it is no symbolic link, it
-    belongs to this user, and it is writable by nobody else unless sticky (as /tmp is).
-    """
-    if stat.S_ISLNK(found.st_mode):
-        reason = "is a symbolic link"
-    elif found.st_uid != os.geteuid():
-        reason = f"belongs to another user (uid {found.st_uid})"
-    elif found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX:
-        reason = f"is writable by other users and not sticky ({stat.filemode(found.st_mode)})"
-    else:
-        return None
-    return (
-        f"LOCK_DIR {lock_dir} {reason}, so other users could remove or replace its lock files; "
-        f"{_FIX}."
-    )
-
-
-class LockDirectory:
-    """LOCK_DIR as a descriptor, opened and checked (``directory_problem``) on first use, and
-    the lock files in it, opened relative to that descriptor: a symbolic link put in its place
-    after the check is never followed. Thread-safe."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._prefix = os.path.join(path, "")
-        self._fd = -1
-        self._identity = (0, 0)  # st_dev, st_ino of the directory self._fd is
-        # Descriptors of a LOCK_DIR that was replaced: another thread may still be opening a
-        # file through one, so they are closed with this object, never while it is in use.
-        self._retired: list[int] = []
-        self._lock = threading.Lock()
-        _directories.add(self)
-
-    def __del__(self) -> None:
-        for fd in (self._fd, *self._retired):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    def fd(self, *, create: bool) -> int | None:
-        """The checked descriptor; None if LOCK_DIR is missing (made, mode 0o700, first when
-        ``create``). Raises ``UnsafeLockLocation``, ``LockFileError`` or
-        ``LockPermissionError``."""
-        fd = self._fd
-        if fd < 0:
-            with self._lock:
-                if self._fd < 0:
-                    opened = _open_directory(self.path, create=create)
-                    if opened is not None:
-                        found = os.fstat(opened)
-                        self._fd, self._identity = opened, (found.st_dev, found.st_ino)
-                fd = self._fd
-        return None if fd < 0 else fd
-
-    def recheck(self) -> bool:
-        """True if LOCK_DIR's path no longer names the descriptor's directory (it was removed,
-        moved aside or swapped for a link while this process ran): the next use opens and
-        checks the path again."""
-        with self._lock:
-            if self._fd < 0:
-                return False
+def name_of(directory: LockDirectory, entry_name: str) -> str | None:
+    """The lock name a file in ``directory`` belongs to: unescaped, or read from the record for
+    hashed ones; None if it is no lock file's name."""
+    candidates = [unquote(entry_name[: -len(SUFFIX)], errors="surrogatepass")]
+    if "~" in entry_name:  # hashed: only the record knows the name; trust it if it maps back
+        try:
+            fd, _ = directory.open(entry_name, os.O_RDONLY)
             try:
-                current = os.stat(self.path, follow_symlinks=False)
-            except OSError:  # gone, or unreachable: opening it again says which
-                pass
-            else:
-                if (current.st_dev, current.st_ino) == self._identity:
-                    return False
-            self._retired.append(self._fd)
-            self._fd = -1
-            return True
-
-    def open(self, file: str, flags: int) -> tuple[int, os.stat_result]:
-        """Open the lock file named ``file`` in the directory LOCK_DIR names now (never through
-        a link, never blocking), checked with ``check_file``; its descriptor and stat.
-        ``FileNotFoundError`` when it (or LOCK_DIR, unless creating) is missing."""
-        path = self._prefix + file
-        creating = bool(flags & os.O_CREAT)
-        self.recheck()
-        directory = self.fd(create=creating)
-        if directory is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        try:
-            fd = os.open(file, flags | _OPEN_FLAGS, 0o600, dir_fd=directory)
-        except FileNotFoundError:
-            raise  # no lock file: the caller's answer, not an error
-        except OSError as e:
-            raise os_error(e, path, self.path) from e
-        opened = os.fstat(fd)
-        try:
-            check_file(fd, path, opened, writing=flags & os.O_ACCMODE != os.O_RDONLY)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, opened
-
-
-_directories: weakref.WeakSet[LockDirectory] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for directory in list(_directories):
-        directory._lock = threading.Lock()  # another thread may have held it at fork
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _open_directory(lock_dir: Path, *, create: bool) -> int | None:
-    for attempt in range(2):
-        try:
-            fd = os.open(lock_dir, _DIR_FLAGS)
-        except FileNotFoundError:
-            if not create or attempt:
-                return None
-            _make_directory(lock_dir)
-            continue
-        except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(lock_dir):
-                problem = directory_problem(lock_dir, os.lstat(lock_dir))
-                raise UnsafeLockLocation(lock_dir, str(problem)) from e
-            raise os_error(e, str(lock_dir), lock_dir) from e
-        problem = directory_problem(lock_dir, os.fstat(fd))
-        if problem is not None:
-            os.close(fd)
-            raise UnsafeLockLocation(lock_dir, problem)
-        return fd
-    return None
-
-
-def _make_directory(lock_dir: Path) -> None:
-    try:
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    except FileExistsError as e:  # a file, or a link to one
-        raise os_error(OSError(errno.ENOTDIR, "Not a directory"), str(lock_dir), lock_dir) from e
-    except OSError as e:
-        raise os_error(e, str(lock_dir), lock_dir) from e
-
-
-def check_file(fd: int, path: str, opened: os.stat_result, *, writing: bool) -> None:
-    """Refuse a lock file another user could read or steer; make one that is ours private.
-
-    It must be a regular file with one link (a hard link to another file would get the record
-    written into that file) that belongs to this user (a file another user planted in a sticky
-    LOCK_DIR is theirs to read). Before a record is written, a file readable by others is made
-    0o600: the record shows the holder's command line. Raises ``LockFileError`` or
-    ``UnsafeLockLocation``, leaving the file as it was.
-    """
-    if not stat.S_ISREG(opened.st_mode):
-        raise LockFileError(f"{path} is not a regular file; remove it so locks can use it.")
-    if opened.st_nlink > 1:
-        raise LockFileError(
-            f"Lock file {path} has {opened.st_nlink} hard links, so its record would be written "
-            "into another file; remove it so locks can use that name."
-        )
-    if opened.st_uid != os.geteuid():
-        raise UnsafeLockLocation(
-            path,
-            f"Lock file {path} belongs to another user (uid {opened.st_uid}), so its record is "
-            f"never written there; remove it, or {_FIX}.",
-        )
-    if writing and opened.st_mode & 0o077:
-        try:
-            os.fchmod(fd, 0o600)
-        except OSError as e:
-            raise os_error(e, path, Path(path).parent) from e
+                data = json.loads(os.pread(fd, MAX_RECORD, 0))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, RecursionError, IsolationError):
+            data = None  # unknown: inspect() reports the file's own trouble, if any
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            candidates.append(data["name"])
+    return next((c for c in candidates if c and file_name(c) == entry_name), None)
 
 
 def try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
@@ -346,6 +149,13 @@ def read_record(fd: int, name: str) -> LockInfo | None:
         return LockInfo.from_json(name, "file", text)
     except RecursionError:  # nested too deep for the parser: as corrupt as any other
         return LockInfo.from_json(name, "file", b"corrupt")
+
+
+def record_is(fd: int, name: str, token: str) -> bool:
+    """Whether the lock file's record is ``token``'s; one without a readable token is ``""``'s.
+    A blank file is nobody's."""
+    record = read_record(fd, name)
+    return record is not None and (record.token or "") == token
 
 
 def truncate(fd: int) -> None:
