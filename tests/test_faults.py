@@ -316,6 +316,7 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
     finally:
         # Free lock files stay open between acquisitions; close them, as unmounting needs.
         FileBackend(BackendOptions(lock_dir=path, ttl=60)).close()  # and those below
+        gc.collect()  # a dropped backend's LOCK_DIR descriptor, which it keeps while it lives
         subprocess.run(["umount", str(path)], check=True)
 
 
@@ -334,12 +335,14 @@ def test_full_disk_still_locks_without_a_record(tmp_path, caplog):
             assert "could not write its holder record" in caplog.text
             thread_result: list[BaseException] = []
             thread = threading.Thread(
-                target=lambda: thread_result.append(_try(isolation.with_timeout(0)))
+                target=lambda result, waiter: result.append(_try(waiter)),
+                args=(thread_result, isolation.with_timeout(0)),
             )
             thread.start()
             thread.join(10)
             assert isinstance(thread_result[0], AlreadyRunning)
         isolation.try_lock().release()
+        del isolation, thread  # its backend keeps LOCK_DIR open while it lives
 
 
 def _try(isolation: CommandIsolation) -> BaseException:

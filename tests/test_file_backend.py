@@ -222,8 +222,7 @@ class TestBadInput:
     def test_lock_dir_removed_while_held(self, lock_dir):
         isolation = CommandIsolation("vanishing")
         guard = isolation.lock()
-        (lock_dir / "vanishing.lock").unlink()
-        lock_dir.rmdir()
+        shutil.rmtree(lock_dir)  # the lock file and the .gitignore made with the folder
         guard.release()
         with isolation.lock(timeout=5):
             assert isolation.is_locked()
@@ -373,3 +372,33 @@ class TestOpenLockFiles:
         new.release()
         assert not isolation.is_locked()
         isolation.try_lock().release()
+
+
+def test_a_new_lock_dir_gets_a_gitignore_and_an_existing_one_is_left_alone(tmp_path):
+    """The default LOCK_DIR is BASE_DIR/.locks, inside the project: a folder the file strategy
+    makes ignores itself in git, as pytest's cache folder does. One made by someone else is not
+    written into."""
+    made = tmp_path / "project" / ".locks"
+    CommandIsolation("job", lock_dir=made).try_lock().release()
+    assert (made / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert [i.name for i in CommandIsolation("job", lock_dir=made).backend.list()] == []
+    existing = tmp_path / "mine"
+    existing.mkdir(mode=0o700)
+    CommandIsolation("job", lock_dir=existing).try_lock().release()
+    assert not (existing / ".gitignore").exists()
+
+
+def test_git_ignores_a_new_lock_dir(tmp_path):
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    subprocess.run([git, "init", "-q", str(tmp_path)], check=True)
+    CommandIsolation("job", lock_dir=tmp_path / ".locks").try_lock().release()
+    status = subprocess.run(
+        [git, "status", "--porcelain", "--untracked-files=all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout == ""

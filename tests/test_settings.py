@@ -452,8 +452,9 @@ def test_database_strategy_on_in_memory_sqlite_is_a_check_error(settings):
         "django.core.cache.backends.db.DatabaseCache",
     ],
 )
-def test_cache_strategy_on_an_unsafe_cache_is_a_warning(settings, backend):
-    settings.CACHES = {**settings.CACHES, "unsafe": {"BACKEND": backend, "LOCATION": "x"}}
+def test_cache_strategy_on_an_unsafe_cache_is_a_warning(settings, backend, tmp_path):
+    location = str(tmp_path / "cache")  # the file-based cache makes this folder
+    settings.CACHES = {**settings.CACHES, "unsafe": {"BACKEND": backend, "LOCATION": location}}
     settings.ISOLATABLE = {"STRATEGY": "cache", "CACHE_ALIAS": "unsafe"}
     ((check_id, message),) = messages()
     assert check_id == "isolatable.W050"

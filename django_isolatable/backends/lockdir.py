@@ -190,12 +190,29 @@ def _open_directory(lock_dir: Path, *, create: bool) -> int | None:
 
 
 def _make_directory(lock_dir: Path) -> None:
+    """Make LOCK_DIR (mode 0o700) with a ``.gitignore`` of ``*`` in it, as pytest does for its
+    cache folder, so the default ``BASE_DIR/.locks`` never shows up in a repository."""
     try:
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    except FileExistsError as e:  # a file, or a link to one
+        os.makedirs(lock_dir.parent, exist_ok=True)
+        os.mkdir(lock_dir, 0o700)
+    except FileExistsError as e:
+        if os.path.isdir(lock_dir):
+            return  # another process made it first
         raise os_error(OSError(errno.ENOTDIR, "Not a directory"), str(lock_dir), lock_dir) from e
     except OSError as e:
         raise os_error(e, str(lock_dir), lock_dir) from e
+    try:
+        fd = os.open(
+            os.path.join(lock_dir, ".gitignore"),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        return  # the locks work without it
+    try:
+        os.write(fd, b"# Lock files of django-isolatable.\n*\n")
+    finally:
+        os.close(fd)
 
 
 def check_file(fd: int, path: str, opened: os.stat_result, *, writing: bool) -> None:
