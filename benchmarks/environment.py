@@ -26,6 +26,7 @@ from django.test import override_settings
 
 from benchmarks.wire import CountingProxy
 from django_isolatable import CommandIsolation
+from django_isolatable.backends import Backend, backend_for
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_PREFIX = f"isolatable-bench-{os.getpid()}-{secrets.token_hex(3)}:"
@@ -148,16 +149,24 @@ def lock_name(slug: str) -> str:
     return name
 
 
-def isolation(slug: str, strategy: str, **isolatable: Any) -> CommandIsolation:
-    """A ``CommandIsolation`` whose backend is made with ``isolatable`` settings on top.
+class _Pinned(CommandIsolation):
+    """A ``CommandIsolation`` that keeps the backend it was given (a plain one builds its
+    backend again whenever ``ISOLATABLE`` changes)."""
 
-    A lock's backend is created on first use and keeps the options it was made with, so one
-    run can hold locks on several database aliases side by side.
-    """
-    lock = CommandIsolation(lock_name(slug), strategy=strategy)
+    def __init__(self, name: str, strategy: str, backend: Backend) -> None:
+        super().__init__(name, strategy=strategy)
+        self._pinned = backend
+
+    @property
+    def backend(self) -> Backend:
+        return self._pinned
+
+
+def isolation(slug: str, strategy: str, **isolatable: Any) -> CommandIsolation:
+    """A ``CommandIsolation`` whose backend is made with ``isolatable`` settings on top, and
+    kept: one run holds locks on several database aliases side by side."""
     with override_settings(ISOLATABLE={**settings.ISOLATABLE, **isolatable}):
-        lock.backend  # noqa: B018
-    return lock
+        return _Pinned(lock_name(slug), strategy, backend_for(strategy))
 
 
 def work_file(name: str) -> str:

@@ -168,10 +168,19 @@ class CommandIsolation:
         wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
         backend = self.backend
         ttl = self.ttl if backend.expiring else None  # read once per lock
-        lease = self._attempt(ttl)
+        blocking = isinstance(backend, Waiting)
+        # A lock() that may wait in the store starts with that wait, which takes a free lock
+        # itself: under contention a plain attempt first would cost a round trip that fails.
+        # Not for an expiring lock this isolation has not looked at lately: it may be a dead
+        # holder's, which a plain attempt finds, and takes over, at once.
+        wait_first = (
+            wait != 0
+            and blocking
+            and not (backend.expiring and time.monotonic() >= self._next_stale_check)
+        )
+        lease = None if wait_first else self._attempt(ttl)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
-            blocking = isinstance(backend, Waiting)
             interval = (
                 (WAITING_SLICE_EXPIRING if backend.expiring else WAITING_SLICE)
                 if blocking
