@@ -97,14 +97,15 @@ def lock_ids(key: int) -> tuple[int, int]:
 def _comment(name: str, process: tuple[Any, ...]) -> str:
     """The record's process fields as the comment that opens a statement, the same for every
     lock of a name in a process (so its statements get prepared). A long command line is left
-    out first, then a long name (``inspect`` knows the name it asks for). JSON's "\\/" for "/"
-    keeps the comment closed, "\\u0025" for "%" keeps psycopg's placeholders out."""
+    out first, then a long name (``inspect`` knows the name it asks for). JSON's "\\u002a" for
+    "*" keeps the comment closed and unnested (PostgreSQL nests ``/*``), "\\u0025" for "%"
+    keeps psycopg's placeholders out."""
     data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True))}
     text = ""
     for dropped in ((), ("argv",), ("argv", "name")):
         data.update(dict.fromkeys(dropped))
         text = json.dumps(data, default=datetime.isoformat)  # ASCII only
-        text = text.replace("/", "\\/").replace("%", "\\u0025")
+        text = text.replace("*", "\\u002a").replace("%", "\\u0025")
         if len(text) <= _RECORD_BUDGET:
             break
     return f"{_MARK}{text}*/ "
