@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import services
+from tests.services import PrivateRedis
 
 # The isolatable_locks fixture, registered the way a project without the entry point would.
 pytest_plugins = ["django_isolatable.testing"]
@@ -29,3 +31,17 @@ def _leave_the_servers_as_found(django_db_blocker) -> Iterator[None]:
     and its SQLite file. Everything a test creates is also namespaced by the session id."""
     with django_db_blocker.unblock(), services.left_as_found():
         yield
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own (``redis-server`` must be installed), which the test
+    may stop, freeze (SIGSTOP: a network black hole) or restart."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("ISOLATABLE_REQUIRE_SERVICES") == "1":
+            pytest.fail("redis-server is not installed, and ISOLATABLE_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

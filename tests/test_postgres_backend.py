@@ -465,7 +465,7 @@ def test_a_name_too_long_for_the_record_is_still_shown_when_asked_for(backend, o
 
 
 def test_an_unreachable_server_is_a_lock_io_error(make_backend, name):
-    from tests.test_faults import free_port
+    from tests.services import free_port
 
     unreachable = r"PostgreSQL database 'pg-closed' \(127.0.0.1\) is unreachable: "
     with alias_on_port("pg-closed", free_port()) as alias, pytest.raises(LockIOError) as raised:

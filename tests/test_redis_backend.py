@@ -1,5 +1,5 @@
 """The redis backend on its own: single attempts, the waiting ability, renewal, settings and
-messages, against a redis-server of the test's own (tests/test_faults.py ``PrivateRedis``) that
+messages, against a redis-server of the test's own (``tests.services.PrivateRedis``) that
 a test may stop, freeze with SIGSTOP, or restart.
 
 The backend is driven directly, as ``CommandIsolation`` drives it; the records it is given are
@@ -9,7 +9,6 @@ made here, with ``holders.new_record``, as the engine makes them.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from django_isolatable.backends import BackendOptions, Lease, Waiting
 from django_isolatable.backends.redis import RedisBackend, safe_url
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, new_record
-from tests.test_faults import ROOT, PrivateRedis
+from tests.services import PrivateRedis
+from tests.test_faults import ROOT
 
 TTL = 30.0
 
@@ -42,19 +42,6 @@ def make_backend(url: str, ttl: float = TTL, key_prefix: str = "") -> RedisBacke
 
 def record(name: str, ttl: float = TTL) -> LockInfo:
     return new_record(name, "redis", ttl=ttl)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A redis-server of this test's own (tests/test_faults.py has the same fixture)."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("ISOLATABLE_REQUIRE_SERVICES") == "1":
-            pytest.fail("redis-server is not installed, and ISOLATABLE_REQUIRE_SERVICES=1")
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
