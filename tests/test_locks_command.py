@@ -28,6 +28,7 @@ from tests.strategies import (
     DATABASE_ON_POSTGRES,
     DATABASE_ON_SQLITE,
 )
+from tests.test_locks_cli import run_locks
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Takes a lock once (so it is connected), prints "ready", waits for a line on stdin, then
@@ -202,19 +203,6 @@ def test_a_holder_whose_record_has_no_token_is_not_released(settings):
         assert backend.inspect(name) is not None
     finally:
         backend.cache.delete(backend._key(name))
-
-
-def run_locks(*args: str) -> subprocess.CompletedProcess[str]:
-    """``manage.py locks *args`` in a new process with the current ISOLATABLE settings."""
-    return subprocess.run(
-        [sys.executable, "manage.py", "locks", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=EVENT_TIMEOUT,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("record", [b'{"token": 5, "pid": "x"', b"[" * 60_000, b"\xff\xfe"])
