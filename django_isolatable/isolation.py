@@ -178,7 +178,7 @@ class CommandIsolation:
             and blocking
             and not (backend.expiring and time.monotonic() >= self._next_stale_check)
         )
-        lease = None if wait_first else self._attempt(ttl)
+        lease = None if wait_first else self._attempt(backend, ttl)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             interval = (
@@ -187,7 +187,7 @@ class CommandIsolation:
                 else backend.poll_interval
             )
             lease = wait_for(
-                lambda seconds: self._attempt(ttl, seconds),
+                lambda seconds: self._attempt(backend, ttl, seconds),
                 wait,
                 blocking=blocking,
                 interval=interval,
@@ -201,11 +201,10 @@ class CommandIsolation:
         logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
         return LockGuard(self, lease, ttl, backend)
 
-    def _attempt(self, ttl: float | None, seconds: float = 0.0) -> Lease | None:
+    def _attempt(self, backend: Backend, ttl: float | None, seconds: float = 0.0) -> Lease | None:
         """One attempt, or (``seconds`` > 0, a ``Waiting`` backend) one wait of up to
         ``seconds`` in the store; then, for an expiring strategy, a look at whether the holder
         died, taking the lock over if it did."""
-        backend = self.backend
         record = new_record(self.name, backend.strategy, ttl=ttl)
         if seconds > 0 and isinstance(backend, Waiting):
             lease = backend.acquire_waiting(self.name, record, seconds)
