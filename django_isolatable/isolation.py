@@ -265,27 +265,31 @@ class CommandIsolation:
 
     def release_if_stale(self) -> bool:
         """Release the lock if its holder is proven dead (or its lease expired); True if done.
-
-        Goes by the dead holder's token, so a live holder that took the lock in the meantime is
-        never touched. A record without a token is released only where the backend itself
-        judged it dead (the kernel: nobody holds the file lock), which it checks again as it
-        releases. What ``manage.py locks release NAME`` does without ``--force``.
+        What ``manage.py locks release NAME`` does without ``--force`` (see ``release_stale``).
         """
-        found = self.backend.inspect(self.name)
-        if found is None:
-            return False
-        holder = judged(found)
-        if holder.alive is not False or (holder.token is None and found.alive is not False):
-            return False
-        released = self.backend.release(Lease(self.name, holder.token or "", holder))
-        if released:
-            logger.info(
-                "Released the stale lock %s of dead pid %s on %s",
-                self.name,
-                holder.pid,
-                holder.hostname,
-            )
-        return released
+        return release_stale(self.backend, self.name)
+
+
+def release_stale(backend: Backend, name: str) -> bool:
+    """Release ``name`` in ``backend`` if its holder is proven dead (or its lease expired);
+    True if done.
+
+    Goes by the dead holder's token, so a live holder that took the lock in the meantime is
+    never touched. A record without a token is released only where the backend itself judged
+    it dead (the kernel: nobody holds the file lock), which it checks again as it releases.
+    """
+    found = backend.inspect(name)
+    if found is None:
+        return False
+    holder = judged(found)
+    if holder.alive is not False or (holder.token is None and found.alive is not False):
+        return False
+    released = backend.release(Lease(name, holder.token or "", holder))
+    if released:
+        logger.info(
+            "Released the stale lock %s of dead pid %s on %s", name, holder.pid, holder.hostname
+        )
+    return released
 
 
 class LockGuard:

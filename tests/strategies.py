@@ -120,6 +120,8 @@ CONFIGS = [
     CACHE_ON_REDIS,
 ]
 DATABASE_CONFIGS = [DATABASE_ON_SQLITE, DATABASE_ON_POSTGRES, DATABASE_ON_MARIADB]
+#: The strategies whose locks live in a store of their own (every one but file and memory).
+STORE_CONFIGS = [config for config in CONFIGS if config not in (FILE, MEMORY)]
 
 
 # Lock names: all of Unicode but NUL, weighted towards what breaks escaping and paths.

@@ -22,14 +22,7 @@ from django_isolatable import CommandIsolation, LockStrategy
 from django_isolatable.backends.memory import MemoryBackend
 from django_isolatable.conf import BUILTIN_STRATEGIES, MAX_TTL, is_valid_ttl, isolatable_settings
 from django_isolatable.holders import new_record
-from tests.strategies import (
-    CACHE_ON_REDIS,
-    DATABASE_ON_MARIADB,
-    DATABASE_ON_POSTGRES,
-    DATABASE_ON_SQLITE,
-    POSTGRES,
-    REDIS,
-)
+from tests.strategies import STORE_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,18 +210,7 @@ def test_the_ttl_bound_the_constructor_shares(value, valid):
     assert is_valid_ttl(value) is valid
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        REDIS,
-        POSTGRES,
-        DATABASE_ON_SQLITE,
-        DATABASE_ON_POSTGRES,
-        DATABASE_ON_MARIADB,
-        CACHE_ON_REDIS,
-    ],
-    ids=lambda config: config.id,
-)
+@pytest.mark.parametrize("config", STORE_CONFIGS, ids=lambda config: config.id)
 def test_the_longest_ttl_is_one_every_store_accepts(config):
     config.require_service()
     with (

@@ -26,7 +26,7 @@ from django_isolatable.backends import Backend, backend_for
 from django_isolatable.command import duration
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, printable, utcnow
-from django_isolatable.isolation import CommandIsolation
+from django_isolatable.isolation import release_stale
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +191,7 @@ class Command(BaseCommand):
         if holder.token is None:  # nothing to release it by: it could be anyone's by now
             # Unless the store itself knows it is free (a file lock nobody holds with a record
             # that cannot be read), which release_if_stale checks again as it releases.
-            if (
-                holder.alive is False
-                and CommandIsolation(name, strategy=self.strategy).release_if_stale()
-            ):
+            if holder.alive is False and release_stale(self.backend, name):
                 self.say(f"Released stale lock {shown} ({who}).", self.style.SUCCESS)
                 return True
             self.stderr.write(
