@@ -331,7 +331,8 @@ class LockConformance:
             await asyncio.sleep(0.2)
             await held.arelease()
             guard = await asyncio.wait_for(waiter, 10)
-            assert guard.info.pid == os.getpid() and not guard.lost
+            assert guard.info.pid == os.getpid()
+            assert not guard.lost
             await guard.arelease()
 
         asyncio.run(scenario())
