@@ -572,8 +572,16 @@ class AsyncLocking:
 
 
 def _release_taken(future: Future[LockGuard]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().release()
+    """Release what a cancelled wait's thread took, from a worker thread: when the thread took
+    the lock before the cancellation, this runs on the loop's thread, where the store must not
+    be called (the database strategy refuses to)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    guard = future.result()
+    try:
+        _submit(guard.release)
+    except RuntimeError:  # the interpreter is shutting down: no new work for the workers
+        guard.release()
 
 
 _workers: ThreadPoolExecutor | None = None
