@@ -22,6 +22,9 @@ Commands:
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
     and keep the lock until told.
+``take``
+    Print ``ready``; then for each ``try`` line on stdin, ``try_lock`` and release at once,
+    printing ``took <pid>`` or ``busy <holder pid>``; leave on any other line (or EOF).
 ``fork-holder``
     Take the lock, fork one child that calls ``guard.release()`` and leaves with ``os._exit``
     and one that drops its copy of the guard (its finalizer runs) and leaves with ``sys.exit``;
@@ -106,6 +109,18 @@ def hold(args: argparse.Namespace) -> None:
     report("released")
 
 
+def take(args: argparse.Namespace) -> None:
+    isolation = isolation_of(args)
+    report("ready")
+    while await_line() == "try":
+        try:
+            isolation.try_lock().release()
+        except AlreadyRunning as error:
+            report("busy", error.holder.pid if error.holder is not None else None)
+        else:
+            report("took", os.getpid())
+
+
 def wait(args: argparse.Namespace) -> None:
     reported: list[bool] = []
 
@@ -185,6 +200,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("count", count),
         ("hold", hold),
         ("wait", wait),
+        ("take", take),
         ("fork-holder", fork_holder),
     ]:
         sub = commands.add_parser(command)
