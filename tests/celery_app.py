@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun
+from django.dispatch import receiver
 
 from django_isolatable import isolated
 from django_isolatable.errors import AlreadyRunning
@@ -76,7 +77,7 @@ def journal_return(task_id: str, retval: Any = None, state: str | None = None, *
     journal("returned", task=task_id, value=retval if state == "SUCCESS" else None, state=state)
 
 
-@lock_skipped.connect
+@receiver(lock_skipped)
 def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
     from celery import current_task
 

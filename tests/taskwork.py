@@ -1,4 +1,5 @@
-"""The work that the task-queue tests' tasks do, and the journal that proves what happened.
+"""The work that the task-queue tests' tasks do, the journal that proves what happened, and
+starting and stopping the queues' workers.
 
 Every task of tests/celery_app.py, tests/huey_app.py, tests/dramatiq_app.py and
 tests/q_tasks.py calls ``work()``: it appends a ``start`` event to the journal (a JSON line with
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,8 @@ from typing import Any
 JOURNAL_ENV = "ISOLATABLE_TASKS_JOURNAL"
 GATE_TIMEOUT = 30.0  # seconds a task waits for its gate: only a broken test should hit it
 EVENT_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def journal(event: str, **fields: Any) -> None:
@@ -75,3 +80,23 @@ def interval(path: Path, task: str) -> tuple[float, float]:
     """When ``task`` started and ended its work, on the monotonic clock."""
     times = {event["event"]: event["at"] for event in events(path) if event.get("task") == task}
     return times["start"], times["end"]
+
+
+def start_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A queue's worker process, in a session of its own, its output in ``log``."""
+    with open(log, "wb") as output:
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_worker(process: subprocess.Popen[bytes], graceful: int = signal.SIGTERM) -> None:
+    """The queue's graceful-shutdown signal, then, after STOP_TIMEOUT, SIGKILL to its group."""
+    if process.poll() is None:
+        process.send_signal(graceful)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(STOP_TIMEOUT)

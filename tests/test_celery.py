@@ -25,12 +25,19 @@ pytest.importorskip("celery", reason="the test extra installs celery[redis]")
 
 from django_isolatable import CommandIsolation
 from tests import services
-from tests.processes import ROOT
 from tests.settings import KEY_PREFIX
-from tests.taskwork import JOURNAL_ENV, await_event, events, interval, of_task
+from tests.taskwork import (
+    JOURNAL_ENV,
+    ROOT,
+    await_event,
+    events,
+    interval,
+    of_task,
+    start_worker,
+    stop_worker,
+)
 
 RESULT_TIMEOUT = 30  # seconds: only a hang should ever hit it
-STOP_TIMEOUT = 20
 
 
 @dataclass
@@ -60,17 +67,6 @@ class CeleryWorker:
         return (self.directory / "worker.log").read_text()
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (Celery's warm shutdown: running tasks finish), then SIGKILL to the group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
     services.require("redis")
@@ -90,14 +86,12 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
         JOURNAL_ENV: str(directory / "journal"),
     }
     celery_app.configure(prefix)
-    with open(directory / "worker.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
-             "--pool=prefork", "--concurrency=2", "--loglevel=INFO", "--hostname",
-             f"{prefix}worker@%h", "--without-gossip", "--without-mingle",
-             "--without-heartbeat"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    process = start_worker(
+        [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool=prefork",
+         "--concurrency=2", "--loglevel=INFO", "--hostname", f"{prefix}worker@%h",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        env, directory / "worker.log",
+    )  # fmt: skip
     client = redis.Redis.from_url(services.REDIS_URL)
     try:
         found = CeleryWorker(process, prefix, directory / "journal", directory, env)
@@ -107,7 +101,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
             pytest.fail(f"the Celery worker did not answer; its log:\n{found.log()}")
         yield found
     finally:
-        stop(process)
+        stop_worker(process)  # SIGTERM: Celery's warm shutdown
         celery_app.app.close()
         for key in client.scan_iter(f"{prefix}*", count=500):
             client.delete(key)
