@@ -122,3 +122,54 @@ def test_huey(huey_worker: QueueWorker) -> None:
     assert first.get(blocking=True, timeout=RESULT_TIMEOUT) == "synced 1"
     assert other.get(blocking=True, timeout=RESULT_TIMEOUT) == "synced 2"
     assert_skipped_and_side_by_side(huey_worker, holder, skipped.id, first.id, other.id)
+
+
+# Dramatiq ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dramatiq_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueWorker]:
+    pytest.importorskip("dramatiq", reason="the test extra installs dramatiq[redis]")
+    services.require("redis")
+    from tests import dramatiq_app
+
+    directory = tmp_path_factory.mktemp("dramatiq")
+    process = start_worker(
+        [sys.executable, "-m", "dramatiq", "tests.dramatiq_app", "--processes", "1",
+         "--threads", "2"],
+        worker_env(directory), directory / "worker.log",
+    )  # fmt: skip
+    found = QueueWorker(directory / "journal", directory)
+    try:
+        ping = dramatiq_app.ping.send()
+        try:
+            await_event(found.journal, lambda e: e["task"] == ping.message_id)
+        except AssertionError:
+            pytest.fail(f"the Dramatiq worker did not answer; its log:\n{found.log()}")
+        yield found
+    finally:
+        stop_worker(process)  # SIGTERM: Dramatiq's graceful shutdown
+        delete_keys(f"{dramatiq_app.NAMESPACE}*")
+    assert process.returncode == 0, found.log()
+
+
+def returned(worker: QueueWorker, task: str) -> Any:
+    event = await_event(worker.journal, lambda e: e["event"] == "returned" and e["task"] == task)
+    assert event["error"] == "None", event
+    return event["value"]
+
+
+def test_dramatiq(dramatiq_worker: QueueWorker) -> None:
+    from tests.dramatiq_app import sync_account
+
+    gate = dramatiq_worker.directory / "gate"
+    first = sync_account.send(1, str(gate)).message_id
+    holder = dramatiq_worker.started(first)
+    skipped = sync_account.send(1, str(gate)).message_id
+    assert returned(dramatiq_worker, skipped) is None
+    other = sync_account.send(2, str(gate)).message_id
+    dramatiq_worker.started(other)
+    gate.touch()
+    assert returned(dramatiq_worker, first) == "synced 1"
+    assert returned(dramatiq_worker, other) == "synced 2"
+    assert_skipped_and_side_by_side(dramatiq_worker, holder, skipped, first, other)
