@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
+from django.test import override_settings
 
 from tests import services
 from tests.taskwork import (
@@ -173,3 +175,66 @@ def test_dramatiq(dramatiq_worker: QueueWorker) -> None:
     assert returned(dramatiq_worker, first) == "synced 1"
     assert returned(dramatiq_worker, other) == "synced 2"
     assert_skipped_and_side_by_side(dramatiq_worker, holder, skipped, first, other)
+
+
+# django-q2 --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
+    """The cluster runs; yields ``enqueue(func, *args) -> task id`` (django-q2's ``async_task``
+    in this process, with the cluster's settings)."""
+    pytest.importorskip("django_q", reason="the test extra installs django-q2")
+    services.require("redis")
+    from tests import q_settings
+
+    directory = tmp_path_factory.mktemp("django-q")
+    env = worker_env(directory, DJANGO_SETTINGS_MODULE="tests.q_settings")
+    process = start_worker(
+        [sys.executable, "-m", "django", "qcluster"], env, directory / "worker.log"
+    )
+    found = QueueWorker(directory / "journal", directory)
+    apps = [*settings.INSTALLED_APPS, "django_q"]
+    try:
+        # Q_CLUSTER first: django_q's AppConfig reads it when INSTALLED_APPS brings it in.
+        with (
+            override_settings(Q_CLUSTER=q_settings.Q_CLUSTER),
+            override_settings(INSTALLED_APPS=apps),
+        ):
+            from django_q.tasks import async_task
+
+            def enqueue(func: str, *args: Any) -> str:
+                task_id: str = async_task(func, *args)
+                return task_id
+
+            ping = enqueue("tests.q_tasks.ping")
+            try:
+                await_event(found.journal, lambda e: e["task"] == ping)
+            except AssertionError:
+                pytest.fail(f"the django-q2 cluster did not answer; its log:\n{found.log()}")
+            yield found, enqueue
+    finally:
+        stop_worker(process)  # SIGTERM: the cluster stops its workers and exits
+        delete_keys(f"django_q:{q_settings.Q_CLUSTER['name']}*")
+    assert process.returncode == 0, found.log()
+
+
+def test_django_q2(q_cluster: tuple[QueueWorker, Callable[..., str]]) -> None:
+    worker, enqueue = q_cluster
+    gate = worker.directory / "gate"
+    first = enqueue("tests.q_tasks.sync_account", 1, str(gate))
+    holder = worker.started(first)
+    skipped = enqueue("tests.q_tasks.sync_account", 1, str(gate))
+    assert q_returned(worker, skipped) is None
+    other = enqueue("tests.q_tasks.sync_account", 2, str(gate))
+    worker.started(other)
+    gate.touch()
+    assert q_returned(worker, first) == "synced 1"
+    assert q_returned(worker, other) == "synced 2"
+    assert_skipped_and_side_by_side(worker, holder, skipped, first, other)
+
+
+def q_returned(worker: QueueWorker, task: str) -> Any:
+    event = await_event(worker.journal, lambda e: e["event"] == "returned" and e["task"] == task)
+    assert event["success"], event
+    return event["value"]
