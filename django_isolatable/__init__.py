@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from django_isolatable.backends import LockStrategy
 from django_isolatable.command import IsolatableCommand
+from django_isolatable.decorators import current_guard, isolated
 from django_isolatable.errors import (
     AlreadyRunning,
     IsolationError,
@@ -35,4 +36,6 @@ __all__ = [
     "LockPermissionError",
     "LockStrategy",
     "LockTimeout",
+    "current_guard",
+    "isolated",
 ]

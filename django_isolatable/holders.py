@@ -48,6 +48,7 @@ class LockInfo:
     acquired_at: datetime | None = None
     expires_at: datetime | None = None
     argv: tuple[str, ...] = ()
+    label: str | None = None
     alive: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class LockInfo:
             "acquired_at": _iso(self.acquired_at),
             "expires_at": _iso(self.expires_at),
             "argv": list(self.argv),
+            "label": self.label,
         }
 
     def to_json(self) -> str:
@@ -95,6 +97,7 @@ class LockInfo:
             acquired_at=_datetime(data.get("acquired_at")),
             expires_at=_datetime(data.get("expires_at")),
             argv=tuple(a for a in argv if isinstance(a, str)) if isinstance(argv, list) else (),
+            label=_typed(data.get("label"), str),
         )
 
     @classmethod
@@ -226,9 +229,10 @@ def new_record(
     ttl: float | None = None,
     now: datetime | None = None,
     token: str | None = None,
+    label: str | None = None,
 ) -> LockInfo:
     """A fresh record for the current process taking ``name``, with a new random owner token
-    (or ``token``, one the backend already gave the store)."""
+    (or ``token``, one the backend already gave the store) and the caller's ``label``."""
     acquired_at = now or datetime.now(timezone.utc)
     process = _this_process()
     return LockInfo(
@@ -242,6 +246,7 @@ def new_record(
         acquired_at=acquired_at,
         expires_at=None if ttl is None else acquired_at + timedelta(seconds=ttl),
         argv=recorded_argv(),
+        label=label,
         alive=True,
     )
 

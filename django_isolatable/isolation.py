@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,28 +25,43 @@ from django_isolatable.backends import (
     load_backend_class,
     options_from_settings,
 )
-from django_isolatable.conf import MAX_TTL, is_valid_ttl, isolatable_settings
+from django_isolatable.conf import MAX_TTL, is_valid_max_age, is_valid_ttl, isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
-from django_isolatable.holders import LockInfo, judged, new_record
+from django_isolatable.holders import LockInfo, judged, new_record, utcnow
 from django_isolatable.renewal import Renewal, renewer
-from django_isolatable.signals import lock_lost
+from django_isolatable.signals import (
+    lock_acquired,
+    lock_lost,
+    lock_overdue,
+    lock_released,
+    lock_skipped,
+    lock_taken_over,
+)
 from django_isolatable.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
 
 class _Default:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
     def __repr__(self) -> str:
-        return "<settings TIMEOUT>"
+        return f"<settings {self.key}>"
 
 
-SETTINGS_TIMEOUT: Any = _Default()
+SETTINGS_TIMEOUT: Any = _Default("TIMEOUT")
+SETTINGS_MAX_AGE: Any = _Default("MAX_AGE")
 #: Seconds between two looks of a waiter at whether an expiring lock's holder died.
 STALE_CHECK_EVERY = 0.1
 #: Longest single wait in a ``Waiting`` backend's store between two looks at progress (and,
 #: for expiring strategies, at whether the holder died).
 WAITING_SLICE = 1.0
 WAITING_SLICE_EXPIRING = 0.25
+#: The longest wait of ``alock()`` in the store between two looks at whether it was cancelled:
+#: how long a cancelled wait's thread may go on before it gives up (and frees what it got).
+ASYNC_SLICE = 0.1
+MAX_LABEL = 200
 
 
 def _check_timeout(value: object) -> float | None:
@@ -54,6 +72,27 @@ def _check_timeout(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"timeout must be None (wait forever) or seconds >= 0, not {value!r}.")
     return float(value)
+
+
+def _check_label(label: object) -> str | None:
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise ValueError(f"A lock label must be a str or None, not {type(label).__name__}.")
+    if len(label) > MAX_LABEL or "\0" in label:
+        raise ValueError(
+            f"A lock label must be at most {MAX_LABEL} characters without NUL: {label[:40]!r}..."
+        )
+    return label
+
+
+def _extra(name: str, strategy: str, holder: LockInfo | None = None) -> dict[str, Any]:
+    """The structured fields of every log record about a lock."""
+    return {
+        "lock_name": name,
+        "lock_strategy": strategy,
+        "holder_pid": None if holder is None else holder.pid,
+    }
 
 
 def _check_name(name: object) -> str:
@@ -71,8 +110,11 @@ class CommandIsolation:
 
     ``strategy`` is a ``LockStrategy``, its value, or the dotted path of a ``Backend`` class
     (default: ``settings.ISOLATABLE["STRATEGY"]``). ``timeout`` is the default wait of ``lock()``
-    (default ``TIMEOUT``); ``ttl`` the lease length of expiring strategies (default ``TTL``).
-    Raises ``ValueError`` for an empty name or one containing NUL.
+    (default ``TIMEOUT``); ``ttl`` the lease length of expiring strategies (default ``TTL``);
+    ``label`` a short text (at most 200 characters) kept in the holder record and shown by
+    ``locks status``; ``max_age`` the seconds after which a holder is overdue (default
+    ``MAX_AGE``): a lock call that gives up on an overdue holder logs an error and sends
+    ``lock_overdue``. Raises ``ValueError`` for an empty name or one containing NUL.
     """
 
     def __init__(
@@ -83,8 +125,14 @@ class CommandIsolation:
         lock_dir: str | os.PathLike[str] | None = None,
         timeout: float | None = SETTINGS_TIMEOUT,
         ttl: float | None = None,
+        label: str | None = None,
+        max_age: float | None = SETTINGS_MAX_AGE,
     ) -> None:
         self.name = _check_name(name)
+        self.label = _check_label(label)
+        if max_age is not SETTINGS_MAX_AGE and not is_valid_max_age(max_age):
+            raise ValueError(f"max_age must be None or a number of seconds > 0, not {max_age!r}.")
+        self._max_age = max_age
         self._strategy = strategy
         self._lock_dir = None if lock_dir is None else Path(lock_dir)
         self._timeout = timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
@@ -106,6 +154,8 @@ class CommandIsolation:
             "lock_dir": self._lock_dir,
             "timeout": self._timeout,
             "ttl": self._ttl,
+            "label": self.label,
+            "max_age": self._max_age,
         }
         kwargs.update(changes)
         return CommandIsolation(self.name, **kwargs)
@@ -132,6 +182,12 @@ class CommandIsolation:
         if self._timeout is SETTINGS_TIMEOUT:
             return isolatable_settings.TIMEOUT
         return self._timeout
+
+    @property
+    def max_age(self) -> float | None:
+        if self._max_age is SETTINGS_MAX_AGE:
+            return isolatable_settings.MAX_AGE
+        return self._max_age
 
     @property
     def ttl(self) -> float:
@@ -165,7 +221,21 @@ class CommandIsolation:
         is called about once a second while waiting. Raises ``LockIOError``,
         ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
         """
-        wait = self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
+        return self._lock(self._wait(timeout), progress, self.label)
+
+    def _wait(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
+
+    def _lock(
+        self,
+        wait: float | None,
+        progress: Callable[[float, LockInfo | None], None] | None,
+        label: str | None,
+        stop: threading.Event | None = None,
+    ) -> LockGuard:
+        """``lock()`` with the wait checked, for a holder labelled ``label``; a set ``stop``
+        ends the wait within a slice (``alock()`` cancelled)."""
+        started = time.monotonic()
         backend = self.backend
         ttl = self.ttl if backend.expiring else None  # read once per lock
         blocking = isinstance(backend, Waiting)
@@ -178,7 +248,7 @@ class CommandIsolation:
             and blocking
             and not (backend.expiring and time.monotonic() >= self._next_stale_check)
         )
-        lease = None if wait_first else self._attempt(backend, ttl)
+        lease = None if wait_first else self._attempt(backend, ttl, label)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             interval = (
@@ -186,38 +256,83 @@ class CommandIsolation:
                 if blocking
                 else backend.poll_interval
             )
+            if stop is not None:
+                interval = min(interval, ASYNC_SLICE)
             lease = wait_for(
-                lambda seconds: self._attempt(backend, ttl, seconds),
+                lambda seconds: self._attempt(backend, ttl, label, seconds),
                 wait,
                 blocking=blocking,
                 interval=interval,
                 progress=report,
+                stop=None if stop is None else stop.is_set,
             )
         if lease is None:
-            holder = self.holder()
-            if wait == 0:
-                raise AlreadyRunning(self.name, holder)
-            raise LockTimeout(self.name, holder, wait or 0.0)
-        logger.info("Acquired lock %s (%s)", self.name, lease.info.strategy)
-        return LockGuard(self, lease, ttl, backend)
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError  # nobody awaits it: not a skip
+            raise self._gave_up(backend, wait)
+        guard = LockGuard(self, lease, ttl, backend)
+        waited = time.monotonic() - started
+        logger.info(
+            "Acquired lock %s (%s)",
+            self.name,
+            backend.strategy,
+            extra=_extra(self.name, backend.strategy, lease.info),
+        )
+        lock_acquired.send_robust(sender=self, name=self.name, guard=guard, waited=waited)
+        return guard
 
-    def _attempt(self, backend: Backend, ttl: float | None, seconds: float = 0.0) -> Lease | None:
+    def _gave_up(self, backend: Backend, wait: float | None) -> AlreadyRunning:
+        """The error of a lock call that did not get the lock; ``lock_skipped`` is sent."""
+        holder = self.holder()
+        error = (
+            AlreadyRunning(self.name, holder)
+            if wait == 0
+            else LockTimeout(self.name, holder, wait or 0.0)
+        )
+        logger.info("Not acquired: %s", error, extra=_extra(self.name, backend.strategy, holder))
+        lock_skipped.send_robust(sender=self, name=self.name, holder=holder)
+        max_age = self.max_age
+        if max_age is not None and holder is not None and holder.acquired_at is not None:
+            age = (utcnow() - holder.acquired_at).total_seconds()
+            if age > max_age and holder.alive is not False:
+                error.overdue_age = age
+                logger.error(
+                    "Lock %s has been held for %.0f s, longer than its maximum age of %g s: "
+                    "its holder (pid %s on %s) may be hung",
+                    self.name,
+                    age,
+                    max_age,
+                    holder.pid,
+                    holder.hostname,
+                    extra=_extra(self.name, backend.strategy, holder),
+                )
+                lock_overdue.send_robust(sender=self, name=self.name, holder=holder, age=age)
+        return error
+
+    def _attempt(
+        self, backend: Backend, ttl: float | None, label: str | None, seconds: float = 0.0
+    ) -> Lease | None:
         """One attempt, or (``seconds`` > 0, a ``Waiting`` backend) one wait of up to
         ``seconds`` in the store; then, for an expiring strategy, a look at whether the holder
         died, taking the lock over if it did."""
-        record = new_record(self.name, backend.strategy, ttl=ttl)
+        record = new_record(self.name, backend.strategy, ttl=ttl, label=label)
         if seconds > 0 and isinstance(backend, Waiting):
             lease = backend.acquire_waiting(self.name, record, seconds)
         else:
             lease = backend.acquire(self.name, record)
-        if (
-            lease is None
-            and backend.expiring
-            and self._stale_check_due()
-            and self.release_if_stale()
-        ):
-            logger.warning("Took over lock %s from a dead holder", self.name)
-            lease = backend.acquire(self.name, new_record(self.name, backend.strategy, ttl=ttl))
+        if lease is None and backend.expiring and self._stale_check_due():
+            previous = release_stale(backend, self.name)
+            if previous is not None:
+                logger.warning(
+                    "Took over lock %s from a dead holder (pid %s on %s)",
+                    self.name,
+                    previous.pid,
+                    previous.hostname,
+                    extra=_extra(self.name, backend.strategy, previous),
+                )
+                lock_taken_over.send_robust(sender=self, name=self.name, previous=previous)
+                record = new_record(self.name, backend.strategy, ttl=ttl, label=label)
+                lease = backend.acquire(self.name, record)
         logger.debug("Attempt to lock %s: %s", self.name, "taken" if lease else "held")
         return lease
 
@@ -237,6 +352,23 @@ class CommandIsolation:
     def try_lock(self) -> LockGuard:
         """``lock(timeout=0)``: the guard, or ``AlreadyRunning`` at once."""
         return self.lock(timeout=0)
+
+    def alock(self, timeout: float | None = SETTINGS_TIMEOUT) -> AsyncLocking:
+        """``lock()`` for async code: ``async with iso.alock() as guard:`` or
+        ``guard = await iso.alock()`` (then ``await guard.arelease()``).
+
+        The event loop is never blocked: the store is waited on in a worker thread. Cancelling
+        the wait (``task.cancel()``, ``asyncio.timeout``) raises ``CancelledError`` at once and
+        leaves nothing held; the worker gives up within ``ASYNC_SLICE`` seconds.
+        """
+        return self._alock(self._wait(timeout), self.label)
+
+    def _alock(self, wait: float | None, label: str | None) -> AsyncLocking:
+        return AsyncLocking(self, wait, label)
+
+    def atry_lock(self) -> AsyncLocking:
+        """``alock(timeout=0)``."""
+        return self.alock(timeout=0)
 
     def holder(self) -> LockInfo | None:
         """The current holder, a dead holder's leftover record (``alive=False``), or None."""
@@ -267,12 +399,12 @@ class CommandIsolation:
         """Release the lock if its holder is proven dead (or its lease expired); True if done.
         What ``manage.py locks release NAME`` does without ``--force`` (see ``release_stale``).
         """
-        return release_stale(self.backend, self.name)
+        return release_stale(self.backend, self.name) is not None
 
 
-def release_stale(backend: Backend, name: str) -> bool:
+def release_stale(backend: Backend, name: str) -> LockInfo | None:
     """Release ``name`` in ``backend`` if its holder is proven dead (or its lease expired);
-    True if done.
+    the released holder's record if done, else None.
 
     Goes by the dead holder's token, so a live holder that took the lock in the meantime is
     never touched. A record without a token is released only where the backend itself judged
@@ -280,16 +412,20 @@ def release_stale(backend: Backend, name: str) -> bool:
     """
     found = backend.inspect(name)
     if found is None:
-        return False
+        return None
     holder = judged(found)
     if holder.alive is not False or (holder.token is None and found.alive is not False):
-        return False
-    released = backend.release(Lease(name, holder.token or "", holder))
-    if released:
-        logger.info(
-            "Released the stale lock %s of dead pid %s on %s", name, holder.pid, holder.hostname
-        )
-    return released
+        return None
+    if not backend.release(Lease(name, holder.token or "", holder)):
+        return None
+    logger.info(
+        "Released the stale lock %s of dead pid %s on %s",
+        name,
+        holder.pid,
+        holder.hostname,
+        extra=_extra(name, backend.strategy, holder),
+    )
+    return holder
 
 
 class LockGuard:
@@ -308,6 +444,7 @@ class LockGuard:
         backend: Backend | None = None,
     ) -> None:
         self.isolation = isolation
+        self._taken = time.monotonic()
         self._lease = lease
         self._backend = backend or isolation.backend  # the one that took the lease
         self._state = threading.Lock()
@@ -340,9 +477,17 @@ class LockGuard:
             if self._lost:
                 return
             self._lost = True
-        logger.warning("Lost lock %s: its lease expired or was taken %s", self.isolation.name, when)
+        logger.warning(
+            "Lost lock %s: its lease expired or was taken %s",
+            self.isolation.name,
+            when,
+            extra=self._extra(),
+        )
         # Robustly: a receiver's error is logged (by Django) and never stops the renewals.
-        lock_lost.send_robust(sender=CommandIsolation, name=self.isolation.name, guard=self)
+        lock_lost.send_robust(sender=self.isolation, name=self.isolation.name, guard=self)
+
+    def _extra(self) -> dict[str, Any]:
+        return _extra(self.isolation.name, self._backend.strategy, self._lease.info)
 
     def check(self) -> None:
         """Raise ``LockLost`` if the lease was lost."""
@@ -364,12 +509,25 @@ class LockGuard:
         try:
             released = self._backend.release(self._lease)
         except IsolationError as e:  # never hide the result of the work the lock protected
-            logger.warning("Could not release lock %s: %s", self.isolation.name, e)
+            logger.warning(
+                "Could not release lock %s: %s", self.isolation.name, e, extra=self._extra()
+            )
             return
         if released:
-            logger.info("Released lock %s", self.isolation.name)
+            held_for = time.monotonic() - self._taken
+            logger.info("Released lock %s", self.isolation.name, extra=self._extra())
+            lock_released.send_robust(
+                sender=self.isolation, name=self.isolation.name, guard=self, held_for=held_for
+            )
         elif self._lease.pid == os.getpid() and not self._lost:
             self._mark_lost("before it was released")
+
+    async def arelease(self) -> None:
+        """``release()`` for async code: the store is called from a worker thread. Once begun
+        it completes, even if the awaiting task is cancelled."""
+        if self._released:
+            return
+        await asyncio.shield(_in_worker(self.release))
 
     def __enter__(self) -> LockGuard:
         return self
@@ -381,6 +539,17 @@ class LockGuard:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+    async def __aenter__(self) -> LockGuard:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.arelease()
 
     def __del__(self) -> None:
         if getattr(self, "_released", True):
@@ -397,3 +566,75 @@ def _on_lost(guard: weakref.ref[LockGuard]) -> Callable[[], None]:
             held._mark_lost()
 
     return report
+
+
+class AsyncLocking:
+    """What ``alock()`` returns: await it for the guard, or use it with ``async with``."""
+
+    def __init__(self, isolation: CommandIsolation, wait: float | None, label: str | None):
+        self._isolation = isolation
+        self._wait = wait
+        self._label = label
+        self._guard: LockGuard | None = None
+
+    def __await__(self) -> Generator[Any, None, LockGuard]:
+        return self._take().__await__()
+
+    async def __aenter__(self) -> LockGuard:
+        self._guard = await self._take()
+        return self._guard
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._guard is not None:
+            await self._guard.arelease()
+
+    async def _take(self) -> LockGuard:
+        stop = threading.Event()
+        future = _submit(self._isolation._lock, self._wait, None, self._label, stop)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The worker stops within a slice; whatever it took by then is released at once.
+            stop.set()
+            future.add_done_callback(_release_taken)
+            raise
+
+
+def _release_taken(future: Future[LockGuard]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+_workers: ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+
+
+def _submit(function: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``function(*args)`` in a worker thread, in the caller's context (contextvars).
+
+    The threads are this module's own, not the loop's default executor: each waiting
+    ``alock()`` keeps one busy for its wait, and the default has a few threads per CPU only.
+    """
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            _workers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="isolatable")
+        workers = _workers
+    return workers.submit(contextvars.copy_context().run, function, *args)
+
+
+def _in_worker(function: Callable[[], Any]) -> asyncio.Future[Any]:
+    return asyncio.wrap_future(_submit(function))
+
+
+def _forget_workers() -> None:
+    global _workers
+    _workers = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_workers)

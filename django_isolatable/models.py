@@ -17,6 +17,7 @@ class Lock(models.Model):
     process_started_at = models.DateTimeField(null=True)
     acquired_at = models.DateTimeField(null=True)
     argv = models.TextField()  # JSON list
+    label = models.CharField(max_length=200, null=True)
     #: Judged by the database server's clock, never a client's.
     expires_at = models.DateTimeField()
 

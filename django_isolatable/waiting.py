@@ -21,6 +21,7 @@ def wait_for(
     blocking: bool,
     interval: float,
     progress: Callable[[float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> T | None:
     """Call ``attempt(seconds)`` until it returns a result, or return None after ``timeout``
     seconds (None: never).
@@ -30,7 +31,8 @@ def wait_for(
     most ``interval`` seconds. Otherwise ``attempt(0)`` is a single try, made after a pause that
     grows from ``FIRST_PAUSE`` to ``interval``, each drawn at random from its upper half so
     waiters that started together do not retry together.
-    ``progress(waited_seconds)`` is called about once a second while waiting.
+    ``progress(waited_seconds)`` is called about once a second while waiting. A ``stop()``
+    that returns True ends the wait (with None) before the next attempt.
     """
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
@@ -39,13 +41,15 @@ def wait_for(
     while True:
         now = time.monotonic()
         left = interval if deadline is None else min(interval, deadline - now)
-        if left <= 0:
+        if left <= 0 or (stop is not None and stop()):
             return None
         if blocking:
             result = attempt(left)
         else:
             time.sleep(min(left, random.uniform(delay / 2, delay)))
             delay = min(delay * 2, interval)
+            if stop is not None and stop():
+                return None
             result = attempt(0.0)
         if result is not None:
             return result

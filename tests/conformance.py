@@ -7,6 +7,7 @@ when the server is unreachable.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import json
@@ -27,6 +28,7 @@ from django_isolatable import (
     LockInfo,
     LockTimeout,
 )
+from django_isolatable.isolation import ASYNC_SLICE
 from tests import services
 
 TRICKY_NAMES = [
@@ -261,7 +263,7 @@ class LockConformance:
             (row,) = json.loads(self.locks("status", name, "--json"))
             assert set(row) == {
                 "name", "strategy", "state", "pid", "host", "started_at", "age_seconds",
-                "command", "expires_at",
+                "command", "expires_at", "label", "mode", "fencing_token",
             }  # fmt: skip
             assert row["name"] == name
             assert row["strategy"] == self.strategy
@@ -276,6 +278,64 @@ class LockConformance:
                 "NAME", "STATE", "PID", "HOST", "STARTED", "(UTC)", "AGE", "COMMAND",
             ]  # fmt: skip
             assert f"  held   {os.getpid()}  " in table
+
+    def test_a_label_is_kept_in_the_record_and_shown_by_locks_status(self, make, name):
+        label = "celery 1f0c-*/%s ünï 🔒"
+        with make(name, label=label).lock() as guard:
+            assert guard.info.label == label
+            assert make(name).holder().label == label
+            (row,) = json.loads(self.locks("status", name, "--json"))
+            assert row["label"] == label
+            assert row["mode"] == "exclusive"
+            table = self.locks("status", name, "--wide")
+            assert table.splitlines()[0].split()[-2:] == ["LABEL", "COMMAND"]
+            assert label in table
+        with make(name).lock():
+            assert make(name).holder().label is None
+            assert json.loads(self.locks("status", name, "--json"))[0]["label"] is None
+
+    def test_alock_takes_waits_and_is_cancelled_without_leaving_anything_held(self, make, name):
+        async def scenario() -> None:
+            def locked() -> bool:  # a sync call: off the loop (the database strategy refuses)
+                return make(name).is_locked()
+
+            async with make(name).alock() as guard:
+                assert await asyncio.to_thread(locked)
+                with pytest.raises(AlreadyRunning):
+                    await make(name).atry_lock()
+                with pytest.raises(LockTimeout):
+                    await make(name).alock(timeout=0.2)
+                waiter = asyncio.ensure_future(make(name).alock(timeout=None))
+                await asyncio.sleep(0.3)
+                assert not waiter.done()
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+            assert guard.info.name == name
+            # The cancelled wait's worker gives up within a slice and frees what it took.
+            await asyncio.sleep(ASYNC_SLICE * 3)
+            deadline = time.monotonic() + 5
+            while await asyncio.to_thread(locked) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            taken = await make(name).atry_lock()
+            await taken.arelease()
+            await taken.arelease()  # idempotent
+            assert not await asyncio.to_thread(locked)
+
+        asyncio.run(scenario())
+
+    def test_a_waiting_alock_gets_the_lock_when_it_is_released(self, make, name):
+        async def scenario() -> None:
+            held = await make(name).alock()
+            waiter = asyncio.ensure_future(make(name).alock(timeout=10))
+            await asyncio.sleep(0.2)
+            await held.arelease()
+            guard = await asyncio.wait_for(waiter, 10)
+            assert guard.info.pid == os.getpid()
+            assert not guard.lost
+            await guard.arelease()
+
+        asyncio.run(scenario())
 
     def test_locks_release_refuses_a_live_holder_without_force(self, make, name):
         with make(name).lock():

@@ -43,6 +43,9 @@ STATUS_KEYS = {
     "age_seconds",
     "command",
     "expires_at",
+    "label",
+    "mode",
+    "fencing_token",
 }
 
 

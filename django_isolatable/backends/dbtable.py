@@ -70,6 +70,7 @@ def row(connection: BaseDatabaseWrapper, prefix: str, name: str, info: LockInfo)
         ops.adapt_datetimefield_value(_for_django(info.process_started_at)),
         ops.adapt_datetimefield_value(_for_django(info.acquired_at)),
         json.dumps(list(info.argv)),
+        info.label,
     ]
 
 
@@ -110,7 +111,7 @@ def select(now: str, where: str) -> str:
     )
     return (
         f"SELECT name_hash, name, token, pid, hostname, host_id, {started}, {acquired}, "
-        f"argv, {expires}, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
+        f"argv, label, {expires}, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
         f"FROM {{table}} {where}"
     )
 
@@ -122,7 +123,7 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
     another KEY_PREFIX's, or a name the connection's character set could not carry (MySQL's
     3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4).
     """
-    key, stored, token, pid, hostname, host_id, started, acquired, argv = values[:9]
+    key, stored, token, pid, hostname, host_id, started, acquired, argv, label = values[:10]
     if name is None and key != name_hash(prefix, stored):
         return None
     return LockInfo(
@@ -134,9 +135,10 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
         host_id=host_id or None,
         process_started_at=_datetime(started),
         acquired_at=_datetime(acquired),
-        expires_at=_datetime(values[9]),
         argv=_argv(argv),
-        alive=False if values[10] else None,  # an expired lease is stale, whoever held it
+        label=label if isinstance(label, str) else None,
+        expires_at=_datetime(values[10]),
+        alive=False if values[11] else None,  # an expired lease is stale, whoever held it
     )
 
 
@@ -145,6 +147,7 @@ def ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
     Raises ``LockIOError`` if the database is unreachable or the table cannot be made."""
     try:
         if Lock._meta.db_table in connection.introspection.table_names():
+            _add_missing_columns(connection)
             return
         with connection.schema_editor() as editor:
             editor.create_model(Lock)
@@ -155,6 +158,26 @@ def ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
             raise LockIOError(f"Database {alias!r} is unreachable: {e}") from e
         if not exists:
             raise LockIOError(f"Could not create the lock table in {alias!r}: {e}") from e
+
+
+def _add_missing_columns(connection: BaseDatabaseWrapper) -> None:
+    """Add the columns a table made by an earlier version lacks (``label``); all nullable, so
+    its rows stay valid. Another process adding one first is fine."""
+    with connection.cursor() as cursor:
+        table = connection.introspection.get_table_description(cursor, Lock._meta.db_table)
+    present = {column.name for column in table}
+    for field in Lock._meta.concrete_fields:
+        if field.column not in present:
+            try:
+                with connection.schema_editor() as editor:
+                    editor.add_field(Lock, field)
+            except DatabaseError:
+                with connection.cursor() as cursor:
+                    table = connection.introspection.get_table_description(
+                        cursor, Lock._meta.db_table
+                    )
+                if field.column not in {column.name for column in table}:
+                    raise
 
 
 def _for_django(value: datetime | None) -> datetime | None:

@@ -94,15 +94,16 @@ def lock_ids(key: int) -> tuple[int, int]:
     return unsigned >> 32, unsigned & 0xFFFFFFFF
 
 
-def _comment(name: str, process: tuple[Any, ...]) -> str:
-    """The record's process fields as the comment that opens a statement, the same for every
-    lock of a name in a process (so its statements get prepared). A long command line is left
-    out first, then a long name (``inspect`` knows the name it asks for). JSON's "\\u002a" for
+def _comment(name: str, process: tuple[Any, ...], label: str | None) -> str:
+    """The record's process fields and label as the comment that opens a statement, the same
+    for every lock of a name and label in a process (so its statements get prepared). A long
+    command line is left out first, then the label, then a long name (``inspect`` knows the
+    name it asks for). JSON's "\\u002a" for
     "*" keeps the comment closed and unnested (PostgreSQL nests ``/*``), "\\u0025" for "%"
     keeps psycopg's placeholders out."""
-    data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True))}
+    data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True)), "label": label}
     text = ""
-    for dropped in ((), ("argv",), ("argv", "name")):
+    for dropped in ((), ("argv",), ("argv", "label"), ("argv", "label", "name")):
         data.update(dict.fromkeys(dropped))
         text = json.dumps(data, default=datetime.isoformat)  # ASCII only
         text = text.replace("*", "\\u002a").replace("%", "\\u0025")
@@ -145,15 +146,15 @@ class _Named(NamedTuple):
 def _named(prefix: str, name: str, info: LockInfo) -> _Named:
     """``name``'s key and statements, with the record of ``info``'s process."""
     process = (info.pid, info.hostname, info.host_id, info.process_started_at, info.argv)
-    return _statements(prefix, name, process)
+    return _statements(prefix, name, process, info.label)
 
 
 @functools.lru_cache(maxsize=1024)
-def _statements(prefix: str, name: str, process: tuple[Any, ...]) -> _Named:
+def _statements(prefix: str, name: str, process: tuple[Any, ...], label: str | None) -> _Named:
     from psycopg.types.numeric import Int8
 
     key = advisory_key(prefix, name)
-    comment = _comment(name, process)
+    comment = _comment(name, process, label)
     classid, objid = lock_ids(key)
     ids = (Int8(classid), Int8(objid))
     return _Named(Int8(key), ids, comment + _TRY, comment + _WAIT, comment + _HOLDS)

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
 #: The column that ``-v 2`` adds before COMMAND.
 TOKEN = "TOKEN"
+#: The column added before COMMAND when a holder has a label.
+LABEL = "LABEL"
 ELLIPSIS = "\u2026"
 
 
@@ -138,10 +140,15 @@ class Command(BaseCommand):
             return
         header: tuple[str, ...] = COLUMNS
         rows = [_row(name, info) for name, info in holders]
+        extra: list[tuple[str, Callable[[LockInfo | None], str]]] = []
         if self.verbosity >= 2:
-            header = (*COLUMNS[:-1], TOKEN, COLUMNS[-1])
+            extra.append((TOKEN, _token))
+        if any(info is not None and info.label for _, info in holders):
+            extra.append((LABEL, _label))
+        for column, cell in extra:
+            header = (*header[:-1], column, header[-1])
             rows = [
-                (*row[:-1], _token(info), row[-1])
+                (*row[:-1], cell(info), row[-1])
                 for row, (_, info) in zip(rows, holders, strict=True)
             ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
@@ -268,6 +275,10 @@ def _token(info: LockInfo | None) -> str:
     return "?" if info.token is None else printable(info.token)
 
 
+def _label(info: LockInfo | None) -> str:
+    return "-" if info is None or not info.label else printable(info.label)
+
+
 def _who(info: LockInfo) -> str:
     return f"pid {info.pid if info.pid is not None else '?'} on {printable(info.hostname or '?')}"
 
@@ -300,6 +311,9 @@ def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
             "age_seconds": None,
             "command": None,
             "expires_at": None,
+            "label": None,
+            "mode": None,
+            "fencing_token": None,
         }
     return {
         "name": name,
@@ -311,4 +325,7 @@ def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
         "age_seconds": _age(info),
         "command": " ".join(info.argv),
         "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
+        "label": info.label,
+        "mode": "exclusive",
+        "fencing_token": None,
     }

@@ -1,0 +1,220 @@
+"""``isolated``: run a function, a coroutine function or a task at most once at a time."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import string
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar, cast
+
+from django_isolatable.backends import LockStrategy
+from django_isolatable.errors import AlreadyRunning
+from django_isolatable.isolation import (
+    CommandIsolation,
+    LockGuard,
+    _check_label,
+    _check_name,
+    _check_timeout,
+    _extra,
+)
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current: contextvars.ContextVar[LockGuard | None] = contextvars.ContextVar(
+    "django_isolatable_guard", default=None
+)
+#: How many lock names (after filling in the arguments) one decorated function keeps its
+#: ``CommandIsolation`` for, so repeated calls reuse its backend and connections.
+KEPT_NAMES = 1024
+
+
+def current_guard() -> LockGuard | None:
+    """The guard of the innermost ``isolated`` call running in this thread or task, else None:
+    long work can call ``current_guard().check()``."""
+    return _current.get()
+
+
+def isolated(
+    name: str | None = None,
+    *,
+    timeout: float | None = 0,
+    if_running: Literal["skip", "raise"] = "skip",
+    strategy: LockStrategy | str | None = None,
+    ttl: float | None = None,
+    label: str | None = None,
+) -> Callable[[F], F]:
+    """Decorate a function, a coroutine function or a task so it runs at most once at a time.
+
+    ``name`` (default ``"<module>.<qualname>"``) and ``label`` are ``str.format`` templates
+    over the call's arguments, bound to the signature with defaults applied (``"sync:{account}"``,
+    ``"celery {self.request.id}"``). A call that does not get the lock within ``timeout``
+    seconds (0: at once, None: wait forever) returns None without running
+    (``if_running="skip"``) or raises ``AlreadyRunning`` / ``LockTimeout`` (``"raise"``).
+    ``strategy`` and ``ttl`` are as for ``CommandIsolation``.
+
+    Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
+    bad ``timeout``, ``if_running``, ``ttl`` or ``label``.
+    """
+    if if_running not in ("skip", "raise"):
+        raise ValueError(f'if_running must be "skip" or "raise", not {if_running!r}.')
+    wait = _check_timeout(timeout)
+    if name is not None:
+        _check_template(name, "name")
+    if label is not None:
+        _check_template(label, "label")
+        if not _fields(label):
+            _check_label(label)
+    if ttl is not None:
+        CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
+
+    def decorate(function: F) -> F:
+        lock = _Calls(function, name, label, strategy, ttl)
+        skip = if_running == "skip"
+
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                isolation, text = lock.for_call(args, kwargs)
+                try:
+                    guard = await isolation._alock(wait, text)
+                except AlreadyRunning as e:
+                    if not skip:
+                        raise
+                    _skipped(isolation, e)
+                    return None
+                token = _current.set(guard)
+                try:
+                    async with guard:
+                        return await function(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+
+            return cast(F, run_async)
+
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            isolation, text = lock.for_call(args, kwargs)
+            try:
+                guard = isolation._lock(wait, None, text)
+            except AlreadyRunning as e:
+                if not skip:
+                    raise
+                _skipped(isolation, e)
+                return None
+            token = _current.set(guard)
+            try:
+                with guard:
+                    return function(*args, **kwargs)
+            finally:
+                _current.reset(token)
+
+        return cast(F, run)
+
+    return decorate
+
+
+def _skipped(isolation: CommandIsolation, error: AlreadyRunning) -> None:
+    logger.info(
+        "Skipped %s: %s",
+        isolation.name,
+        error,
+        extra=_extra(isolation.name, isolation.strategy, error.holder),
+    )
+
+
+class _Calls:
+    """A decorated function's lock: its name and label filled in from each call's arguments."""
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        name: str | None,
+        label: str | None,
+        strategy: LockStrategy | str | None,
+        ttl: float | None,
+    ) -> None:
+        self.name = f"{function.__module__}.{function.__qualname__}" if name is None else name
+        self.label = label
+        self.signature = inspect.signature(function)
+        parameters = self.signature.parameters.values()
+        self.var_keyword = next(
+            (p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        for template, what in ((name, "name"), (label, "label")):
+            if template is not None:
+                _check_fields(template, what, self.signature, self.var_keyword, function)
+        self.templated = bool(_fields(self.name)) or bool(label and _fields(label))
+        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
+        self.isolations: dict[str, CommandIsolation] = {}
+
+    def for_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[CommandIsolation, str | None]:
+        """The isolation of this call's lock name, and its label."""
+        if not self.templated:
+            return self._isolation(self.name), self.label
+        bound = self.signature.bind(*args, **kwargs)  # a bad call fails as the call would
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        if self.var_keyword is not None:
+            values.update({**values.pop(self.var_keyword, {}), **values})
+        name = self.name.format_map(values)
+        label = None if self.label is None else _check_label(self.label.format_map(values))
+        return self._isolation(name), label
+
+    def _isolation(self, name: str) -> CommandIsolation:
+        isolation = self.isolations.get(name)
+        if isolation is None:
+            if len(self.isolations) >= KEPT_NAMES:
+                self.isolations.clear()
+            isolation = CommandIsolation(_check_name(name), **self.options)
+            self.isolations[name] = isolation
+        return isolation
+
+
+def _fields(template: str) -> list[str]:
+    return list(_field_names(template))
+
+
+def _field_names(template: str) -> Iterator[str]:
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            yield field
+            if spec:
+                yield from _field_names(spec)
+
+
+def _check_template(template: object, what: str) -> None:
+    if not isinstance(template, str):
+        raise ValueError(f"The lock {what} must be a str template, not {template!r}.")
+    try:
+        _fields(template)
+    except ValueError as e:
+        raise ValueError(f"The lock {what} {template!r} is not a valid template: {e}.") from e
+
+
+def _check_fields(
+    template: str,
+    what: str,
+    signature: inspect.Signature,
+    var_keyword: str | None,
+    function: Callable[..., Any],
+) -> None:
+    for field in _fields(template):
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if not root or root.isdigit():
+            raise ValueError(
+                f"The lock {what} {template!r} of {function.__qualname__} has a positional "
+                "placeholder: name the argument, as in {account_id}."
+            )
+        if root not in signature.parameters and var_keyword is None:
+            raise ValueError(
+                f"The lock {what} {template!r} of {function.__qualname__} names {{{root}}}, "
+                f"which is not an argument of {function.__qualname__}{signature}."
+            )
