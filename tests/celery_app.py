@@ -67,6 +67,13 @@ def sync_account_later(self: Any, account_id: int, gate: str) -> str:
     return work(self.request.id, account_id, gate)
 
 
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True)
+@isolated("sync:{account_id}", label="celery {self.request.id}")
+def sync_account_acks_late(self: Any, account_id: int, gate: str) -> str:
+    """Acknowledged after it ran: the message of a child killed while running is delivered again."""
+    return work(self.request.id, account_id, gate)
+
+
 @app.task
 def ping() -> str:
     return "pong"

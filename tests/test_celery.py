@@ -224,3 +224,16 @@ def test_raise_and_autoretry_defers_the_task_instead_of_dropping_it(
     assert worker.returned(later) == "synced 7"
     assert of_task(worker.journal, later.id)[-3:] == ["start", "end", "returned"]
     assert interval(worker.journal, first.id)[1] < interval(worker.journal, later.id)[0]
+
+
+def test_acks_late_runs_a_killed_childs_task_again_at_once(worker: CeleryWorker) -> None:
+    from tests.celery_app import sync_account_acks_late
+
+    gate = worker.gate("acks-late")
+    task = sync_account_acks_late.delay(8, str(gate))
+    first_run = worker.started(task)
+    os.kill(first_run["pid"], signal.SIGKILL)
+    gate.touch()  # for the next run
+    # Delivered again (reject_on_worker_lost): the lock the dead child held is free at once.
+    assert worker.returned(task) == "synced 8"
+    assert of_task(worker.journal, task.id) == ["start", "start", "end", "returned"]

@@ -127,7 +127,7 @@ def test_remembered_values_follow_every_change_of_the_setting(settings):
             "MAX_AGE",
             "15m",
             "isolatable.E013",
-            'settings.ISOLATABLE["MAX_AGE"] is \'15m\'; use None (no limit) or the number of '
+            "settings.ISOLATABLE[\"MAX_AGE\"] is '15m'; use None (no limit) or the number of "
             "seconds after which a holder is overdue (> 0).",
         ),
         (
