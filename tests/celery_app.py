@@ -14,13 +14,12 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun
-from django.dispatch import receiver
 
 from django_isolatable import isolated
 from django_isolatable.errors import AlreadyRunning
 from django_isolatable.signals import lock_skipped
 from tests.services import REDIS_URL
-from tests.taskwork import journal, work
+from tests.taskwork import in_worker, journal, work
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 PREFIX_ENV = "ISOLATABLE_CELERY_PREFIX"
@@ -84,7 +83,6 @@ def journal_return(task_id: str, retval: Any = None, state: str | None = None, *
     journal("returned", task=task_id, value=retval if state == "SUCCESS" else None, state=state)
 
 
-@receiver(lock_skipped)
 def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
     from celery import current_task
 
@@ -95,3 +93,7 @@ def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
         holder_pid=None if holder is None else holder.pid,
         holder_label=None if holder is None else holder.label,
     )
+
+
+if in_worker():  # the test process imports this module too: its signals stay as they were
+    lock_skipped.connect(journal_skip)

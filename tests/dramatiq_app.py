@@ -14,7 +14,6 @@ from typing import Any
 import django
 import dramatiq
 from django.apps import apps
-from django.dispatch import receiver
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage, Middleware
 
@@ -26,7 +25,7 @@ from django_isolatable import isolated
 from django_isolatable.signals import lock_skipped
 from tests.services import REDIS_URL
 from tests.settings import KEY_PREFIX
-from tests.taskwork import journal, work
+from tests.taskwork import in_worker, journal, work
 
 NAMESPACE = f"{KEY_PREFIX}dramatiq"
 
@@ -57,7 +56,6 @@ def ping() -> str:
     return "pong"
 
 
-@receiver(lock_skipped)
 def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
     message = CurrentMessage.get_current_message()
     journal(
@@ -66,3 +64,7 @@ def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
         name=name,
         holder_pid=None if holder is None else holder.pid,
     )
+
+
+if in_worker():  # the test process imports this module too: its signals stay as they were
+    lock_skipped.connect(journal_skip)

@@ -12,7 +12,6 @@ from typing import Any
 
 import django
 from django.apps import apps
-from django.dispatch import receiver
 from huey import RedisHuey
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
@@ -23,7 +22,7 @@ from django_isolatable import isolated
 from django_isolatable.signals import lock_skipped
 from tests.services import REDIS_URL
 from tests.settings import KEY_PREFIX
-from tests.taskwork import journal, work
+from tests.taskwork import in_worker, journal, work
 
 huey = RedisHuey(f"{KEY_PREFIX}huey", url=REDIS_URL, store_none=True, utc=True)
 
@@ -39,6 +38,9 @@ def ping() -> str:
     return "pong"
 
 
-@receiver(lock_skipped)
 def journal_skip(sender: Any, name: str, holder: Any = None, **_: Any) -> None:
     journal("skipped", name=name, holder_pid=None if holder is None else holder.pid)
+
+
+if in_worker():  # the test process imports this module too: its signals stay as they were
+    lock_skipped.connect(journal_skip)

@@ -39,6 +39,11 @@ def journal(event: str, **fields: Any) -> None:
         os.close(fd)
 
 
+def in_worker() -> bool:
+    """True in a queue's worker process (its environment names the journal)."""
+    return JOURNAL_ENV in os.environ
+
+
 def work(task: str, account_id: int, gate: str) -> str:
     """What an isolated task does: journal ``start``, wait for ``gate`` to exist, journal
     ``end``; returns ``"synced <account_id>"``."""

@@ -140,6 +140,8 @@ def test_a_second_task_for_the_same_account_is_skipped(worker: CeleryWorker) -> 
     assert skip["name"] == "sync:1"
     assert skip["holder_pid"] == holder["pid"]
     assert skip["holder_label"] == f"celery {first.id}"
+    start, end = interval(worker.journal, first.id)
+    assert start < skip["at"] < end
 
 
 def test_different_accounts_run_side_by_side(worker: CeleryWorker) -> None:

@@ -79,6 +79,7 @@ def assert_skipped_and_side_by_side(
         interval(worker.journal, first),
         interval(worker.journal, other),
     )
+    assert start_first < skips[0]["at"] < end_first
     assert max(start_first, start_other) < min(end_first, end_other), "no overlap"
 
 
