@@ -87,6 +87,21 @@ def interval(path: Path, task: str) -> tuple[float, float]:
     return times["start"], times["end"]
 
 
+def require_package(module: str) -> None:
+    """Skip the test when ``module`` is not installed (``pip install -e .[queues]``), or fail
+    it under ISOLATABLE_REQUIRE_SERVICES=1, as CI runs, so a missing install is not hidden."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(module) is not None:
+        return
+    reason = f"{module} is not installed (the queues extra: pip install -e '.[queues]')"
+    if os.environ.get("ISOLATABLE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and ISOLATABLE_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(reason)
+
+
 def start_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A queue's worker process, in a session of its own, its output in ``log``."""
     with open(log, "wb") as output:

@@ -21,8 +21,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("celery", reason="the test extra installs celery[redis]")
-
 from django_isolatable import CommandIsolation
 from tests import services
 from tests.settings import KEY_PREFIX
@@ -33,6 +31,7 @@ from tests.taskwork import (
     events,
     interval,
     of_task,
+    require_package,
     start_worker,
     stop_worker,
 )
@@ -69,6 +68,7 @@ class CeleryWorker:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
+    require_package("celery")
     services.require("redis")
     import redis
 

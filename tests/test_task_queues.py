@@ -27,6 +27,7 @@ from tests.taskwork import (
     events,
     interval,
     of_task,
+    require_package,
     start_worker,
     stop_worker,
 )
@@ -88,7 +89,7 @@ def assert_skipped_and_side_by_side(
 
 @pytest.fixture(scope="module")
 def huey_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueWorker]:
-    pytest.importorskip("huey", reason="the test extra installs huey")
+    require_package("huey")
     services.require("redis")
     from tests import huey_app
 
@@ -132,7 +133,7 @@ def test_huey(huey_worker: QueueWorker) -> None:
 
 @pytest.fixture(scope="module")
 def dramatiq_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueWorker]:
-    pytest.importorskip("dramatiq", reason="the test extra installs dramatiq[redis]")
+    require_package("dramatiq")
     services.require("redis")
     from tests import dramatiq_app
 
@@ -185,7 +186,7 @@ def test_dramatiq(dramatiq_worker: QueueWorker) -> None:
 def q_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
     """The cluster runs; yields ``enqueue(func, *args) -> task id`` (django-q2's ``async_task``
     in this process, with the cluster's settings)."""
-    pytest.importorskip("django_q", reason="the test extra installs django-q2")
+    require_package("django_q")
     services.require("redis")
     from tests import q_settings
 
