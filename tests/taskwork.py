@@ -45,9 +45,12 @@ def in_worker() -> bool:
 
 
 def work(task: str, account_id: int, gate: str) -> str:
-    """What an isolated task does: journal ``start``, wait for ``gate`` to exist, journal
-    ``end``; returns ``"synced <account_id>"``."""
-    journal("start", task=task, account=account_id)
+    """What an isolated task does: journal ``start`` (with the label of ``current_guard()``),
+    wait for ``gate`` to exist, journal ``end``; returns ``"synced <account_id>"``."""
+    from django_isolatable import current_guard
+
+    guard = current_guard()
+    journal("start", task=task, account=account_id, guard_label=guard and guard.info.label)
     deadline = time.monotonic() + GATE_TIMEOUT
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -126,6 +126,7 @@ def test_a_second_task_for_the_same_account_is_skipped(worker: CeleryWorker) -> 
     gate = worker.gate("same-account")
     first = sync_account.delay(1, str(gate))
     holder = worker.started(first)
+    assert holder["guard_label"] == f"celery {first.id}"  # current_guard() inside the task
     second = sync_account.delay(1, str(gate))
     assert worker.returned(second) is None  # skipped: returned without running
     gate.touch()

@@ -118,6 +118,7 @@ def test_huey(huey_worker: QueueWorker) -> None:
     gate = huey_worker.directory / "gate"
     first = sync_account(1, str(gate))
     holder = huey_worker.started(first.id)
+    assert holder["guard_label"] == f"huey {first.id}"
     skipped = sync_account(1, str(gate))
     assert skipped.get(blocking=True, timeout=RESULT_TIMEOUT) is None
     other = sync_account(2, str(gate))
@@ -169,6 +170,7 @@ def test_dramatiq(dramatiq_worker: QueueWorker) -> None:
     gate = dramatiq_worker.directory / "gate"
     first = sync_account.send(1, str(gate)).message_id
     holder = dramatiq_worker.started(first)
+    assert holder["guard_label"] == "dramatiq account 1"
     skipped = sync_account.send(1, str(gate)).message_id
     assert returned(dramatiq_worker, skipped) is None
     other = sync_account.send(2, str(gate)).message_id
@@ -226,6 +228,7 @@ def test_django_q2(q_cluster: tuple[QueueWorker, Callable[..., str]]) -> None:
     gate = worker.directory / "gate"
     first = enqueue("tests.q_tasks.sync_account", 1, str(gate))
     holder = worker.started(first)
+    assert holder["guard_label"] == "django-q account 1"
     skipped = enqueue("tests.q_tasks.sync_account", 1, str(gate))
     assert q_returned(worker, skipped) is None
     other = enqueue("tests.q_tasks.sync_account", 2, str(gate))
