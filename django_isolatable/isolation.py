@@ -606,8 +606,10 @@ class AsyncLocking:
 
 
 def _release_taken(future: Future[LockGuard]) -> None:
+    """Release what a cancelled ``alock()``'s worker took, from a worker: this may run on the
+    event loop's thread (the worker had finished), where no store may be called."""
     if not future.cancelled() and future.exception() is None:
-        future.result().release()
+        _submit(future.result().release)
 
 
 _workers: ThreadPoolExecutor | None = None
