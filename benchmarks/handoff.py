@@ -80,11 +80,15 @@ def measure(candidate: Candidate, slug: str, trials: int, span: float) -> list[f
     return latencies
 
 
-def run(trials: int, longest_span: float) -> dict[str, list[float]]:
-    """Measure and print every group; return the latencies (ms) by "group key/label"."""
+def measure_groups(
+    groups: list[tuple[str, str, list[Candidate]]], trials: int, longest_span: float, prefix: str
+) -> tuple[dict[str, list[float]], list[Group]]:
+    """Measure every candidate of ``groups`` (key, title, members; the first member is the raw
+    limit); the latencies (ms) by "group key/label", and the groups to print (median, p90,
+    max)."""
     results: dict[str, list[float]] = {}
-    groups = []
-    for key, title, members in GROUPS:
+    printed = []
+    for key, title, members in groups:
         group = Group(title)
         base: float | None = None
         span = min(max(max(c.poll for c in members), HOLD_AT_LEAST), longest_span)
@@ -93,7 +97,7 @@ def run(trials: int, longest_span: float) -> dict[str, list[float]]:
             if reason:
                 group.skipped.append(f"{candidate.label}: {reason}")
                 continue
-            slug = f"handoff-{key}-{len(results)}"
+            slug = f"{prefix}-{key}-{len(results)}"
             latencies = measure(candidate, slug, trials, span)
             results[f"{key}/{candidate.label}"] = latencies
             value = median(latencies)
@@ -101,7 +105,13 @@ def run(trials: int, longest_span: float) -> dict[str, list[float]]:
                 base = value
             cells = [f"{value:.2f}", f"{percentile(latencies, 0.9):.2f}", f"{max(latencies):.2f}"]
             group.rows.append(Row(candidate.label, cells, ratio(value, base)))
-        groups.append(group)
+        printed.append(group)
+    return results, printed
+
+
+def run(trials: int, longest_span: float) -> dict[str, list[float]]:
+    """Measure and print every group; return the latencies (ms) by "group key/label"."""
+    results, groups = measure_groups(GROUPS, trials, longest_span, "handoff")
     print_table(
         f"Handoff latency, ms from release() to the waiter holding the lock ({trials} trials, "
         f"holds of {HOLD_AT_LEAST * 1000:g} ms + up to {longest_span * 1000:g} ms)",

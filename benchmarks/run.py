@@ -8,6 +8,9 @@ compare: the machine is noisy, ratios much less so. Rows whose server or peer is
 skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
 of a few seconds.
 
+Async code (``--only async``, last): the event loop's lag while coroutines wait on ``alock()``
+for locks another process holds, and the handoff to an ``alock()`` waiter.
+
 Exit status 1 if a measurement failed or a lock let two processes in at once (a contention
 counter did not end exact); a missed target is reported, not failed.
 """
@@ -30,7 +33,7 @@ from benchmarks import environment
 from benchmarks.report import print_targets
 from benchmarks.targets import Results, targets
 
-SECTIONS = ("round-trips", "uncontended", "handoff", "contention", "commands")
+SECTIONS = ("round-trips", "uncontended", "handoff", "contention", "commands", "async")
 FULL = {
     "round_trip_trials": 10,
     "batches": 30,
@@ -39,6 +42,7 @@ FULL = {
     "acquisitions": 500,
     "rounds": 3,
     "runs": 20,
+    "lag_seconds": 3.0,
 }
 QUICK = {
     "round_trip_trials": 2,
@@ -48,6 +52,7 @@ QUICK = {
     "acquisitions": 20,
     "rounds": 1,
     "runs": 3,
+    "lag_seconds": 0.5,
 }
 
 
@@ -67,6 +72,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--acquisitions", type=int, help="contention: per process (500)")
     parser.add_argument("--rounds", type=int, help="contention: rounds per group (3)")
     parser.add_argument("--runs", type=int, help="commands: runs of each command (20)")
+    parser.add_argument(
+        "--lag-seconds", type=float, help="async: seconds of loop ticks per lag row (3)"
+    )
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -100,6 +108,13 @@ def main() -> int:
         def run_commands() -> None:
             results.commands, results.drivers = commands.run(args.runs)
 
+        def run_async() -> None:
+            from benchmarks import eventloop
+
+            results.loop_lag, results.async_handoff = eventloop.run(
+                args.trials, args.lag_seconds, 0.05 if args.quick else 0.25
+            )
+
         sections = {
             "round-trips": lambda: setattr(
                 results, "trips", roundtrips.run(args.round_trip_trials)
@@ -116,6 +131,7 @@ def main() -> int:
                 contention.run(args.processes, args.acquisitions, args.rounds),
             ),
             "commands": run_commands,
+            "async": run_async,
         }
         try:
             for name in args.only:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from benchmarks.report import Target, median
+from benchmarks.report import Target, median, percentile
 
 if TYPE_CHECKING:
     from benchmarks.contention import Outcome
@@ -29,6 +29,8 @@ class Results:
     contention: dict[str, Outcome] = field(default_factory=dict)
     commands: dict[str, list[float]] = field(default_factory=dict)  # ms per run
     drivers: list[str] | None = None  # optional drivers the isolated no-op imported
+    loop_lag: dict[str, list[float]] = field(default_factory=dict)  # ms per tick
+    async_handoff: dict[str, list[float]] = field(default_factory=dict)  # ms per trial
 
 
 def _relative(table: dict[str, float], mine: str, theirs: str) -> float | None:
@@ -52,6 +54,46 @@ def _round_trips(trips: dict[str, int]) -> list[Target]:
                 Target(f"round trips: {server} {what}", count, limit, "", "=", shown=shown)
             )
     return targets
+
+
+#: Issue 16: (group, strategy row label, handoff p50 goal in ms).
+ASYNC_GOALS = (
+    ("file", "file strategy", 2.0),
+    ("redis", "redis strategy", 1.5),
+    ("postgres", "postgres strategy", 1.0),
+)
+LAG_P99_GOAL = 2.0  # ms
+
+
+def _async(results: Results) -> list[Target]:
+    """Issue 16: the loop's lag p99 while 8 coroutines wait, the handoff to an alock() waiter;
+    next to the idle loop's lag and a lock() waiter's handoff of the same run."""
+    lag = {key: percentile(values, 0.99) for key, values in results.loop_lag.items()}
+    handoff = {key: median(values) for key, values in results.async_handoff.items()}
+    found = []
+    for group, label, _ in ASYNC_GOALS:
+        idle = lag.get(f"{group}/idle loop")
+        found.append(
+            Target(
+                f"loop lag p99, 8 alock() waiters: {group} (issue 16)",
+                lag.get(f"{group}/{label}"),
+                LAG_P99_GOAL,
+                " ms",
+                context="" if idle is None else f"(idle loop in this run: {idle:.2f} ms)",
+            )
+        )
+    for group, label, goal in ASYNC_GOALS:
+        sync = handoff.get(f"{group}/{label}")
+        found.append(
+            Target(
+                f"alock() handoff p50: {group} (issue 16)",
+                handoff.get(f"{group}/alock(), {label}"),
+                goal,
+                " ms",
+                context="" if sync is None else f"(lock() in this run: {sync:.2f} ms)",
+            )
+        )
+    return found
 
 
 def targets(results: Results) -> list[Target]:
@@ -140,4 +182,5 @@ def targets(results: Results) -> list[Target]:
             "=",
             shown=None if drivers is None else ", ".join(drivers) or "none",
         ),
+        *_async(results),
     ]

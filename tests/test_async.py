@@ -265,7 +265,7 @@ def test_the_loop_keeps_running_while_coroutines_wait_for_another_processes_lock
 
 
 async def by_wait_for(waiting: Awaitable[LockGuard]) -> None:
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # TimeoutError from Python 3.11 on
         await asyncio.wait_for(waiting, 0.3)
 
 
@@ -279,7 +279,7 @@ async def by_task_cancel(waiting: Awaitable[LockGuard]) -> None:
 
 async def by_asyncio_timeout(waiting: Awaitable[LockGuard]) -> None:
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
+        async with asyncio.timeout(0.3):
             await waiting
 
 

@@ -37,6 +37,8 @@ def test_benchmarks_run_quick():
         "Handoff latency",
         "Contention",
         "Command overhead",
+        "Event-loop lag",
+        "Handoff to an alock() waiter",
         "Targets (issue 15)",
     ):
         assert section in result.stdout

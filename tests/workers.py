@@ -22,13 +22,13 @@ Commands:
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
     and keep the lock until told.
-``take``
-    Print ``ready``; then for each ``try`` line on stdin, ``try_lock`` and release at once,
-    printing ``took <pid>`` or ``busy <holder pid>``; leave on any other line (or EOF).
 ``fork-holder``
     Take the lock, fork one child that calls ``guard.release()`` and leaves with ``os._exit``
     and one that drops its copy of the guard (its finalizer runs) and leaves with ``sys.exit``;
     print ``children <exit code> <exit code>``, keep the lock until told.
+``take``
+    Print ``ready``; then for each ``try`` line on stdin, ``try_lock`` and release at once,
+    printing ``took <pid>`` or ``busy <holder pid>``; leave on any other line (or EOF).
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.workers")
     commands = parser.add_subparsers(dest="command", required=True)
     for command, function in [
+        ("take", take),
         ("count", count),
         ("hold", hold),
         ("wait", wait),
-        ("take", take),
         ("fork-holder", fork_holder),
     ]:
         sub = commands.add_parser(command)
