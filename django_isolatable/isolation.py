@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -568,17 +568,49 @@ def _on_lost(guard: weakref.ref[LockGuard]) -> Callable[[], None]:
     return report
 
 
-class AsyncLocking:
-    """What ``alock()`` returns: await it for the guard, or use it with ``async with``."""
+class _Stop(threading.Event):
+    """Set when an ``alock()`` wait is abandoned; it reads as set once the wait's event loop is
+    closed, too: a task left pending on a closed loop can never take the lock, and its worker
+    must not go on waiting (the interpreter joins the workers at exit)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def is_set(self) -> bool:
+        return super().is_set() or self._loop.is_closed()
+
+
+class AsyncLocking(Coroutine[Any, Any, LockGuard]):
+    """What ``alock()`` returns: await it for the guard, run it as a task
+    (``asyncio.create_task``), or use it with ``async with``."""
 
     def __init__(self, isolation: CommandIsolation, wait: float | None, label: str | None):
         self._isolation = isolation
         self._wait = wait
         self._label = label
         self._guard: LockGuard | None = None
+        self._taking: Coroutine[Any, Any, LockGuard] | None = None
+
+    def _coroutine(self) -> Coroutine[Any, Any, LockGuard]:
+        if self._taking is None:  # made on first use: an AsyncLocking never awaited is fine
+            self._taking = self._take()
+        return self._taking
 
     def __await__(self) -> Generator[Any, None, LockGuard]:
-        return self._take().__await__()
+        return self._coroutine().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: TracebackType | None = None, /) -> Any:
+        if val is None and tb is None:
+            return self._coroutine().throw(typ)
+        return self._coroutine().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._taking is not None:
+            self._taking.close()
 
     async def __aenter__(self) -> LockGuard:
         self._guard = await self._take()
@@ -594,12 +626,14 @@ class AsyncLocking:
             await self._guard.arelease()
 
     async def _take(self) -> LockGuard:
-        stop = threading.Event()
+        stop = _Stop(asyncio.get_running_loop())
         future = _submit(self._isolation._lock, self._wait, None, self._label, stop)
         try:
             return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            # The worker stops within a slice; whatever it took by then is released at once.
+        except BaseException:
+            # Cancelled, or closed (its task dropped): nobody takes the lock. The worker stops
+            # within a slice, and whatever it took by then is released at once. (The lock
+            # call's own error arrives here too, from a worker that is done already.)
             stop.set()
             future.add_done_callback(_release_taken)
             raise

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -31,7 +32,7 @@ import pytest
 from django_isolatable import AlreadyRunning, CommandIsolation, LockGuard
 from django_isolatable.waiting import wait_for
 from tests import strategies
-from tests.processes import Worker, Workers
+from tests.processes import ROOT, Worker, Workers
 from tests.strategies import StrategyConfig
 
 T = TypeVar("T")
@@ -378,3 +379,63 @@ def test_an_alock_waiter_takes_over_from_a_sigkilled_holder_at_once(strategy, sp
         await guard.arelease()
 
     run(scenario())
+
+
+@params([FILE])
+def test_alock_runs_as_a_task_and_a_dropped_wait_stops(strategy, name):
+    """``alock()`` is a coroutine to asyncio: ``asyncio.create_task`` and a ``TaskGroup`` run
+    it. A wait closed before it got the lock (what dropping its pending task does) stops its
+    thread within a slice and never takes the lock."""
+
+    async def scenario() -> None:
+        guard = await asyncio.create_task(CommandIsolation(name).alock(timeout=5))
+        assert guard.info.pid == os.getpid()
+        locking = CommandIsolation(name).alock(timeout=None)
+        locking.send(None)  # the wait begins: its thread waits for the lock held above
+        await until(lambda: len(threads_locking()) == 1, "the wait", within=10)
+        locking.close()
+        await until(lambda: not threads_locking(), "the closed wait's end", THREADS_STOP_WITHIN)
+        await guard.arelease()
+        await asyncio.sleep(0.2)
+        assert not await locked(name)
+        if sys.version_info >= (3, 11):
+            async with asyncio.TaskGroup() as group:
+                first = group.create_task(CommandIsolation(f"{name}:1").alock(timeout=5))
+                second = group.create_task(CommandIsolation(f"{name}:2").alock(timeout=5))
+            for task in (first, second):
+                await task.result().arelease()
+
+    run(scenario())
+
+
+ABANDONING = """
+import asyncio, sys, django
+django.setup()
+from django_isolatable import CommandIsolation
+name, lock_dir = sys.argv[1:]
+held = CommandIsolation(name, lock_dir=lock_dir).lock()
+loop = asyncio.new_event_loop()
+waiting = loop.create_task(CommandIsolation(name, lock_dir=lock_dir).alock(timeout=None))
+loop.run_until_complete(asyncio.sleep(0.3))
+loop.close()  # the task still pending
+print("abandoned", flush=True)
+"""
+
+
+def test_a_wait_left_pending_on_a_closed_loop_stops(lock_dir):
+    """A process that closes its loop while an ``alock()`` task is still pending (never
+    cancelled: ``asyncio.wait(..., timeout=)`` leaves tasks so), its wait for a lock the
+    process itself holds, exits within seconds: the interpreter joins the worker threads at
+    exit, and the waiting one stops within a slice of the loop's closing."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", ABANDONING, "async:abandoned", str(lock_dir)],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "abandoned\n"), result.stderr
+    assert time.monotonic() - started < 10
