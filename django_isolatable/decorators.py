@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, cast
 from django_isolatable.backends import LockStrategy
 from django_isolatable.errors import AlreadyRunning
 from django_isolatable.isolation import (
+    MAX_LABEL,
     CommandIsolation,
     LockGuard,
     _check_label,
@@ -57,8 +58,14 @@ def isolated(
     (``if_running="skip"``) or raises ``AlreadyRunning`` / ``LockTimeout`` (``"raise"``).
     ``strategy`` and ``ttl`` are as for ``CommandIsolation``.
 
+    A label filled in longer than 200 characters is cut to 200 (it is for people to read; the
+    name is what locks). A name or label that a call's arguments cannot fill (a ``**kwargs``
+    key or an attribute the call lacks) raises ``ValueError`` at that call, before anything
+    runs.
+
     Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
-    bad ``timeout``, ``if_running``, ``ttl`` or ``label``.
+    bad ``timeout``, ``if_running``, ``ttl`` or ``label``; ``TypeError`` for a generator
+    function (its body would run after the call returned and released the lock).
     """
     if if_running not in ("skip", "raise"):
         raise ValueError(f'if_running must be "skip" or "raise", not {if_running!r}.')
@@ -67,12 +74,17 @@ def isolated(
         _check_template(name, "name")
     if label is not None:
         _check_template(label, "label")
-        if not _fields(label):
-            _check_label(label)
+        _check_label(label if not _fields(label) else _literal_text(label))
     if ttl is not None:
         CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
 
     def decorate(function: F) -> F:
+        if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+            raise TypeError(
+                f"isolated() cannot wrap the generator function {function.__qualname__}: its "
+                "body runs only as it is iterated, after the call returned and released the "
+                "lock. Isolate a function that consumes it instead."
+            )
         lock = _Calls(function, name, label, strategy, ttl)
         skip = if_running == "skip"
 
@@ -140,6 +152,7 @@ class _Calls:
         ttl: float | None,
     ) -> None:
         self.name = f"{function.__module__}.{function.__qualname__}" if name is None else name
+        self.qualname = function.__qualname__
         self.label = label
         self.signature = inspect.signature(function)
         parameters = self.signature.parameters.values()
@@ -161,12 +174,26 @@ class _Calls:
             return self._isolation(self.name), self.label
         bound = self.signature.bind(*args, **kwargs)  # a bad call fails as the call would
         bound.apply_defaults()
-        values = dict(bound.arguments)
-        if self.var_keyword is not None:
-            values.update({**values.pop(self.var_keyword, {}), **values})
-        name = self.name.format_map(values)
-        label = None if self.label is None else _check_label(self.label.format_map(values))
-        return self._isolation(name), label
+        values = bound.arguments
+        if self.var_keyword is not None:  # its keys are placeholders too (named ones win)
+            values = {**values[self.var_keyword], **values}
+        name = self._fill(self.name, "name", values)
+        if self.label is None:
+            return self._isolation(name), None
+        label = self._fill(self.label, "label", values)
+        if len(label) > MAX_LABEL:
+            label = label[: MAX_LABEL - 1] + "\u2026"
+        return self._isolation(name), label.replace("\0", "\\0")
+
+    def _fill(self, template: str, what: str, values: dict[str, Any]) -> str:
+        try:
+            return template.format_map(values)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
+            why = f"no argument {e.args[0]!r}" if type(e) is KeyError else f"{e}"
+            raise ValueError(
+                f"The lock {what} {template!r} of {self.qualname} cannot be filled in from "
+                f"this call's arguments: {why}."
+            ) from e
 
     def _isolation(self, name: str) -> CommandIsolation:
         isolation = self.isolations.get(name)
@@ -180,6 +207,10 @@ class _Calls:
 
 def _fields(template: str) -> list[str]:
     return list(_field_names(template))
+
+
+def _literal_text(template: str) -> str:
+    return "".join(literal for literal, _, _, _ in string.Formatter().parse(template))
 
 
 def _field_names(template: str) -> Iterator[str]:
