@@ -151,8 +151,13 @@ class _Calls:
         strategy: LockStrategy | str | None,
         ttl: float | None,
     ) -> None:
-        self.name = f"{function.__module__}.{function.__qualname__}" if name is None else name
-        self.qualname = function.__qualname__
+        qualname = getattr(function, "__qualname__", None)
+        if name is None and qualname is None:
+            raise ValueError(
+                f"{function!r} has no __qualname__ to name its lock: give isolated() a name."
+            )
+        self.qualname = qualname or repr(function)
+        self.name = f"{function.__module__}.{qualname}" if name is None else name
         self.label = label
         self.signature = inspect.signature(function)
         parameters = self.signature.parameters.values()
@@ -161,8 +166,11 @@ class _Calls:
         )
         for template, what in ((name, "name"), (label, "label")):
             if template is not None:
-                _check_fields(template, what, self.signature, self.var_keyword, function)
+                _check_fields(template, what, self.signature, self.var_keyword, self.qualname)
         self.templated = bool(_fields(self.name)) or bool(label and _fields(label))
+        if not self.templated:  # filled in once: "{{" is "{" here too
+            self.name = self.name.format()
+            self.label = None if label is None else label.format()
         self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
         self.isolations: dict[str, CommandIsolation] = {}
 
@@ -235,17 +243,17 @@ def _check_fields(
     what: str,
     signature: inspect.Signature,
     var_keyword: str | None,
-    function: Callable[..., Any],
+    qualname: str,
 ) -> None:
     for field in _fields(template):
         root = field.split(".", 1)[0].split("[", 1)[0]
         if not root or root.isdigit():
             raise ValueError(
-                f"The lock {what} {template!r} of {function.__qualname__} has a positional "
+                f"The lock {what} {template!r} of {qualname} has a positional "
                 "placeholder: name the argument, as in {account_id}."
             )
         if root not in signature.parameters and var_keyword is None:
             raise ValueError(
-                f"The lock {what} {template!r} of {function.__qualname__} names {{{root}}}, "
-                f"which is not an argument of {function.__qualname__}{signature}."
+                f"The lock {what} {template!r} of {qualname} names {{{root}}}, "
+                f"which is not an argument of {qualname}{signature}."
             )
