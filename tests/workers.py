@@ -22,6 +22,11 @@ Commands:
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
     and keep the lock until told.
+``isolated-call``
+    Print ``ready``, wait for ``go``, then call a function decorated with ``isolated(NAME,
+    label="job for worker {who}")`` (the settings' LOCK_DIR, not LOCK_DIR: the decorator takes
+    none). Inside, it appends its pid to ``--journal``, prints ``called ran`` and waits for a
+    line; a skipped call prints ``called skipped``. Then ``returned <its return value>``.
 ``fork-holder``
     Take the lock, fork one child that calls ``guard.release()`` and leaves with ``os._exit``
     and one that drops its copy of the guard (its finalizer runs) and leaves with ``sys.exit``;
@@ -125,6 +130,26 @@ def wait(args: argparse.Namespace) -> None:
     report("released")
 
 
+def isolated_call(args: argparse.Namespace) -> None:
+    from django_isolatable import isolated
+
+    @isolated(args.name, label="job for worker {who}")
+    def job(who: int, journal: str) -> str:
+        with open(journal, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        report("called", "ran")
+        await_line()
+        return "done"
+
+    report("ready")
+    if await_line() != "go":
+        raise SystemExit("expected 'go' on stdin")
+    result = job(args.who, args.journal)
+    if result is None:
+        report("called", "skipped")
+    report("returned", result)
+
+
 def fork_holder(args: argparse.Namespace) -> None:
     # Kept in a list, not a local, so the second child can drop the last reference to it.
     guards = [isolation_of(args).try_lock()]
@@ -186,6 +211,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("hold", hold),
         ("wait", wait),
         ("fork-holder", fork_holder),
+        ("isolated-call", isolated_call),
     ]:
         sub = commands.add_parser(command)
         sub.set_defaults(function=function)
@@ -198,6 +224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument("--hold", type=float, default=0.0)
             sub.add_argument("--timeout", type=float, default=60.0)
             sub.add_argument("--unlink-before-release", action="store_true")
+        if command == "isolated-call":
+            sub.add_argument("--journal", required=True)
+            sub.add_argument("--who", type=int, required=True)
         if command == "wait":
             sub.add_argument("--timeout", type=float, default=30.0)
     return parser.parse_args(argv)
