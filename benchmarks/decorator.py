@@ -1,9 +1,10 @@
 """The ``isolated`` decorator's overhead: a decorated no-op against the same no-op called
 inside ``with isolation.try_lock():``, on the file and memory strategies (the cheapest locks,
-where any overhead shows most).
+where any overhead shows most), and a templated name (``"...:{key}"``), whose arguments are
+bound to the signature on every call.
 
 Each group's first row, the direct ``try_lock()``, is the base of the ``x raw`` column. Batches
-of the rows are interleaved in random order, as in the uncontended section.
+of the rows are interleaved in random order and run on one CPU, as in the uncontended section.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from benchmarks import environment
+from benchmarks import environment, placement
 from benchmarks.report import Group, print_table
 from benchmarks.uncontended import Operation, Subject, _run_group
 from django_isolatable import CommandIsolation, isolated
@@ -58,13 +59,14 @@ def _subjects(strategy: str) -> list[Subject]:
 def run(batches: int, seconds: float) -> dict[str, float]:
     """Measure and print both groups; return each row's median (µs) by "strategy/label"."""
     medians: dict[str, float] = {}
-    groups: list[Group] = [
-        _run_group(strategy, title, _subjects(strategy), batches, seconds, medians)
-        for strategy, title in STRATEGIES
-    ]
+    with placement.servers_apart() as placed:  # one CPU, as the uncontended section
+        groups: list[Group] = [
+            _run_group(strategy, title, _subjects(strategy), batches, seconds, medians)
+            for strategy, title in STRATEGIES
+        ]
     print_table(
         f"Decorator overhead: a no-op called isolated, µs per call "
-        f"({batches} batches of ~{seconds * 1000:g} ms)",
+        f"({batches} batches of ~{seconds * 1000:g} ms; {placed})",
         ["median", "p90"],
         groups,
     )
