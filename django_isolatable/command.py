@@ -27,7 +27,7 @@ from django_isolatable.errors import (
     describe_holder,
 )
 from django_isolatable.holders import LockInfo, printable, utcnow
-from django_isolatable.isolation import CommandIsolation, LockGuard
+from django_isolatable.isolation import SETTINGS_MAX_AGE, CommandIsolation, LockGuard
 
 #: Signals that end a running command the normal way: finally blocks run, the lock is released.
 UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -97,6 +97,9 @@ class IsolatableCommand(BaseCommand):
     isolation_name: str | None = None
     isolation_timeout: float | None = 0
     isolation_strategy: LockStrategy | str | None = None
+    #: Seconds after which a holder is overdue (None: settings ``MAX_AGE``): a run skipped
+    #: because of an overdue holder logs an error and exits with ``OVERDUE_EXIT_CODE``.
+    isolation_max_age: float | None = None
     #: The held lock while ``handle()`` runs: ``self.isolation_guard.check()`` raises
     #: ``LockLost`` if an expiring lease was lost, for long jobs that want to stop early.
     isolation_guard: LockGuard | None = None
@@ -146,7 +149,8 @@ class IsolatableCommand(BaseCommand):
         self.isolation_guard = None
         from_cli = getattr(self, "_called_from_command_line", False)
         name = self.get_isolation_name(*args, **options)
-        isolation = CommandIsolation(name, strategy=self.isolation_strategy)
+        max_age = SETTINGS_MAX_AGE if self.isolation_max_age is None else self.isolation_max_age
+        isolation = CommandIsolation(name, strategy=self.isolation_strategy, max_age=max_age)
         wait = options.get("isolation_wait")
         timeout = self.isolation_timeout if wait is None else None if wait == math.inf else wait
         with self._unwinding_signals(from_cli, name):
@@ -194,6 +198,14 @@ class IsolatableCommand(BaseCommand):
 
     def _report_not_run(self, error: AlreadyRunning, options: dict[str, Any]) -> int:
         """Write why this run did not happen; return its exit status."""
+        if error.overdue_age is not None:
+            self.stderr.write(
+                f"{printable(error.command)} has been running for {duration(error.overdue_age)} "
+                f"({describe_holder(error.holder)}), longer than its maximum age; skipped. "
+                "Is it hung? See `manage.py locks status`.",
+                self.style.ERROR,
+            )
+            return isolatable_settings.OVERDUE_EXIT_CODE
         if isinstance(error, LockTimeout):
             self.stderr.write(str(error), self.style.ERROR)
             return 1

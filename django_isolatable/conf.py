@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "KEY_PREFIX": "",
     "SKIPPED_EXIT_CODE": 0,
     "RECORD_ARGV": "full",
+    "MAX_AGE": None,
+    "OVERDUE_EXIT_CODE": 2,
 }
 #: The built-in strategies' names (``LockStrategy``'s values); anything else must be a dotted
 #: path, whose import ``manage.py check`` tries (checks.py): settings never import backends.
@@ -157,6 +159,15 @@ class Settings:
     @property
     def RECORD_ARGV(self) -> str:
         return str(self._get("RECORD_ARGV"))
+
+    @property
+    def MAX_AGE(self) -> float | None:
+        value = self._get("MAX_AGE")
+        return None if value is None else float(value)
+
+    @property
+    def OVERDUE_EXIT_CODE(self) -> int:
+        return int(self._get("OVERDUE_EXIT_CODE"))
 
     def problems(self) -> list[Problem]:
         """Every problem in the current settings, for the system checks."""
@@ -284,12 +295,27 @@ def _string(name: str, id: str) -> Callable[[object], Problem | None]:
     return validate
 
 
-def _exit_code(value: object) -> Problem | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+def _exit_code(name: str, id: str) -> Callable[[object], Problem | None]:
+    def validate(value: object) -> Problem | None:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+            return None
+        return Problem(id, f"{_key(name)} is {value!r}; use an exit status from 0 to 255.")
+
+    return validate
+
+
+def is_valid_max_age(value: object) -> bool:
+    """A maximum age: None (no limit) or a number of seconds > 0."""
+    return value is None or (_is_number(value) and value > 0)  # type: ignore[operator]
+
+
+def _max_age(value: object) -> Problem | None:
+    if is_valid_max_age(value):
         return None
     return Problem(
-        "isolatable.E007",
-        f"{_key('SKIPPED_EXIT_CODE')} is {value!r}; use an exit status from 0 to 255.",
+        "isolatable.E013",
+        f"{_key('MAX_AGE')} is {value!r}; use None (no limit) or the number of seconds after "
+        "which a holder is overdue (> 0).",
     )
 
 
@@ -312,8 +338,10 @@ _VALIDATORS = {
     "CACHE_ALIAS": _string("CACHE_ALIAS", "isolatable.E006"),
     "DATABASE_ALIAS": _string("DATABASE_ALIAS", "isolatable.E006"),
     "KEY_PREFIX": _string("KEY_PREFIX", "isolatable.E006"),
-    "SKIPPED_EXIT_CODE": _exit_code,
+    "SKIPPED_EXIT_CODE": _exit_code("SKIPPED_EXIT_CODE", "isolatable.E007"),
     "RECORD_ARGV": _record_argv,
+    "MAX_AGE": _max_age,
+    "OVERDUE_EXIT_CODE": _exit_code("OVERDUE_EXIT_CODE", "isolatable.E014"),
 }
 
 isolatable_settings = Settings()

@@ -41,6 +41,8 @@ class AlreadyRunning(IsolationError):
         self.command = command
         self.holder = holder
         self.locked_at: datetime | None = holder.acquired_at if holder is not None else None
+        #: Seconds the holder had held the lock, when that was past its maximum age (MAX_AGE).
+        self.overdue_age: float | None = None
         super().__init__(self._message())
 
     def _message(self) -> str:

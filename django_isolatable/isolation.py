@@ -25,13 +25,14 @@ from django_isolatable.backends import (
     load_backend_class,
     options_from_settings,
 )
-from django_isolatable.conf import MAX_TTL, is_valid_ttl, isolatable_settings
+from django_isolatable.conf import MAX_TTL, is_valid_max_age, is_valid_ttl, isolatable_settings
 from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
-from django_isolatable.holders import LockInfo, judged, new_record
+from django_isolatable.holders import LockInfo, judged, new_record, utcnow
 from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import (
     lock_acquired,
     lock_lost,
+    lock_overdue,
     lock_released,
     lock_skipped,
     lock_taken_over,
@@ -42,11 +43,15 @@ logger = logging.getLogger(__name__)
 
 
 class _Default:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
     def __repr__(self) -> str:
-        return "<settings TIMEOUT>"
+        return f"<settings {self.key}>"
 
 
-SETTINGS_TIMEOUT: Any = _Default()
+SETTINGS_TIMEOUT: Any = _Default("TIMEOUT")
+SETTINGS_MAX_AGE: Any = _Default("MAX_AGE")
 #: Seconds between two looks of a waiter at whether an expiring lock's holder died.
 STALE_CHECK_EVERY = 0.1
 #: Longest single wait in a ``Waiting`` backend's store between two looks at progress (and,
@@ -107,7 +112,9 @@ class CommandIsolation:
     (default: ``settings.ISOLATABLE["STRATEGY"]``). ``timeout`` is the default wait of ``lock()``
     (default ``TIMEOUT``); ``ttl`` the lease length of expiring strategies (default ``TTL``);
     ``label`` a short text (at most 200 characters) kept in the holder record and shown by
-    ``locks status``. Raises ``ValueError`` for an empty name or one containing NUL.
+    ``locks status``; ``max_age`` the seconds after which a holder is overdue (default
+    ``MAX_AGE``): a lock call that gives up on an overdue holder logs an error and sends
+    ``lock_overdue``. Raises ``ValueError`` for an empty name or one containing NUL.
     """
 
     def __init__(
@@ -119,9 +126,13 @@ class CommandIsolation:
         timeout: float | None = SETTINGS_TIMEOUT,
         ttl: float | None = None,
         label: str | None = None,
+        max_age: float | None = SETTINGS_MAX_AGE,
     ) -> None:
         self.name = _check_name(name)
         self.label = _check_label(label)
+        if max_age is not SETTINGS_MAX_AGE and not is_valid_max_age(max_age):
+            raise ValueError(f"max_age must be None or a number of seconds > 0, not {max_age!r}.")
+        self._max_age = max_age
         self._strategy = strategy
         self._lock_dir = None if lock_dir is None else Path(lock_dir)
         self._timeout = timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
@@ -144,6 +155,7 @@ class CommandIsolation:
             "timeout": self._timeout,
             "ttl": self._ttl,
             "label": self.label,
+            "max_age": self._max_age,
         }
         kwargs.update(changes)
         return CommandIsolation(self.name, **kwargs)
@@ -170,6 +182,12 @@ class CommandIsolation:
         if self._timeout is SETTINGS_TIMEOUT:
             return isolatable_settings.TIMEOUT
         return self._timeout
+
+    @property
+    def max_age(self) -> float | None:
+        if self._max_age is SETTINGS_MAX_AGE:
+            return isolatable_settings.MAX_AGE
+        return self._max_age
 
     @property
     def ttl(self) -> float:
@@ -273,6 +291,22 @@ class CommandIsolation:
         )
         logger.info("Not acquired: %s", error, extra=_extra(self.name, backend.strategy, holder))
         lock_skipped.send_robust(sender=self, name=self.name, holder=holder)
+        max_age = self.max_age
+        if max_age is not None and holder is not None and holder.acquired_at is not None:
+            age = (utcnow() - holder.acquired_at).total_seconds()
+            if age > max_age and holder.alive is not False:
+                error.overdue_age = age
+                logger.error(
+                    "Lock %s has been held for %.0f s, longer than its maximum age of %g s: "
+                    "its holder (pid %s on %s) may be hung",
+                    self.name,
+                    age,
+                    max_age,
+                    holder.pid,
+                    holder.hostname,
+                    extra=_extra(self.name, backend.strategy, holder),
+                )
+                lock_overdue.send_robust(sender=self, name=self.name, holder=holder, age=age)
         return error
 
     def _attempt(
@@ -572,8 +606,10 @@ class AsyncLocking:
 
 
 def _release_taken(future: Future[LockGuard]) -> None:
+    """Release what a cancelled ``alock()``'s worker took, from a worker: this may run on the
+    event loop's thread (the worker had finished), where no store may be called."""
     if not future.cancelled() and future.exception() is None:
-        future.result().release()
+        _submit(future.result().release)
 
 
 _workers: ThreadPoolExecutor | None = None

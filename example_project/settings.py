@@ -13,6 +13,8 @@ env = environ.Env(
     ISOLATABLE_LOCK_DIR=(str, str(BASE_DIR / ".locks")),
     ISOLATABLE_TTL=(float, 60.0),
     ISOLATABLE_SKIPPED_EXIT_CODE=(int, 0),
+    ISOLATABLE_MAX_AGE=(float, None),  # seconds; unset: no limit
+    ISOLATABLE_OVERDUE_EXIT_CODE=(int, 2),
     REDIS_URL=(str, "redis://127.0.0.1:6379/0"),
 )
 environ.Env.read_env(BASE_DIR / ".env")  # optional; absent is fine
@@ -40,6 +42,8 @@ ISOLATABLE = {
     "TTL": env("ISOLATABLE_TTL"),
     "REDIS_URL": env("REDIS_URL"),
     "SKIPPED_EXIT_CODE": env("ISOLATABLE_SKIPPED_EXIT_CODE"),
+    "MAX_AGE": env("ISOLATABLE_MAX_AGE"),
+    "OVERDUE_EXIT_CODE": env("ISOLATABLE_OVERDUE_EXIT_CODE"),
 }
 
 LOGGING = {

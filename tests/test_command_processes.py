@@ -463,7 +463,7 @@ def test_each_tenant_has_its_own_lock(manage, lock_dir):
     """``get_isolation_id`` through the CLI: ``tenant_report acme`` and ``tenant_report globex``
     run side by side, a second ``tenant_report acme`` is skipped, and ``locks status`` shows the
     lock as ``tenant_report:acme``."""
-    acme = manage("tenant_report", "acme", "--seconds", "3")
+    acme = manage("tenant_report", "acme", "--seconds", "6")
     wait_for_holder(acme, "tenant_report:acme", lock_dir)
 
     globex = manage("tenant_report", "globex", "--seconds", "0")

@@ -351,6 +351,36 @@ def test_first_users_of_an_empty_database_all_get_the_lock(settings, tmp_path, d
         assert [outcomes.get_nowait() for _ in users] == ["acquired"] * 8, f"database {attempt}"
 
 
+def test_a_lock_table_without_the_label_column_gets_it_on_first_use(
+    settings, tmp_path, django_db_blocker
+):
+    """A table an earlier version created, without ``label``, keeps its rows and gains the
+    column when a lock first needs it."""
+    alias = "before-labels"
+    config = {**connections.settings["sqlite"], "NAME": str(tmp_path / f"{alias}.sqlite3")}
+    settings.ISOLATABLE = {"STRATEGY": "database", "DATABASE_ALIAS": alias}
+    with django_db_blocker.unblock(), extra_alias(connections, alias, config):
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                "CREATE TABLE django_isolatable_lock (name_hash varchar(64) PRIMARY KEY, "
+                "name text NOT NULL, token varchar(64) NOT NULL, pid integer NULL, "
+                "hostname varchar(255) NOT NULL, host_id varchar(255) NOT NULL, "
+                "process_started_at datetime NULL, acquired_at datetime NULL, "
+                "argv text NOT NULL, expires_at datetime NOT NULL)"
+            )
+            cursor.execute(
+                "INSERT INTO django_isolatable_lock VALUES ('x', 'old', 't', 1, 'h', 'i', "
+                "NULL, NULL, '[]', '2000-01-01 00:00:00')"
+            )
+        with CommandIsolation("labelled", label="nightly").lock() as guard:
+            assert CommandIsolation("labelled").holder().label == "nightly"
+        assert guard.info.label == "nightly"
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT name, label FROM django_isolatable_lock WHERE name_hash = 'x'")
+            assert cursor.fetchall() == [("old", None)]
+        connections[alias].close()
+
+
 def test_only_the_owner_releases(strategy, spawn, name):
     """Releasing another process's lock with a lease that has the wrong token does nothing:
     ``release`` returns False and the worker still holds the lock."""

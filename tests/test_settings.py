@@ -118,6 +118,19 @@ def test_remembered_values_follow_every_change_of_the_setting(settings):
             'settings.ISOLATABLE["SKIPPED_EXIT_CODE"] is 300; use an exit status from 0 to 255.',
         ),
         (
+            "OVERDUE_EXIT_CODE",
+            -2,
+            "isolatable.E014",
+            'settings.ISOLATABLE["OVERDUE_EXIT_CODE"] is -2; use an exit status from 0 to 255.',
+        ),
+        (
+            "MAX_AGE",
+            "15m",
+            "isolatable.E013",
+            "settings.ISOLATABLE[\"MAX_AGE\"] is '15m'; use None (no limit) or the number of "
+            "seconds after which a holder is overdue (> 0).",
+        ),
+        (
             "KEY_PREFIX",
             None,
             "isolatable.E006",
@@ -299,7 +312,7 @@ def test_isolatable_must_be_a_dict(settings):
 
 KNOWN_KEYS = (
     "STRATEGY, LOCK_DIR, TIMEOUT, TTL, REDIS_URL, CACHE_ALIAS, DATABASE_ALIAS, KEY_PREFIX, "
-    "SKIPPED_EXIT_CODE, RECORD_ARGV"
+    "SKIPPED_EXIT_CODE, RECORD_ARGV, MAX_AGE, OVERDUE_EXIT_CODE"
 )
 
 
