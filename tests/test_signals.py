@@ -4,7 +4,8 @@
 Receivers run in the process that locks, so the holders that make a run skip or be taken over
 are real other processes (``tests/workers.py``): a live one holding the lock, or one killed
 with SIGKILL on the database strategy over a SQLite file, whose same-host dead pid is taken over
-at once. Each signal also meets a receiver that raises: Django logs it (``django.dispatch``)
+at once. ``lock_overdue`` (MAX_AGE) is tested in tests/test_overdue.py; here on the async paths
+only. Each signal also meets a receiver that raises: Django logs it (``django.dispatch``)
 and the lock is unchanged.
 """
 
@@ -36,6 +37,7 @@ from django_isolatable import (
 from django_isolatable.signals import (
     lock_acquired,
     lock_lost,
+    lock_overdue,
     lock_released,
     lock_skipped,
     lock_taken_over,
@@ -49,6 +51,7 @@ SIGNALS = {
     "skipped": lock_skipped,
     "taken_over": lock_taken_over,
     "lost": lock_lost,
+    "overdue": lock_overdue,
 }
 #: The leased strategy whose dead holders are taken over at once (same host, pid gone).
 SQLITE_DATABASE = {"STRATEGY": "database", "DATABASE_ALIAS": "sqlite", "KEY_PREFIX": KEY_PREFIX}
@@ -538,3 +541,48 @@ def test_a_raising_lost_receiver_is_logged_and_the_guard_is_still_lost(received,
     assert guard.lost is True
     assert_lost(received, "broken-lost")
     assert not CommandIsolation("broken-lost").is_locked()
+
+
+# lock_overdue on the async paths (the others: tests/test_overdue.py).
+
+
+def test_async_calls_that_give_up_on_an_overdue_holder_send_skipped_then_overdue(
+    received, settings, caplog
+):
+    settings.ISOLATABLE = {**settings.ISOLATABLE, "MAX_AGE": 0.2}
+    received.raising("overdue")
+
+    @isolated("async-overdue")
+    async def job() -> None:
+        pytest.fail("ran while held")
+
+    async def scenario() -> None:
+        with pytest.raises(AlreadyRunning) as young:
+            await CommandIsolation("async-overdue").atry_lock()
+        assert young.value.overdue_age is None
+        await asyncio.sleep(0.4)
+        with pytest.raises(AlreadyRunning) as old:
+            await CommandIsolation("async-overdue").atry_lock()
+        assert old.value.overdue_age > 0.2
+        assert await job() is None
+
+    held = CommandIsolation("async-overdue").try_lock()
+    with caplog.at_level(logging.ERROR, "django.dispatch"):
+        asyncio.run(scenario())
+    assert received.keys("async-overdue") == [
+        "acquired",
+        "skipped",
+        "skipped",
+        "overdue",
+        "skipped",
+        "overdue",
+    ]
+    for sent in received.of("async-overdue", "overdue"):
+        assert set(sent.kwargs) == {"name", "holder", "age"}
+        assert isinstance(sent.sender, CommandIsolation)
+        assert sent.kwargs["holder"].token == held.info.token
+        assert isinstance(sent.kwargs["age"], float)
+        assert sent.kwargs["age"] > 0.2
+    assert len(dispatch_errors(caplog, "overdue")) == 2
+    assert CommandIsolation("async-overdue").holder().token == held.info.token  # kept
+    held.release()
