@@ -87,12 +87,17 @@ def isolated(
             )
         lock = _Calls(function, name, label, strategy, ttl)
         skip = if_running == "skip"
+        # A name without placeholders has one isolation, made once: nothing to fill in per call.
+        fixed, fixed_label = lock.fixed, lock.label
 
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                isolation, text = lock.for_call(args, kwargs)
+                if fixed is not None:
+                    isolation, text = fixed, fixed_label
+                else:
+                    isolation, text = lock.for_call(args, kwargs)
                 try:
                     guard = await isolation._alock(wait, text)
                 except AlreadyRunning as e:
@@ -102,16 +107,19 @@ def isolated(
                     return None
                 token = _current.set(guard)
                 try:
-                    async with guard:
-                        return await function(*args, **kwargs)
+                    return await function(*args, **kwargs)
                 finally:
                     _current.reset(token)
+                    await guard.arelease()
 
             return cast(F, run_async)
 
         @functools.wraps(function)
         def run(*args: Any, **kwargs: Any) -> Any:
-            isolation, text = lock.for_call(args, kwargs)
+            if fixed is not None:
+                isolation, text = fixed, fixed_label
+            else:
+                isolation, text = lock.for_call(args, kwargs)
             try:
                 guard = isolation._lock(wait, None, text)
             except AlreadyRunning as e:
@@ -121,10 +129,10 @@ def isolated(
                 return None
             token = _current.set(guard)
             try:
-                with guard:
-                    return function(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
                 _current.reset(token)
+                guard.release()
 
         return cast(F, run)
 
@@ -173,13 +181,13 @@ class _Calls:
             self.label = None if label is None else label.format()
         self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
         self.isolations: dict[str, CommandIsolation] = {}
+        #: The one isolation of a name without placeholders (None for a templated name).
+        self.fixed = None if self.templated else self._isolation(self.name)
 
     def for_call(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[CommandIsolation, str | None]:
-        """The isolation of this call's lock name, and its label."""
-        if not self.templated:
-            return self._isolation(self.name), self.label
+        """The isolation of this call's lock name, and its label (a templated name or label)."""
         bound = self.signature.bind(*args, **kwargs)  # a bad call fails as the call would
         bound.apply_defaults()
         values = bound.arguments
