@@ -573,6 +573,29 @@ def test_an_async_waiter_gets_the_lock_when_the_holder_releases():
     assert asyncio.run(job()) == "ran"
 
 
+def test_a_waiting_async_call_that_is_cancelled_leaves_nothing_held():
+    ran = []
+
+    @isolated("async-cancelled", timeout=None)
+    async def job() -> None:
+        ran.append(1)
+
+    async def scenario(holder: LockGuard) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(job(), 0.3)
+        await asyncio.to_thread(holder.release)
+        # The cancelled wait's worker gives up within a slice and frees whatever it took.
+        deadline = time.monotonic() + 5
+        while await asyncio.to_thread(is_locked, "async-cancelled"):
+            assert time.monotonic() < deadline, "the cancelled call left the lock held"
+            await asyncio.sleep(0.05)
+        assert current_guard() is None
+
+    asyncio.run(scenario(held("async-cancelled")))
+    assert ran == []
+    held("async-cancelled").release()
+
+
 # Two real processes call the same decorated function at once.
 
 PROCESS_STRATEGIES = [
