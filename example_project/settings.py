@@ -46,6 +46,10 @@ ISOLATABLE = {
     "OVERDUE_EXIT_CODE": env("ISOLATABLE_OVERDUE_EXIT_CODE"),
 }
 
+# Read by example_project/celery.py only (Celery is optional; `make demo` does not use it).
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=env("REDIS_URL"))
+CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=env("REDIS_URL"))
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

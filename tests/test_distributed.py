@@ -473,9 +473,7 @@ def test_a_lost_lease_is_detected_signalled_and_released_quietly(strategy, name)
     assert guard.lost is True
     with pytest.raises(LockLost):
         guard.check()
-    assert [(r["sender"], r["name"], r["guard"]) for r in received] == [
-        (CommandIsolation, name, guard)
-    ]
+    assert [(r["sender"], r["name"], r["guard"]) for r in received] == [(isolation, name, guard)]
     with isolation.try_lock() as successor:
         guard.release()
         assert isolation.holder().token == successor.info.token
