@@ -430,6 +430,31 @@ def test_current_guard_is_per_thread():
     assert seen == {"other thread": None}
 
 
+@pytest.mark.parametrize("strategy", ["file", "memory"])
+def test_two_threads_calling_at_once_run_it_once(strategy):
+    inside = threading.Event()
+    skipped = threading.Event()
+    ran = []
+
+    @isolated("threads", strategy=strategy)
+    def job() -> str:
+        ran.append(threading.get_ident())
+        inside.set()
+        assert skipped.wait(10), "the other thread's call did not come back"
+        return "ran"
+
+    def second() -> None:
+        assert inside.wait(10)
+        if job() is None:
+            skipped.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert job() == "ran"
+    thread.join(10)
+    assert ran == [threading.get_ident()]
+
+
 def test_a_function_that_raises_releases_the_lock_and_the_error_propagates():
     @isolated("failing")
     def job() -> None:
