@@ -20,6 +20,7 @@ from django_isolatable.isolation import (
     _check_timeout,
     _extra,
 )
+from django_isolatable.once import check_once_per
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def isolated(
     strategy: LockStrategy | str | None = None,
     ttl: float | None = None,
     label: str | None = None,
+    once_per: float | None = None,
 ) -> Callable[[F], F]:
     """Decorate a function, a coroutine function or a task so it runs at most once at a time.
 
@@ -55,10 +57,13 @@ def isolated(
     ``"celery {self.request.id}"``). A call that does not get the lock within ``timeout``
     seconds (0: at once, None: wait forever) returns None without running
     (``if_running="skip"``) or raises ``AlreadyRunning`` / ``LockTimeout`` (``"raise"``).
-    ``strategy`` and ``ttl`` are as for ``CommandIsolation``.
+    ``strategy`` and ``ttl`` are as for ``CommandIsolation``. With ``once_per`` (seconds), at
+    most one call per period returns successfully: a call in a period whose call succeeded
+    already is skipped (None) or raises ``AlreadyRan`` (``"raise"``); one that raised leaves
+    the period open.
 
     Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
-    bad ``timeout``, ``if_running``, ``ttl`` or ``label``.
+    bad ``timeout``, ``if_running``, ``ttl``, ``label`` or ``once_per``.
     """
     if if_running not in ("skip", "raise"):
         raise ValueError(f'if_running must be "skip" or "raise", not {if_running!r}.')
@@ -71,9 +76,10 @@ def isolated(
             _check_label(label)
     if ttl is not None:
         CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
+    check_once_per(once_per)
 
     def decorate(function: F) -> F:
-        lock = _Calls(function, name, label, strategy, ttl)
+        lock = _Calls(function, name, label, strategy, ttl, once_per)
         skip = if_running == "skip"
 
         if inspect.iscoroutinefunction(function):
@@ -138,6 +144,7 @@ class _Calls:
         label: str | None,
         strategy: LockStrategy | str | None,
         ttl: float | None,
+        once_per: float | None = None,
     ) -> None:
         self.name = f"{function.__module__}.{function.__qualname__}" if name is None else name
         self.label = label
@@ -150,7 +157,7 @@ class _Calls:
             if template is not None:
                 _check_fields(template, what, self.signature, self.var_keyword, function)
         self.templated = bool(_fields(self.name)) or bool(label and _fields(label))
-        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
+        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl, "once_per": once_per}
         self.isolations: dict[str, CommandIsolation] = {}
 
     def for_call(
