@@ -231,7 +231,8 @@ class CommandIsolation:
 
         ``timeout`` None waits forever, 0 raises ``AlreadyRunning`` at once if the lock is held,
         ``t > 0`` raises ``LockTimeout`` after about ``t`` seconds. ``progress(waited, holder)``
-        is called about once a second while waiting. Raises ``LockIOError``,
+        is called about once a second while waiting. With ``once_per``, raises ``AlreadyRan``
+        (the lock released) when this period's run happened already. Raises ``LockIOError``,
         ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
         """
         return self._lock(self._wait(timeout), progress, self.label)
@@ -570,7 +571,7 @@ class LockGuard:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc_type is None and self._period is not None:
+        if exc_type is None and self._period is not None and not self._lost:
             self.record_run()
         self.release()
 
@@ -583,7 +584,7 @@ class LockGuard:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc_type is None and self._period is not None:
+        if exc_type is None and self._period is not None and not self._lost:
             await asyncio.shield(_in_worker(self.record_run))
         await self.arelease()
 
@@ -596,8 +597,9 @@ class LockGuard:
 
     def record_run(self) -> None:
         """``once_per``: record that this period's run succeeded, so later runs in the period
-        are skipped; what leaving the guard's ``with`` block without an exception does. Call it
-        before ``release()`` when not using ``with``. Once only; nothing without ``once_per``.
+        are skipped; what leaving the guard's ``with`` block without an exception does (unless
+        the lock was found lost by then). Call it before ``release()`` when not using ``with``.
+        Once only; nothing without ``once_per``.
         A store that fails is logged as an error (the work is done; another run in this period
         may follow), never raised."""
         period, self._period = self._period, None

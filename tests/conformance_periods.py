@@ -67,9 +67,9 @@ class PeriodConformance:
             make(name, once_per=HOUR).try_lock()
 
     def test_a_run_in_the_next_period_runs(self, make, name):
-        seconds = 1.0
+        seconds = 0.5
         backend = make(name).backend
-        wait_for_a_fresh_period(backend, seconds, needed=0.6)
+        wait_for_a_fresh_period(backend, seconds, needed=0.3)
         with make(name, once_per=seconds).lock():
             pass
         with pytest.raises(AlreadyRan) as raised:
