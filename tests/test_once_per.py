@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from django_isolatable import AlreadyRan, CommandIsolation, isolated
+from django_isolatable import AlreadyRan, CommandIsolation, IsolationError, LockInfo, isolated
+from django_isolatable.backends import Backend, Lease
 from tests import services
 from tests.conformance_periods import wait_for_a_fresh_period
 from tests.processes import Worker, Workers
@@ -215,3 +216,34 @@ def test_once_per_is_kept_by_fluent_copies():
     assert isolation.once_per == 90.0
     assert isolation.with_timeout(5).once_per == 90.0
     assert isolation.with_strategy("memory").once_per == 90.0
+
+
+class BackendWithoutPeriods(Backend):
+    """A strategy from a dotted path that has no periods ability: one lock at a time."""
+
+    strategy = "without-periods"
+    held: ClassVar[dict[str, Lease]] = {}
+
+    def acquire(self, name: str, info: LockInfo) -> Lease | None:
+        if name in self.held:
+            return None
+        self.held[name] = Lease(name, info.token or "", info)
+        return self.held[name]
+
+    def release(self, lease: Lease) -> bool:
+        return self.held.pop(lease.name, None) is not None
+
+    def inspect(self, name: str) -> LockInfo | None:
+        lease = self.held.get(name)
+        return None if lease is None else lease.info
+
+
+def test_once_per_on_a_strategy_without_the_periods_ability_is_refused_at_the_lock_call():
+    isolation = CommandIsolation("job", strategy=f"{__name__}.BackendWithoutPeriods", once_per=60)
+    with pytest.raises(IsolationError) as raised:
+        isolation.lock()
+    assert str(raised.value) == (
+        "The without-periods strategy cannot record runs per period, so job cannot use "
+        "once_per; use a strategy that can (all built-in ones do)."
+    )
+    assert not isolation.is_locked()  # the lock it took was released
