@@ -599,9 +599,8 @@ class LockGuard:
         """``once_per``: record that this period's run succeeded, so later runs in the period
         are skipped; what leaving the guard's ``with`` block without an exception does (unless
         the lock was found lost by then). Call it before ``release()`` when not using ``with``.
-        Once only; nothing without ``once_per``.
-        A store that fails is logged as an error (the work is done; another run in this period
-        may follow), never raised."""
+        Once only; nothing without ``once_per``. A store that fails is logged as an error (the
+        work is done; another run in this period may follow), never raised."""
         period, self._period = self._period, None
         if period is None or self._released:
             return
