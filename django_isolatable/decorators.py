@@ -21,6 +21,7 @@ from django_isolatable.isolation import (
     _check_timeout,
     _extra,
 )
+from django_isolatable.once import check_once_per
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def isolated(
     strategy: LockStrategy | str | None = None,
     ttl: float | None = None,
     label: str | None = None,
+    once_per: float | None = None,
 ) -> Callable[[F], F]:
     """Decorate a function, a coroutine function or a task so it runs at most once at a time.
 
@@ -56,7 +58,10 @@ def isolated(
     ``"celery {self.request.id}"``). A call that does not get the lock within ``timeout``
     seconds (0: at once, None: wait forever) returns None without running
     (``if_running="skip"``) or raises ``AlreadyRunning`` / ``LockTimeout`` (``"raise"``).
-    ``strategy`` and ``ttl`` are as for ``CommandIsolation``.
+    ``strategy`` and ``ttl`` are as for ``CommandIsolation``. With ``once_per`` (seconds), at
+    most one call per period returns successfully: a call in a period whose call succeeded
+    already is skipped (None) or raises ``AlreadyRan`` (``"raise"``); one that raised leaves
+    the period open.
 
     A label filled in longer than 200 characters is cut to 200 (it is for people to read; the
     name is what locks). A name or label that a call's arguments cannot fill (a ``**kwargs``
@@ -64,8 +69,8 @@ def isolated(
     runs.
 
     Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
-    bad ``timeout``, ``if_running``, ``ttl`` or ``label``; ``TypeError`` for a generator
-    function (its body would run after the call returned and released the lock).
+    bad ``timeout``, ``if_running``, ``ttl``, ``label`` or ``once_per``; ``TypeError`` for a
+    generator function (its body would run after the call returned and released the lock).
     """
     if if_running not in ("skip", "raise"):
         raise ValueError(f'if_running must be "skip" or "raise", not {if_running!r}.')
@@ -77,6 +82,7 @@ def isolated(
         _check_label(label if not _fields(label) else _literal_text(label))
     if ttl is not None:
         CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
+    check_once_per(once_per)
 
     def decorate(function: F) -> F:
         if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
@@ -85,7 +91,7 @@ def isolated(
                 "body runs only as it is iterated, after the call returned and released the "
                 "lock. Isolate a function that consumes it instead."
             )
-        lock = _Calls(function, name, label, strategy, ttl)
+        lock = _Calls(function, name, label, strategy, ttl, once_per)
         skip = if_running == "skip"
         # A name without placeholders has one isolation, made once: nothing to fill in per call.
         fixed, fixed_label = lock.fixed, lock.label
@@ -158,6 +164,7 @@ class _Calls:
         label: str | None,
         strategy: LockStrategy | str | None,
         ttl: float | None,
+        once_per: float | None = None,
     ) -> None:
         qualname = getattr(function, "__qualname__", None)
         if name is None and qualname is None:
@@ -179,7 +186,7 @@ class _Calls:
         if not self.templated:  # filled in once: "{{" is "{" here too
             self.name = self.name.format()
             self.label = None if label is None else label.format()
-        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
+        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl, "once_per": once_per}
         self.isolations: dict[str, CommandIsolation] = {}
         #: The one isolation of a name without placeholders (None for a templated name).
         self.fixed = None if self.templated else self._isolation(self.name)
