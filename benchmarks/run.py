@@ -1,9 +1,10 @@
 """Benchmarks of django-isolatable: `python benchmarks/run.py` (or `make bench`) prints tables.
 
 First the round trips of the redis and postgres strategies' operations, counted on the wire;
-then four timed sections, each next to the raw limit of the same run (the ``x raw`` column) and
-next to the peers: uncontended acquire+release, handoff latency between processes, 8 processes
-contending for one lock, and the overhead of an isolated management command. Ratios are what to
+then five timed sections, each next to the raw limit of the same run (the ``x raw`` column) and
+next to the peers: uncontended acquire+release, the ``isolated`` decorator against a direct
+``try_lock()``, handoff latency between processes, 8 processes contending for one lock, and the
+overhead of an isolated management command. Ratios are what to
 compare: the machine is noisy, ratios much less so. Rows whose server or peer is missing are
 skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
 of a few seconds.
@@ -33,7 +34,7 @@ from benchmarks import environment
 from benchmarks.report import print_targets
 from benchmarks.targets import Results, targets
 
-SECTIONS = ("round-trips", "uncontended", "handoff", "contention", "commands", "async")
+SECTIONS = ("round-trips", "uncontended", "decorator", "handoff", "contention", "commands", "async")
 FULL = {
     "round_trip_trials": 10,
     "batches": 30,
@@ -65,8 +66,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--round-trip-trials", type=int, help="round trips: counted trials per strategy (10)"
     )
-    parser.add_argument("--batches", type=int, help="uncontended: batches per row (30)")
-    parser.add_argument("--batch-ms", type=float, help="uncontended: ms per batch (40)")
+    parser.add_argument("--batches", type=int, help="uncontended, decorator: batches per row (30)")
+    parser.add_argument("--batch-ms", type=float, help="uncontended, decorator: ms per batch (40)")
     parser.add_argument("--trials", type=int, help="handoff: trials per row (40)")
     parser.add_argument("--processes", type=int, default=8, help="contention: processes (8)")
     parser.add_argument("--acquisitions", type=int, help="contention: per process (500)")
@@ -93,7 +94,7 @@ def main() -> int:
     results = Results()
     with tempfile.TemporaryDirectory(prefix="isolatable-bench-") as directory:
         environment.configure(Path(directory))
-        from benchmarks import commands, contention, handoff, roundtrips, uncontended
+        from benchmarks import commands, contention, decorator, handoff, roundtrips, uncontended
 
         now = datetime.datetime.now().astimezone()
         print(f"django-isolatable benchmarks, {now:%Y-%m-%d %H:%M %Z}")
@@ -121,6 +122,9 @@ def main() -> int:
             ),
             "uncontended": lambda: setattr(
                 results, "uncontended", uncontended.run(args.batches, args.batch_ms / 1000)
+            ),
+            "decorator": lambda: setattr(
+                results, "decorator", decorator.run(args.batches, args.batch_ms / 1000)
             ),
             "handoff": lambda: setattr(
                 results, "handoff", handoff.run(args.trials, 0.05 if args.quick else 0.25)

@@ -1,4 +1,5 @@
-"""The issue's targets (issue 15, "Speed: what counts now"), judged on whatever sections ran."""
+"""The issues' targets (issue 15, "Speed: what counts now"; issue 16, the decorator's overhead),
+judged on whatever sections ran."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Results:
 
     trips: dict[str, int] = field(default_factory=dict)  # by "server/operation"
     uncontended: dict[str, float] = field(default_factory=dict)  # median µs
+    decorator: dict[str, float] = field(default_factory=dict)  # median µs
     handoff: dict[str, list[float]] = field(default_factory=dict)  # ms per trial
     contention: dict[str, Outcome] = field(default_factory=dict)
     commands: dict[str, list[float]] = field(default_factory=dict)  # ms per run
@@ -167,6 +169,19 @@ def targets(results: Results) -> list[Target]:
             _relative(uncontended, "file/file strategy", "file/filelock"),
             0.2,
             "x",
+        ),
+        *(
+            Target(
+                f"decorator (issue 16): {strategy} @isolated / direct try_lock()",
+                _relative(
+                    results.decorator,
+                    f"{strategy}/@isolated(name)",
+                    f"{strategy}/direct try_lock() + release",
+                ),
+                1.1,
+                "x",
+            )
+            for strategy in ("file", "memory")
         ),
         Target(
             "command: isolated - plain no-op (file)",

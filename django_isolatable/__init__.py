@@ -6,6 +6,7 @@ from django_isolatable.backends import LockStrategy
 from django_isolatable.command import IsolatableCommand
 from django_isolatable.decorators import current_guard, isolated
 from django_isolatable.errors import (
+    AlreadyRan,
     AlreadyRunning,
     IsolationError,
     LockFileError,
@@ -24,6 +25,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 del PackageNotFoundError, version  # not names of this package
 
 __all__ = [
+    "AlreadyRan",
     "AlreadyRunning",
     "CommandIsolation",
     "IsolatableCommand",

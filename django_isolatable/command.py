@@ -20,6 +20,7 @@ from django.core.management.color import color_style, no_style
 from django_isolatable.backends import LockStrategy
 from django_isolatable.conf import isolatable_settings
 from django_isolatable.errors import (
+    AlreadyRan,
     AlreadyRunning,
     IsolationError,
     LockLost,
@@ -64,6 +65,16 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _period(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
+    return seconds
+
+
 def _exit_status(value: str) -> int:
     if not value.isdigit() or int(value) > 255:
         raise argparse.ArgumentTypeError(f"expected an exit status from 0 to 255, got {value!r}")
@@ -100,6 +111,10 @@ class IsolatableCommand(BaseCommand):
     #: Seconds after which a holder is overdue (None: settings ``MAX_AGE``): a run skipped
     #: because of an overdue holder logs an error and exits with ``OVERDUE_EXIT_CODE``.
     isolation_max_age: float | None = None
+    #: Seconds of a period in which at most one run may succeed (None: no periods; the CLI's
+    #: ``--once-per SECONDS`` overrides it). A later run in the period is skipped; a run that
+    #: raised or exited non-zero leaves the period open.
+    isolation_once_per: float | None = None
     #: The held lock while ``handle()`` runs: ``self.isolation_guard.check()`` raises
     #: ``LockLost`` if an expiring lease was lost, for long jobs that want to stop early.
     isolation_guard: LockGuard | None = None
@@ -136,6 +151,15 @@ class IsolatableCommand(BaseCommand):
             help="Exit status of a run skipped because another copy is running "
             '(default: settings.ISOLATABLE["SKIPPED_EXIT_CODE"], 0).',
         )
+        group.add_argument(
+            "--once-per",
+            type=_period,
+            default=None,
+            dest="isolation_once_per",
+            metavar="SECONDS",
+            help="Run at most once per period of SECONDS (aligned to the Unix epoch on the "
+            "lock store's clock): skip this run if a run in this period succeeded already.",
+        )
         return parser
 
     def run_from_argv(self, argv: list[str]) -> None:
@@ -150,7 +174,10 @@ class IsolatableCommand(BaseCommand):
         from_cli = getattr(self, "_called_from_command_line", False)
         name = self.get_isolation_name(*args, **options)
         max_age = SETTINGS_MAX_AGE if self.isolation_max_age is None else self.isolation_max_age
-        isolation = CommandIsolation(name, strategy=self.isolation_strategy, max_age=max_age)
+        once_per = options.get("isolation_once_per") or self.isolation_once_per
+        isolation = CommandIsolation(
+            name, strategy=self.isolation_strategy, max_age=max_age, once_per=once_per
+        )
         wait = options.get("isolation_wait")
         timeout = self.isolation_timeout if wait is None else None if wait == math.inf else wait
         with self._unwinding_signals(from_cli, name):
@@ -212,6 +239,14 @@ class IsolatableCommand(BaseCommand):
         status = options.get("isolated_exit_code")
         if status is None:
             status = isolatable_settings.SKIPPED_EXIT_CODE
+        if isinstance(error, AlreadyRan):
+            if options.get("verbosity", 1) > 0:
+                self.stderr.write(
+                    f"{printable(error.command)} already ran in this period ({error.ran()}); "
+                    "skipped.",
+                    self.style.WARNING,
+                )
+            return int(status)
         if options.get("verbosity", 1) > 0:
             self.stderr.write(
                 f"{printable(error.command)} is already running "

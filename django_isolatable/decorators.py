@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, cast
 from django_isolatable.backends import LockStrategy
 from django_isolatable.errors import AlreadyRunning
 from django_isolatable.isolation import (
+    MAX_LABEL,
     CommandIsolation,
     LockGuard,
     _check_label,
@@ -20,6 +21,7 @@ from django_isolatable.isolation import (
     _check_timeout,
     _extra,
 )
+from django_isolatable.once import check_once_per
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def isolated(
     strategy: LockStrategy | str | None = None,
     ttl: float | None = None,
     label: str | None = None,
+    once_per: float | None = None,
 ) -> Callable[[F], F]:
     """Decorate a function, a coroutine function or a task so it runs at most once at a time.
 
@@ -55,10 +58,19 @@ def isolated(
     ``"celery {self.request.id}"``). A call that does not get the lock within ``timeout``
     seconds (0: at once, None: wait forever) returns None without running
     (``if_running="skip"``) or raises ``AlreadyRunning`` / ``LockTimeout`` (``"raise"``).
-    ``strategy`` and ``ttl`` are as for ``CommandIsolation``.
+    ``strategy`` and ``ttl`` are as for ``CommandIsolation``. With ``once_per`` (seconds), at
+    most one call per period returns successfully: a call in a period whose call succeeded
+    already is skipped (None) or raises ``AlreadyRan`` (``"raise"``); one that raised leaves
+    the period open.
+
+    A label filled in longer than 200 characters is cut to 200 (it is for people to read; the
+    name is what locks). A name or label that a call's arguments cannot fill (a ``**kwargs``
+    key or an attribute the call lacks) raises ``ValueError`` at that call, before anything
+    runs.
 
     Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
-    bad ``timeout``, ``if_running``, ``ttl`` or ``label``.
+    bad ``timeout``, ``if_running``, ``ttl``, ``label`` or ``once_per``; ``TypeError`` for a
+    generator function (its body would run after the call returned and released the lock).
     """
     if if_running not in ("skip", "raise"):
         raise ValueError(f'if_running must be "skip" or "raise", not {if_running!r}.')
@@ -67,20 +79,31 @@ def isolated(
         _check_template(name, "name")
     if label is not None:
         _check_template(label, "label")
-        if not _fields(label):
-            _check_label(label)
+        _check_label(label if not _fields(label) else _literal_text(label))
     if ttl is not None:
         CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
+    check_once_per(once_per)
 
     def decorate(function: F) -> F:
-        lock = _Calls(function, name, label, strategy, ttl)
+        if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+            raise TypeError(
+                f"isolated() cannot wrap the generator function {function.__qualname__}: its "
+                "body runs only as it is iterated, after the call returned and released the "
+                "lock. Isolate a function that consumes it instead."
+            )
+        lock = _Calls(function, name, label, strategy, ttl, once_per)
         skip = if_running == "skip"
+        # A name without placeholders has one isolation, made once: nothing to fill in per call.
+        fixed, fixed_label = lock.fixed, lock.label
 
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                isolation, text = lock.for_call(args, kwargs)
+                if fixed is not None:
+                    isolation, text = fixed, fixed_label
+                else:
+                    isolation, text = lock.for_call(args, kwargs)
                 try:
                     guard = await isolation._alock(wait, text)
                 except AlreadyRunning as e:
@@ -90,16 +113,19 @@ def isolated(
                     return None
                 token = _current.set(guard)
                 try:
-                    async with guard:
-                        return await function(*args, **kwargs)
+                    return await function(*args, **kwargs)
                 finally:
                     _current.reset(token)
+                    await guard.arelease()
 
             return cast(F, run_async)
 
         @functools.wraps(function)
         def run(*args: Any, **kwargs: Any) -> Any:
-            isolation, text = lock.for_call(args, kwargs)
+            if fixed is not None:
+                isolation, text = fixed, fixed_label
+            else:
+                isolation, text = lock.for_call(args, kwargs)
             try:
                 guard = isolation._lock(wait, None, text)
             except AlreadyRunning as e:
@@ -109,10 +135,10 @@ def isolated(
                 return None
             token = _current.set(guard)
             try:
-                with guard:
-                    return function(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
                 _current.reset(token)
+                guard.release()
 
         return cast(F, run)
 
@@ -138,8 +164,15 @@ class _Calls:
         label: str | None,
         strategy: LockStrategy | str | None,
         ttl: float | None,
+        once_per: float | None = None,
     ) -> None:
-        self.name = f"{function.__module__}.{function.__qualname__}" if name is None else name
+        qualname = getattr(function, "__qualname__", None)
+        if name is None and qualname is None:
+            raise ValueError(
+                f"{function!r} has no __qualname__ to name its lock: give isolated() a name."
+            )
+        self.qualname = qualname or repr(function)
+        self.name = f"{function.__module__}.{qualname}" if name is None else name
         self.label = label
         self.signature = inspect.signature(function)
         parameters = self.signature.parameters.values()
@@ -148,25 +181,42 @@ class _Calls:
         )
         for template, what in ((name, "name"), (label, "label")):
             if template is not None:
-                _check_fields(template, what, self.signature, self.var_keyword, function)
+                _check_fields(template, what, self.signature, self.var_keyword, self.qualname)
         self.templated = bool(_fields(self.name)) or bool(label and _fields(label))
-        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl}
+        if not self.templated:  # filled in once: "{{" is "{" here too
+            self.name = self.name.format()
+            self.label = None if label is None else label.format()
+        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl, "once_per": once_per}
         self.isolations: dict[str, CommandIsolation] = {}
+        #: The one isolation of a name without placeholders (None for a templated name).
+        self.fixed = None if self.templated else self._isolation(self.name)
 
     def for_call(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[CommandIsolation, str | None]:
-        """The isolation of this call's lock name, and its label."""
-        if not self.templated:
-            return self._isolation(self.name), self.label
+        """The isolation of this call's lock name, and its label (a templated name or label)."""
         bound = self.signature.bind(*args, **kwargs)  # a bad call fails as the call would
         bound.apply_defaults()
-        values = dict(bound.arguments)
-        if self.var_keyword is not None:
-            values.update({**values.pop(self.var_keyword, {}), **values})
-        name = self.name.format_map(values)
-        label = None if self.label is None else _check_label(self.label.format_map(values))
-        return self._isolation(name), label
+        values = bound.arguments
+        if self.var_keyword is not None:  # its keys are placeholders too (named ones win)
+            values = {**values[self.var_keyword], **values}
+        name = self._fill(self.name, "name", values)
+        if self.label is None:
+            return self._isolation(name), None
+        label = self._fill(self.label, "label", values)
+        if len(label) > MAX_LABEL:
+            label = label[: MAX_LABEL - 1] + "\u2026"
+        return self._isolation(name), label.replace("\0", "\\0")
+
+    def _fill(self, template: str, what: str, values: dict[str, Any]) -> str:
+        try:
+            return template.format_map(values)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
+            why = f"no argument {e.args[0]!r}" if type(e) is KeyError else f"{e}"
+            raise ValueError(
+                f"The lock {what} {template!r} of {self.qualname} cannot be filled in from "
+                f"this call's arguments: {why}."
+            ) from e
 
     def _isolation(self, name: str) -> CommandIsolation:
         isolation = self.isolations.get(name)
@@ -180,6 +230,10 @@ class _Calls:
 
 def _fields(template: str) -> list[str]:
     return list(_field_names(template))
+
+
+def _literal_text(template: str) -> str:
+    return "".join(literal for literal, _, _, _ in string.Formatter().parse(template))
 
 
 def _field_names(template: str) -> Iterator[str]:
@@ -204,17 +258,17 @@ def _check_fields(
     what: str,
     signature: inspect.Signature,
     var_keyword: str | None,
-    function: Callable[..., Any],
+    qualname: str,
 ) -> None:
     for field in _fields(template):
         root = field.split(".", 1)[0].split("[", 1)[0]
         if not root or root.isdigit():
             raise ValueError(
-                f"The lock {what} {template!r} of {function.__qualname__} has a positional "
+                f"The lock {what} {template!r} of {qualname} has a positional "
                 "placeholder: name the argument, as in {account_id}."
             )
         if root not in signature.parameters and var_keyword is None:
             raise ValueError(
-                f"The lock {what} {template!r} of {function.__qualname__} names {{{root}}}, "
-                f"which is not an argument of {function.__qualname__}{signature}."
+                f"The lock {what} {template!r} of {qualname} names {{{root}}}, "
+                f"which is not an argument of {qualname}{signature}."
             )

@@ -6,7 +6,7 @@ survives a pickle round trip (so it can cross a multiprocessing boundary).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,51 @@ class LockTimeout(AlreadyRunning):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.command, self.holder, self.timeout))
+
+
+class AlreadyRan(AlreadyRunning):
+    """``once_per``: this period's run already happened, so this one was skipped.
+
+    ``holder`` is the record of the run that used the period (its pid, host and start time),
+    ``period_seconds`` the period's length and ``period_index`` which period it is (its start
+    is ``period_index * period_seconds`` seconds after the Unix epoch, on the store's clock).
+    """
+
+    def __init__(
+        self,
+        command: str,
+        holder: LockInfo | None = None,
+        period_seconds: float = 0.0,
+        period_index: int = 0,
+    ) -> None:
+        self.period_seconds = float(period_seconds)
+        self.period_index = int(period_index)
+        super().__init__(command, holder)
+
+    @property
+    def next_period_at(self) -> datetime:
+        """When the next period begins (UTC, on the store's clock)."""
+        start = (self.period_index + 1) * self.period_seconds
+        return datetime.fromtimestamp(start, timezone.utc)
+
+    def ran(self) -> str:
+        """``pid 4242 on web-1 at 2026-11-28 15:00:01 UTC``: who ran this period, and when."""
+        holder = self.holder
+        if holder is None or holder.pid is None:
+            return "by an unknown run"
+        text = f"pid {holder.pid} on {printable(holder.hostname or 'an unknown host')}"
+        if holder.acquired_at is not None:
+            text += f" at {holder.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
+        return text
+
+    def _message(self) -> str:
+        return (
+            f"{printable(self.command)} already ran in this period ({self.ran()}); the next "
+            f"period begins at {self.next_period_at:%Y-%m-%d %H:%M:%S} UTC."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command, self.holder, self.period_seconds, self.period_index))
 
 
 class LockFileError(IsolationError):

@@ -26,8 +26,15 @@ from django_isolatable.backends import (
     options_from_settings,
 )
 from django_isolatable.conf import MAX_TTL, is_valid_max_age, is_valid_ttl, isolatable_settings
-from django_isolatable.errors import AlreadyRunning, IsolationError, LockLost, LockTimeout
+from django_isolatable.errors import (
+    AlreadyRan,
+    AlreadyRunning,
+    IsolationError,
+    LockLost,
+    LockTimeout,
+)
 from django_isolatable.holders import LockInfo, judged, new_record, utcnow
+from django_isolatable.once import Period, check_once_per, open_period
 from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import (
     lock_acquired,
@@ -114,7 +121,10 @@ class CommandIsolation:
     ``label`` a short text (at most 200 characters) kept in the holder record and shown by
     ``locks status``; ``max_age`` the seconds after which a holder is overdue (default
     ``MAX_AGE``): a lock call that gives up on an overdue holder logs an error and sends
-    ``lock_overdue``. Raises ``ValueError`` for an empty name or one containing NUL.
+    ``lock_overdue``. With ``once_per`` (seconds), at most one successful run per period
+    (see ``docs/once-per.md``): a lock call that finds this period's run done releases and
+    raises ``AlreadyRan``; a guard's ``with`` block left without an exception records the run.
+    Raises ``ValueError`` for an empty name or one containing NUL, or a bad ``once_per``.
     """
 
     def __init__(
@@ -127,8 +137,10 @@ class CommandIsolation:
         ttl: float | None = None,
         label: str | None = None,
         max_age: float | None = SETTINGS_MAX_AGE,
+        once_per: float | None = None,
     ) -> None:
         self.name = _check_name(name)
+        self.once_per = check_once_per(once_per)
         self.label = _check_label(label)
         if max_age is not SETTINGS_MAX_AGE and not is_valid_max_age(max_age):
             raise ValueError(f"max_age must be None or a number of seconds > 0, not {max_age!r}.")
@@ -156,6 +168,7 @@ class CommandIsolation:
             "ttl": self._ttl,
             "label": self.label,
             "max_age": self._max_age,
+            "once_per": self.once_per,
         }
         kwargs.update(changes)
         return CommandIsolation(self.name, **kwargs)
@@ -218,7 +231,8 @@ class CommandIsolation:
 
         ``timeout`` None waits forever, 0 raises ``AlreadyRunning`` at once if the lock is held,
         ``t > 0`` raises ``LockTimeout`` after about ``t`` seconds. ``progress(waited, holder)``
-        is called about once a second while waiting. Raises ``LockIOError``,
+        is called about once a second while waiting. With ``once_per``, raises ``AlreadyRan``
+        (the lock released) when this period's run happened already. Raises ``LockIOError``,
         ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
         """
         return self._lock(self._wait(timeout), progress, self.label)
@@ -279,6 +293,8 @@ class CommandIsolation:
             extra=_extra(self.name, backend.strategy, lease.info),
         )
         lock_acquired.send_robust(sender=self, name=self.name, guard=guard, waited=waited)
+        if self.once_per is not None:
+            self._open_period(guard, backend, self.once_per)
         return guard
 
     def _gave_up(self, backend: Backend, wait: float | None) -> AlreadyRunning:
@@ -401,6 +417,20 @@ class CommandIsolation:
         """
         return release_stale(self.backend, self.name) is not None
 
+    def _open_period(self, guard: LockGuard, backend: Backend, once_per: float) -> None:
+        """``once_per``: give the just-taken ``guard`` its period, or release it and raise
+        ``AlreadyRan`` (``lock_skipped`` sent) if the period's run happened already."""
+        try:
+            guard._period = open_period(backend, self.name, once_per)
+        except AlreadyRan as e:
+            guard.release()
+            logger.info("Not run: %s", e, extra=_extra(self.name, backend.strategy, e.holder))
+            lock_skipped.send_robust(sender=self, name=self.name, holder=e.holder)
+            raise
+        except BaseException:
+            guard.release()
+            raise
+
 
 def release_stale(backend: Backend, name: str) -> LockInfo | None:
     """Release ``name`` in ``backend`` if its holder is proven dead (or its lease expired);
@@ -435,6 +465,9 @@ class LockGuard:
     A guard that is garbage collected while held releases its lock; a forked child's copy never
     releases its parent's lock.
     """
+
+    #: ``once_per``: the period this guard's run belongs to, until the run is recorded.
+    _period: Period | None = None
 
     def __init__(
         self,
@@ -538,6 +571,8 @@ class LockGuard:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if exc_type is None and self._period is not None and not self._lost:
+            self.record_run()
         self.release()
 
     async def __aenter__(self) -> LockGuard:
@@ -549,6 +584,8 @@ class LockGuard:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if exc_type is None and self._period is not None and not self._lost:
+            await asyncio.shield(_in_worker(self.record_run))
         await self.arelease()
 
     def __del__(self) -> None:
@@ -557,6 +594,26 @@ class LockGuard:
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
             self.release()
+
+    def record_run(self) -> None:
+        """``once_per``: record that this period's run succeeded, so later runs in the period
+        are skipped; what leaving the guard's ``with`` block without an exception does (unless
+        the lock was found lost by then). Call it before ``release()`` when not using ``with``.
+        Once only; nothing without ``once_per``. A store that fails is logged as an error (the
+        work is done; another run in this period may follow), never raised."""
+        period, self._period = self._period, None
+        if period is None or self._released:
+            return
+        try:
+            period.record(self._lease.info)
+        except IsolationError as e:
+            logger.error(
+                "Ran %s, but could not record its run in this period (another run in it may "
+                "follow): %s",
+                self.isolation.name,
+                e,
+                extra=self._extra(),
+            )
 
 
 def _on_lost(guard: weakref.ref[LockGuard]) -> Callable[[], None]:
@@ -623,7 +680,7 @@ class AsyncLocking(Coroutine[Any, Any, LockGuard]):
         traceback: TracebackType | None,
     ) -> None:
         if self._guard is not None:
-            await self._guard.arelease()
+            await self._guard.__aexit__(exc_type, exc, traceback)
 
     async def _take(self) -> LockGuard:
         stop = _Stop(asyncio.get_running_loop())

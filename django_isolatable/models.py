@@ -28,3 +28,25 @@ class Lock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (pid {self.pid} on {self.hostname})"
+
+
+class PeriodRun(models.Model):
+    """One period's successful run of a ``once_per`` lock (database and postgres strategies):
+    the holder record of the run that used the period, kept until the period is over."""
+
+    #: SHA-256 of KEY_PREFIX, name, period length and period, hex.
+    period_key = models.CharField(max_length=64, primary_key=True)
+    name = models.TextField()
+    period_seconds = models.FloatField()
+    period_index = models.BigIntegerField()
+    record = models.TextField()  # the holder record as JSON
+    #: The period's end plus a margin, on the database server's clock: the row may go then.
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "django_isolatable_period"
+        app_label = "django_isolatable"
+
+    def __str__(self) -> str:
+        return f"{self.name} ran in period {self.period_index} of {self.period_seconds:g} s"

@@ -26,6 +26,6 @@ lock_taken_over = Signal()
 #: release. ``guard``.
 lock_lost = Signal()
 
-#: A run was skipped because of a holder older than its maximum age. ``holder``, ``age``
-#: (seconds). Reserved for ``MAX_AGE``; see docs/signals.md.
+#: A lock call gave up on a holder older than its maximum age (``MAX_AGE``, ``max_age``,
+#: ``isolation_max_age``), right after ``lock_skipped``. ``holder``, ``age`` (seconds).
 lock_overdue = Signal()

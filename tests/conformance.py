@@ -30,6 +30,7 @@ from django_isolatable import (
 )
 from django_isolatable.isolation import ASYNC_SLICE
 from tests import services
+from tests.conformance_periods import PeriodConformance
 
 TRICKY_NAMES = [
     "migrate",
@@ -52,8 +53,9 @@ TRICKY_NAMES = [
 ]
 
 
-class LockConformance:
-    """Contract tests every strategy passes. ``make(name, **kwargs)`` builds a CommandIsolation."""
+class LockConformance(PeriodConformance):
+    """Contract tests every strategy passes. ``make(name, **kwargs)`` builds a CommandIsolation.
+    The periods ability's tests (``once_per``) are ``PeriodConformance``'s."""
 
     strategy: str
     #: The server this strategy needs (see tests/services.py), if any.

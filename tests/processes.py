@@ -65,6 +65,16 @@ class Worker:
         assert word == event, f"worker {self.pid} sent {line!r}, expected {event!r}"
         return rest
 
+    def event(self, timeout: float = EVENT_TIMEOUT) -> list[str]:
+        """Wait for the next event line, whatever it is; return its words."""
+        try:
+            line = self._events.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"worker {self.pid} sent no event within {timeout} s{self._stderr()}")
+        if line is None:
+            pytest.fail(f"worker {self.pid} exited before its next event{self._stderr()}")
+        return line.split()
+
     def send(self, line: str = "") -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(line + "\n")

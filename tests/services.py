@@ -48,6 +48,9 @@ def require(service: str) -> None:
 
 
 LOCK_TABLE = "django_isolatable_lock"
+PERIOD_TABLE = "django_isolatable_period"
+#: The tables the backends create when missing (the lock table, once_per's periods).
+TABLES = (LOCK_TABLE, PERIOD_TABLE)
 SERVER_DATABASES = {"postgres": "postgres", "mariadb": "mariadb"}  # alias: service
 
 
@@ -59,23 +62,23 @@ def left_as_found() -> Iterator[None]:
 
     from tests.settings import KEY_PREFIX, SQLITE_PATH
 
-    def has_table(alias: str) -> bool:
+    def tables(alias: str) -> set[str]:
         with connections[alias].cursor():
-            return LOCK_TABLE in connections[alias].introspection.table_names()
+            return set(TABLES) & set(connections[alias].introspection.table_names())
 
     existed = {}
     for alias, service in SERVER_DATABASES.items():
         if reachable(service):
             with contextlib.suppress(DatabaseError):
-                existed[alias] = has_table(alias)
+                existed[alias] = tables(alias)
     try:
         yield
     finally:
-        for alias, had_table in existed.items():
+        for alias, had_tables in existed.items():
             with contextlib.suppress(DatabaseError):
-                if not had_table and has_table(alias):
+                for table in sorted(tables(alias) - had_tables):
                     with connections[alias].cursor() as cursor:
-                        cursor.execute(f"DROP TABLE {LOCK_TABLE}")
+                        cursor.execute(f"DROP TABLE {table}")
             connections[alias].close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SQLITE_PATH)

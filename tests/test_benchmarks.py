@@ -34,6 +34,7 @@ def test_benchmarks_run_quick():
     for section in (
         "Round trips per operation",
         "Uncontended acquire + release",
+        "Decorator overhead",
         "Handoff latency",
         "Contention",
         "Command overhead",

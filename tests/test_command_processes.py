@@ -29,6 +29,7 @@ import pytest
 
 from django_isolatable import AlreadyRunning, CommandIsolation
 from django_isolatable.holders import LockInfo
+from tests.conformance_periods import wait_for_a_fresh_period
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTNAME = socket.gethostname()
@@ -562,3 +563,34 @@ def test_monitoring_never_makes_a_free_lock_look_held(manage, lock_dir, leftover
             lock.try_lock().release()
         except AlreadyRunning as e:
             pytest.fail(f"attempt {attempts} on a lock nobody holds: {e}")
+
+
+# --- once per period ---------------------------------------------------------------------------
+
+
+def test_once_per_from_the_cli_skips_a_second_run_in_the_period(manage, lock_dir):
+    """``--once-per 3600``: the first run of the hour runs; a second exits with the skip's
+    status, one stderr line naming the run that used the period, and never reaches handle()."""
+    backend = isolation("import_data", lock_dir).backend
+    wait_for_a_fresh_period(backend, 3600, needed=30)  # both runs fall in one hour
+    first = manage("import_data", "--seconds", "0", "--once-per", "3600")
+    assert first.finish() == 0, first.stderr
+    assert "import_data: done." in first.stdout
+    second = manage("import_data", "--seconds", "0", "--once-per", "3600",
+                    "--isolated-exit-code", "75")  # fmt: skip
+    assert second.finish() == 75, second.stderr
+    [line] = second.stderr.splitlines()
+    assert re.fullmatch(
+        rf"import_data already ran in this period \(pid {first.pid} on {re.escape(HOSTNAME)} "
+        r"at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\); skipped\.",
+        line,
+    ), line
+    assert second.stdout == ""
+    assert not isolation("import_data", lock_dir).is_locked()
+
+
+def test_a_bad_once_per_from_the_cli_is_a_usage_error(manage):
+    run = manage("import_data", "--seconds", "0", "--once-per", "0")
+    assert run.finish() == 2
+    assert "error: argument --once-per: expected seconds > 0, got '0'" in run.stderr
+    assert run.stdout == ""

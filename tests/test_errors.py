@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from django_isolatable import (
+    AlreadyRan,
     AlreadyRunning,
     IsolationError,
     LockFileError,
@@ -82,6 +83,8 @@ def test_permission_error_names_the_path_and_setting():
         LockFileError("bad place"),
         LockIOError("no network"),
         LockLost("c", HOLDER),
+        AlreadyRan("d", HOLDER, 3600.0, 491234),
+        AlreadyRan("d"),
     ],
 )
 def test_errors_pickle(error):
@@ -89,3 +92,17 @@ def test_errors_pickle(error):
     assert type(copy) is type(error)
     assert str(copy) == str(error)
     assert copy.__dict__ == error.__dict__
+
+
+def test_already_ran_names_the_run_that_used_the_period_and_the_next_period():
+    error = AlreadyRan("import_data", HOLDER, 3600, 498_855)  # 2026-11-28 15:00 to 16:00 UTC
+    assert isinstance(error, AlreadyRunning)
+    assert (error.command, error.holder) == ("import_data", HOLDER)
+    assert error.locked_at == HOLDER.acquired_at
+    assert (error.period_seconds, error.period_index) == (3600.0, 498_855)
+    assert error.next_period_at == datetime(2026, 11, 28, 16, 0, tzinfo=timezone.utc)
+    assert str(error) == (
+        "import_data already ran in this period (pid 4242 on web-1 at 2026-11-28 15:30:01 UTC); "
+        "the next period begins at 2026-11-28 16:00:00 UTC."
+    )
+    assert "(by an unknown run)" in str(AlreadyRan("x"))

@@ -22,6 +22,19 @@ Commands:
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
     and keep the lock until told.
+``isolated-call``
+    Print ``ready``, wait for ``go``, then call a function decorated with ``isolated(NAME,
+    label="job for worker {who}")`` (the settings' LOCK_DIR, not LOCK_DIR: the decorator takes
+    none). Inside, it appends its pid to ``--journal``, prints ``called ran`` and waits for a
+    line; a skipped call prints ``called skipped``. Then ``returned <its return value>``.
+``once``
+    Print ``ready``, wait for ``go``, then run a job under ``CommandIsolation(NAME, lock_dir=...,
+    once_per=--once-per)`` with ``lock(timeout=--timeout)``: the job appends this pid to
+    ``--journal`` and the worker prints ``ran <pid>``; a run skipped because its period's run
+    happened prints ``skipped <period index> <pid of the run that used it>``. With
+    ``ISOLATABLE_TEST_CLOCK_OFFSET=SECONDS`` in the environment this process's wall clock is that
+    far off (``time.time()`` and the holder records' ``datetime.now()``), as a host's with a
+    wrong clock is.
 ``fork-holder``
     Take the lock, fork one child that calls ``guard.release()`` and leaves with ``os._exit``
     and one that drops its copy of the guard (its finalizer runs) and leaves with ``sys.exit``;
@@ -40,14 +53,44 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
 
 import django
 
+
+def fake_clock(offset: float) -> None:
+    """Set this process's wall clock ``offset`` seconds off: ``time.time()``,
+    ``time.time_ns()`` and the ``datetime.now()`` of holder records (as
+    tests/test_faults.py fakes a holder's clock). Monotonic clocks, the kernel's and the
+    servers' clocks are left alone."""
+    real_time, real_time_ns = time.time, time.time_ns
+    time.time = lambda: real_time() + offset
+    time.time_ns = lambda: real_time_ns() + int(offset * 1e9)
+
+    class WrongClock(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return datetime.now(tz) + timedelta(seconds=offset)
+
+    from django_isolatable import holders
+
+    holders.datetime = WrongClock  # type: ignore[misc]
+
+
 django.setup()
 
-from django_isolatable import AlreadyRunning, CommandIsolation, LockGuard, LockTimeout  # noqa: E402
+if os.environ.get("ISOLATABLE_TEST_CLOCK_OFFSET"):
+    fake_clock(float(os.environ["ISOLATABLE_TEST_CLOCK_OFFSET"]))
+
+from django_isolatable import (  # noqa: E402
+    AlreadyRan,
+    AlreadyRunning,
+    CommandIsolation,
+    LockGuard,
+    LockTimeout,
+)
 
 
 def report(*words: object) -> None:
@@ -140,6 +183,40 @@ def wait(args: argparse.Namespace) -> None:
     report("released")
 
 
+def isolated_call(args: argparse.Namespace) -> None:
+    from django_isolatable import isolated
+
+    @isolated(args.name, label="job for worker {who}")
+    def job(who: int, journal: str) -> str:
+        with open(journal, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        report("called", "ran")
+        await_line()
+        return "done"
+
+    report("ready")
+    if await_line() != "go":
+        raise SystemExit("expected 'go' on stdin")
+    result = job(args.who, args.journal)
+    if result is None:
+        report("called", "skipped")
+    report("returned", result)
+
+
+def once(args: argparse.Namespace) -> None:
+    isolation = CommandIsolation(args.name, lock_dir=args.lock_dir, once_per=args.once_per)
+    report("ready")
+    if await_line() != "go":
+        raise SystemExit("expected 'go' on stdin")
+    try:
+        with isolation.lock(timeout=args.timeout):
+            with open(args.journal, "a") as journal:
+                journal.write(f"{os.getpid()}\n")
+            report("ran", os.getpid())
+    except AlreadyRan as e:
+        report("skipped", e.period_index, None if e.holder is None else e.holder.pid)
+
+
 def fork_holder(args: argparse.Namespace) -> None:
     # Kept in a list, not a local, so the second child can drop the last reference to it.
     guards = [isolation_of(args).try_lock()]
@@ -202,6 +279,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("hold", hold),
         ("wait", wait),
         ("fork-holder", fork_holder),
+        ("isolated-call", isolated_call),
+        ("once", once),
     ]:
         sub = commands.add_parser(command)
         sub.set_defaults(function=function)
@@ -214,7 +293,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument("--hold", type=float, default=0.0)
             sub.add_argument("--timeout", type=float, default=60.0)
             sub.add_argument("--unlink-before-release", action="store_true")
+        if command == "isolated-call":
+            sub.add_argument("--journal", required=True)
+            sub.add_argument("--who", type=int, required=True)
         if command == "wait":
+            sub.add_argument("--timeout", type=float, default=30.0)
+        if command == "once":
+            sub.add_argument("--once-per", type=float, required=True)
+            sub.add_argument("--journal", required=True)
             sub.add_argument("--timeout", type=float, default=30.0)
     return parser.parse_args(argv)
 

@@ -9,13 +9,14 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
+from django_isolatable.backends.base import Backend, BackendOptions, Lease, Periods, Waiting
 
 __all__ = [
     "Backend",
     "BackendOptions",
     "Lease",
     "LockStrategy",
+    "Periods",
     "Waiting",
     "backend_for",
     "load_backend_class",

@@ -172,3 +172,43 @@ class Waiting(abc.ABC):
         Leaves nothing held when it returns None or raises, an interrupt (``KeyboardInterrupt``,
         a signal handler's exception) included: what the store granted meanwhile is released.
         """
+
+
+#: Seconds a "ran in period P" record outlives its period: a run that read the store's clock
+#: just before the period ended still finds the record when it looks for it just after.
+PERIOD_MARGIN = 60.0
+
+
+def period_ends(period_seconds: float, period_index: int) -> float:
+    """When a "ran in period P" record may go: the period's end plus ``PERIOD_MARGIN``, in
+    seconds since the Unix epoch on the store's clock."""
+    return (period_index + 1) * period_seconds + PERIOD_MARGIN
+
+
+class Periods(abc.ABC):
+    """Ability: record and read "ran in period P" on the store's clock (``once_per``).
+
+    Period ``P`` of length ``period_seconds`` is the span from ``P * period_seconds`` to
+    ``(P + 1) * period_seconds`` seconds after the Unix epoch, as ``store_time`` counts them.
+    ``CommandIsolation`` calls ``ran_in`` and ``record_run`` only while it holds ``name``'s
+    lock, so the two never race for one name.
+    """
+
+    @abc.abstractmethod
+    def store_time(self) -> float:
+        """Seconds since the Unix epoch on the clock of the store that keeps the records (the
+        server's, for a store on a server): every host of a fleet asks the same clock. Raises
+        ``LockIOError`` when the store cannot be reached."""
+
+    @abc.abstractmethod
+    def ran_in(self, name: str, period_seconds: float, period_index: int) -> LockInfo | None:
+        """The record ``record_run`` kept for this period of ``name``, or None: no successful
+        run recorded. Periods of another length are other periods. Raises ``LockIOError``."""
+
+    @abc.abstractmethod
+    def record_run(
+        self, name: str, period_seconds: float, period_index: int, info: LockInfo
+    ) -> None:
+        """Record that ``info``'s run of ``name`` used this period. The record goes by itself
+        (or is cleared by a later ``record_run``) once ``period_ends`` passed, so the store
+        does not fill up. Raises ``LockIOError``."""

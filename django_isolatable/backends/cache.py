@@ -28,6 +28,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.periods import CachePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
@@ -42,7 +43,7 @@ _index_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
-class CacheBackend(Backend):
+class CacheBackend(Backend, CachePeriods):
     strategy: ClassVar[str] = "cache"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True

@@ -23,6 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_isolatable.backends import dbtable
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import Lock
@@ -58,7 +59,7 @@ def _in_memory(name: str) -> bool:
     return name in ("", ":memory:") or "mode=memory" in name
 
 
-class DatabaseBackend(Backend):
+class DatabaseBackend(Backend, TablePeriods):
     strategy: ClassVar[str] = "database"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True

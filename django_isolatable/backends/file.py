@@ -28,6 +28,7 @@ from django.core.checks import CheckMessage
 from django_isolatable.backends import heldfiles, inotify, lockdir, lockfile
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 from django_isolatable.backends.lockfile import file_name
+from django_isolatable.backends.periods import FilePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
@@ -43,7 +44,7 @@ class FileLease(Lease):
     record_size: int = 0
 
 
-class FileBackend(Backend, Waiting):
+class FileBackend(Backend, Waiting, FilePeriods):
     """``flock`` locks in LOCK_DIR. Not expiring: the kernel drops a dead process's lock."""
 
     strategy: ClassVar[str] = "file"

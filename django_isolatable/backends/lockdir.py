@@ -13,6 +13,7 @@ import os
 import stat
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from django.core.checks import CheckMessage, Error
@@ -92,11 +93,17 @@ class LockDirectory:
         self._lock = threading.Lock()
         _directories.add(self)
 
-    def __del__(self) -> None:
+    def __del__(
+        self,
+        close: Callable[[int], None] = os.close,
+        suppress: type[contextlib.suppress] = contextlib.suppress,
+    ) -> None:
+        # Bound at definition: at interpreter exit this module's globals (contextlib, os) may
+        # be gone already, and a decorated module-level function keeps its backend until then.
         for fd in (self._fd, *self._retired):
             if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                with suppress(OSError):
+                    close(fd)
 
     def fd(self, *, create: bool) -> int | None:
         """The checked descriptor; None if LOCK_DIR is missing (made, mode 0o700, first when

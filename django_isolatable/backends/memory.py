@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import ClassVar
 
 from django_isolatable.backends.base import Backend, Lease, Waiting
+from django_isolatable.backends.periods import MemoryPeriods
 from django_isolatable.holders import LockInfo
 
 _held: dict[str, LockInfo] = {}
@@ -28,7 +29,7 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class MemoryBackend(Backend, Waiting):
+class MemoryBackend(Backend, Waiting, MemoryPeriods):
     strategy: ClassVar[str] = "memory"
 
     def _key(self, name: str) -> str:

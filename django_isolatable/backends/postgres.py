@@ -25,6 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
+from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.backends.pgsession import IDLE_LABEL, Deadline, Sessions, pooled
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, from_epoch_microseconds
@@ -98,9 +99,8 @@ def _comment(name: str, process: tuple[Any, ...], label: str | None) -> str:
     """The record's process fields and label as the comment that opens a statement, the same
     for every lock of a name and label in a process (so its statements get prepared). A long
     command line is left out first, then the label, then a long name (``inspect`` knows the
-    name it asks for). JSON's "\\u002a" for
-    "*" keeps the comment closed and unnested (PostgreSQL nests ``/*``), "\\u0025" for "%"
-    keeps psycopg's placeholders out."""
+    name it asks for). JSON's "\\u002a" for "*" keeps the comment closed and unnested
+    (PostgreSQL nests ``/*``), "\\u0025" for "%" keeps psycopg's placeholders out."""
     data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True)), "label": label}
     text = ""
     for dropped in ((), ("argv",), ("argv", "label"), ("argv", "label", "name")):
@@ -166,7 +166,7 @@ class PostgresLease(Lease):
     named: _Named | None = None
 
 
-class PostgresBackend(Backend, Waiting):
+class PostgresBackend(Backend, Waiting, TablePeriods):
     strategy: ClassVar[str] = "postgres"
     heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
 

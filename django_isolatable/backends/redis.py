@@ -29,6 +29,7 @@ from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
+from django_isolatable.backends.periods import RedisPeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, utcnow
 
@@ -129,7 +130,7 @@ def _scripts(url: str) -> tuple[Script, Script]:
     return client.register_script(RELEASE), client.register_script(REFRESH)
 
 
-class RedisBackend(Backend, Waiting):
+class RedisBackend(Backend, Waiting, RedisPeriods):
     strategy: ClassVar[str] = "redis"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
