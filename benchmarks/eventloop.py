@@ -4,8 +4,10 @@ released.
 
 Loop lag: another process holds 8 locks; 8 coroutines wait on them with ``alock()`` (each wait
 runs in a worker thread), while a ticker coroutine on the same loop sleeps ``TICK`` again and
-again and records how late it woke. The group's raw limit is the same ticker on the same loop
-with nothing waiting: what the machine's scheduling alone costs.
+again and records how late it woke. The group's raw limit is the same ticker with nothing
+waiting: what the machine's scheduling alone costs. The control between them: the same 8
+waiters in a process of their own, the ticker alone here. What they cost the machine shows
+there; only what exceeds it is this process's loop being held up (the GIL, a blocking call).
 
 Handoff: as in ``handoff``, but the waiter in the other process is a coroutine awaiting
 ``alock()`` on a running loop, next to the raw limit and to a ``lock()`` waiter measured in the
@@ -16,15 +18,16 @@ before it looks whether its wait was cancelled, so releases fall at every phase 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from benchmarks import candidates, environment, handoff, processes
 from benchmarks.candidates import WAIT_LIMIT, Candidate, Lockable
 from benchmarks.report import Group, Row, median, percentile, print_table, ratio
 from django_isolatable.isolation import ASYNC_SLICE
 
+T = TypeVar("T")
 TICK = 0.005
 WAITERS = 8
 #: Seconds for the waiters' threads to be in their waits before the ticks count.
@@ -81,11 +84,12 @@ async def _ticks(seconds: float) -> list[float]:
     return lags
 
 
-async def _ticks_while_waiting(isolations: list[Any], seconds: float) -> list[float]:
+async def _waiting(isolations: list[Any], during: Awaitable[T]) -> T:
+    """``during``'s result, awaited while a coroutine per isolation waits on ``alock()``."""
     waiters = [asyncio.ensure_future(i.alock(timeout=None)) for i in isolations]
     await asyncio.sleep(SETTLE)
     try:
-        return await _ticks(seconds)
+        return await during
     finally:
         for waiter in waiters:
             waiter.cancel()
@@ -94,18 +98,43 @@ async def _ticks_while_waiting(isolations: list[Any], seconds: float) -> list[fl
             raise RuntimeError(f"a waiter got a lock another process held: {outcomes}")
 
 
-def measure_lag(waited: Waited, slug: str, seconds: float) -> tuple[list[float], list[float]]:
-    """The ticker's lags (ms) on an idle loop, then with ``WAITERS`` coroutines waiting on
-    ``alock()`` for locks another process holds, ``seconds`` of ticks each."""
+def _waiters_elsewhere(connection: Connection, waited: Waited, slugs: list[str]) -> None:
+    """The control: the same waiters, in a process of their own, until told to stop."""
+    isolations = [environment.isolation(s, waited.strategy, **waited.isolatable) for s in slugs]
+
+    async def told() -> None:
+        connection.send("waiting")
+        await asyncio.to_thread(connection.recv)
+
+    asyncio.run(_waiting(isolations, told()))
+    connection.send("stopped")
+
+
+class Lags(NamedTuple):
+    """The ticker's lags (ms): on the idle loop; while the waiters wait in another process (the
+    machine's extra load, without sharing this process); while they wait on this loop."""
+
+    idle: list[float]
+    elsewhere: list[float]
+    here: list[float]
+
+
+def measure_lag(waited: Waited, slug: str, seconds: float) -> Lags:
+    """``seconds`` of ticks each way, the locks held by another process all along."""
     slugs = [f"{slug}-{number}" for number in range(WAITERS)]
     with processes.workers(_holder, 1, waited, slugs) as (holder,):
         processes.receive(holder)
-        isolations = [environment.isolation(s, waited.strategy, **waited.isolatable) for s in slugs]
         idle = asyncio.run(_ticks(seconds))
-        busy = asyncio.run(_ticks_while_waiting(isolations, seconds))
+        with processes.workers(_waiters_elsewhere, 1, waited, slugs) as (other,):
+            processes.receive(other)
+            elsewhere = asyncio.run(_ticks(seconds))
+            other.send(True)
+            processes.receive(other)
+        isolations = [environment.isolation(s, waited.strategy, **waited.isolatable) for s in slugs]
+        here = asyncio.run(_waiting(isolations, _ticks(seconds)))
         holder.send(True)
         processes.receive(holder)
-    return idle, busy
+    return Lags(idle, elsewhere, here)
 
 
 def _lag_cells(lags: list[float]) -> list[str]:
@@ -128,14 +157,20 @@ def run_lag(seconds: float) -> dict[str, list[float]]:
             if reason:
                 group.skipped.append(f"{waited.label}: {reason}")
                 continue
-            idle, busy = measure_lag(waited, f"loop-lag-{key}-{number}", seconds)
+            lags = measure_lag(waited, f"loop-lag-{key}-{number}", seconds)
             if not group.rows:
-                results[f"{key}/idle loop"] = idle
-                group.rows.append(Row("idle loop", _lag_cells(idle), 1.0))
-            base = percentile(idle, 0.99)
-            results[f"{key}/{waited.label}"] = busy
-            label = f"{WAITERS} alock() waiters, {waited.label}"
-            group.rows.append(Row(label, _lag_cells(busy), ratio(percentile(busy, 0.99), base)))
+                results[f"{key}/idle loop"] = lags.idle
+                group.rows.append(Row("idle loop", _lag_cells(lags.idle), 1.0))
+            base = percentile(lags.idle, 0.99)
+            results[f"{key}/{waited.label}, elsewhere"] = lags.elsewhere
+            results[f"{key}/{waited.label}"] = lags.here
+            for label, values in (
+                (f"{WAITERS} waiters in another process, {waited.label}", lags.elsewhere),
+                (f"{WAITERS} alock() waiters on this loop, {waited.label}", lags.here),
+            ):
+                group.rows.append(
+                    Row(label, _lag_cells(values), ratio(percentile(values, 0.99), base))
+                )
         groups.append(group)
     print_table(
         f"Event-loop lag, ms a {TICK * 1000:g} ms sleep woke late, while {WAITERS} coroutines wait "
