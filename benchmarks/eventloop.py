@@ -152,16 +152,17 @@ def run_lag(seconds: float) -> dict[str, list[float]]:
     groups = []
     for key, title, members in LAG_GROUPS:
         group = Group(f"{title} (raw: the ticker alone, on the idle loop)")
+        base = 0.0
         for number, waited in enumerate(members):
             reason = next(filter(None, map(environment.unavailable, waited.needs)), None)
             if reason:
                 group.skipped.append(f"{waited.label}: {reason}")
                 continue
             lags = measure_lag(waited, f"loop-lag-{key}-{number}", seconds)
-            if not group.rows:
+            if not group.rows:  # the group's raw limit: its first member's idle loop
                 results[f"{key}/idle loop"] = lags.idle
                 group.rows.append(Row("idle loop", _lag_cells(lags.idle), 1.0))
-            base = percentile(lags.idle, 0.99)
+                base = percentile(lags.idle, 0.99)
             results[f"{key}/{waited.label}, elsewhere"] = lags.elsewhere
             results[f"{key}/{waited.label}"] = lags.here
             for label, values in (
