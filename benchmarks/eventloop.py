@@ -183,8 +183,10 @@ def run_lag(seconds: float) -> dict[str, list[float]]:
 
 
 def _alock(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
-    """``alock()`` awaited on an event loop of the waiter's own; ``acquire`` returns once the
-    coroutine has the lock."""
+    """``alock()`` awaited on an event loop of the process's own; ``acquire`` returns once the
+    coroutine has the lock. ``release`` is the plain ``release()``: the holder releases as in
+    the ``lock()`` row (an ``arelease()`` would add its own hop to a worker thread), and the
+    waiter releases after its time was taken."""
 
     def open_lock(slug: str) -> Lockable:
         isolation = environment.isolation(slug, strategy, **isolatable)
@@ -196,7 +198,7 @@ def _alock(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
 
         return Lockable(
             lambda: guards.append(loop.run_until_complete(take())),
-            lambda: loop.run_until_complete(guards.pop().arelease()),
+            lambda: guards.pop().release(),
             loop.close,
         )
 
