@@ -1,15 +1,17 @@
 """``alock()`` against locks held by other, real processes: the event loop keeps running while
-coroutines wait, a cancelled wait is prompt and leaves nothing held nor any thread waiting, and
-a SIGKILLed holder's lock goes to an ``alock()`` waiter at once.
+coroutines wait, a cancelled wait is prompt and leaves nothing held nor any thread waiting (a
+wait whose task was dropped, or left pending on a closed loop, too), and a SIGKILLed holder's
+lock goes to an ``alock()`` waiter at once.
 
 Each test runs on the strategies that matter to it: file, redis, postgres and the database
 strategy on a SQLite file, PostgreSQL and MariaDB (skipping a strategy whose server is down,
 failing under ISOLATABLE_REQUIRE_SERVICES=1). The other process is a ``tests/workers.py``
-``hold`` worker, which reports each event on stdout. The loop's lag is measured by a ticker
-coroutine that sleeps ``TICK`` seconds again and again on the same loop: how late it wakes is
-how long the loop was kept from running. Bounds are generous (this machine is shared): they
-catch a blocked loop or a thread left waiting, not a slow one; ``benchmarks/asyncio_bench.py``
-measures how small the lag and the handoff really are.
+``hold`` (or ``take``) worker, which reports each event on stdout. The loop's lag is measured by
+a ticker coroutine that sleeps ``TICK`` seconds again and again on the same loop: how late it
+wakes is how long the loop was kept from running. A thread still waiting is found by its stack
+(``threads_locking``). Bounds are generous (this machine is shared): they catch a blocked loop
+or a thread left waiting, not a slow one; ``benchmarks/eventloop.py`` measures how small the
+lag and the handoff really are.
 """
 
 from __future__ import annotations
