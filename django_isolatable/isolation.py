@@ -688,7 +688,7 @@ class AsyncLocking(Coroutine[Any, Any, LockGuard]):
         try:
             return await asyncio.wrap_future(future)
         except BaseException:
-            # Cancelled, or closed (its task dropped): nobody takes the lock. The worker stops
+            # Cancelled, or closed (``close()``): nobody takes the lock. The worker stops
             # within a slice, and whatever it took by then is released at once. (The lock
             # call's own error arrives here too, from a worker that is done already.)
             stop.set()

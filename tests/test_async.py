@@ -1,6 +1,6 @@
 """``alock()`` against locks held by other, real processes: the event loop keeps running while
 coroutines wait, a cancelled wait is prompt and leaves nothing held nor any thread waiting (a
-wait whose task was dropped, or left pending on a closed loop, too), and a SIGKILLed holder's
+wait closed, or left pending on a closed loop, too), and a SIGKILLed holder's
 lock goes to an ``alock()`` waiter at once.
 
 Each test runs on the strategies that matter to it: file, redis, postgres and the database
@@ -386,8 +386,8 @@ def test_an_alock_waiter_takes_over_from_a_sigkilled_holder_at_once(strategy, sp
 @params([FILE])
 def test_alock_runs_as_a_task_and_a_dropped_wait_stops(strategy, name):
     """``alock()`` is a coroutine to asyncio: ``asyncio.create_task`` and a ``TaskGroup`` run
-    it. A wait closed before it got the lock (what dropping its pending task does) stops its
-    thread within a slice and never takes the lock."""
+    it. A wait closed (``close()``, as when its coroutine is finalized) before it got the lock
+    stops its thread within a slice and never takes the lock."""
 
     async def scenario() -> None:
         guard = await asyncio.create_task(CommandIsolation(name).alock(timeout=5))
