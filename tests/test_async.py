@@ -1,23 +1,24 @@
 """``alock()`` against locks held by other, real processes: the event loop keeps running while
 coroutines wait, a cancelled wait is prompt and leaves nothing held nor any thread waiting (a
-wait closed, or left pending on a closed loop, too), and a SIGKILLed holder's
-lock goes to an ``alock()`` waiter at once.
+wait closed, or left pending on a closed loop, too), and a SIGKILLed holder's lock goes to an
+``alock()`` waiter at once.
 
 Each test runs on the strategies that matter to it: file, redis, postgres and the database
 strategy on a SQLite file, PostgreSQL and MariaDB (skipping a strategy whose server is down,
 failing under ISOLATABLE_REQUIRE_SERVICES=1). The other process is a ``tests/workers.py``
 ``hold`` (or ``take``) worker, which reports each event on stdout. The loop's lag is measured by
 a ticker coroutine that sleeps ``TICK`` seconds again and again on the same loop: how late it
-wakes is how long the loop was kept from running. A thread still waiting is found by its stack
-(``threads_locking``). Bounds are generous (this machine is shared): they catch a blocked loop
-or a thread left waiting, not a slow one; ``benchmarks/eventloop.py`` measures how small the
-lag and the handoff really are.
+wakes is how long the loop was kept from running. A thread still waiting is found by a count of
+the threads inside ``CommandIsolation._lock`` (``threads_locking``). Bounds are generous (this
+machine is shared): they catch a blocked loop or a thread left waiting, not a slow one;
+``benchmarks/eventloop.py`` measures how small the lag and the handoff really are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -32,7 +33,6 @@ from typing import TypeVar
 import pytest
 
 from django_isolatable import AlreadyRunning, CommandIsolation, LockGuard
-from django_isolatable.waiting import wait_for
 from tests import strategies
 from tests.processes import ROOT, Worker, Workers
 from tests.strategies import StrategyConfig
@@ -148,21 +148,45 @@ async def ticking() -> AsyncIterator[Ticker]:
             await task
 
 
-#: The code of a lock attempt or wait: a thread running one of them is locking.
-LOCKING = {CommandIsolation._lock.__code__, wait_for.__code__}
+class Locking:
+    """Which threads are inside ``CommandIsolation._lock`` (an attempt, or a wait, of every
+    lock call and of ``alock()``'s worker) right now: ``watch`` wraps it to keep count. (Not
+    found from the threads' stacks: walking another thread's frames can crash Python 3.11.)"""
+
+    def __init__(self) -> None:
+        self.inside: dict[int, str] = {}
+        self.mutex = threading.Lock()
+
+    def watch(self, original: Callable[..., LockGuard]) -> Callable[..., LockGuard]:
+        @functools.wraps(original)
+        def _lock(*args: object, **kwargs: object) -> LockGuard:
+            thread = threading.current_thread()
+            with self.mutex:
+                self.inside[thread.ident or 0] = thread.name
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with self.mutex:
+                    self.inside.pop(thread.ident or 0, None)
+
+        return _lock
+
+    def threads(self) -> list[str]:
+        with self.mutex:
+            return list(self.inside.values())
+
+
+LOCKING = Locking()
+
+
+@pytest.fixture(autouse=True)
+def _watch_locking(monkeypatch) -> None:
+    monkeypatch.setattr(CommandIsolation, "_lock", LOCKING.watch(CommandIsolation._lock))
 
 
 def threads_locking() -> list[str]:
     """The names of the threads of this process now inside a lock attempt or wait."""
-    frames = sys._current_frames()
-    found = []
-    for thread in threading.enumerate():
-        frame = frames.get(thread.ident or 0)
-        while frame is not None and frame.f_code not in LOCKING:
-            frame = frame.f_back
-        if frame is not None:
-            found.append(thread.name)
-    return found
+    return LOCKING.threads()
 
 
 async def until(condition: Callable[[], bool], what: str, within: float) -> float:
