@@ -11,15 +11,13 @@ processes of a busy machine take from this one does not count.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable
 
-from benchmarks import environment, placement
+from benchmarks import environment, placement, uncontended
 from benchmarks.report import Group, Row, median, percentile, print_table, ratio
+from benchmarks.uncontended import Operation
 from django_isolatable import CommandIsolation, isolated
 
-Operation = Callable[[], object]
 STRATEGIES = (("file", "File strategy"), ("memory", "Memory strategy"))
 DIRECT = "direct try_lock() + release"
 DECORATED = "@isolated(name)"
@@ -44,41 +42,15 @@ def _operations(strategy: str) -> dict[str, Operation]:
     return {DIRECT: direct, DECORATED: decorated, TEMPLATED: lambda: templated(key="a")}
 
 
-def _batch_size(operation: Operation, seconds: float) -> int:
-    for _ in range(10):  # warm-up: files opened, caches filled
-        operation()
-    count, started = 0, time.process_time()
-    while time.process_time() - started < seconds:
-        operation()
-        count += 1
-    return max(count, 1)
-
-
-def _measure(
-    operations: dict[str, Operation], batches: int, seconds: float
-) -> dict[str, list[float]]:
-    """CPU µs per operation of each batch, the batches of the rows interleaved at random."""
-    sizes = {label: _batch_size(operation, seconds) for label, operation in operations.items()}
-    samples: dict[str, list[float]] = {label: [] for label in operations}
-    order = list(operations)
-    for _ in range(batches):
-        random.shuffle(order)
-        for label in order:
-            operation, size = operations[label], sizes[label]
-            started = time.process_time()
-            for _ in range(size):
-                operation()
-            samples[label].append((time.process_time() - started) / size * 1e6)
-    return samples
-
-
 def run(batches: int, seconds: float) -> dict[str, float]:
     """Measure and print both groups; return each row's median (µs) by "strategy/label"."""
     medians: dict[str, float] = {}
     groups = []
     with placement.servers_apart() as placed:  # one CPU, as the uncontended section
         for strategy, title in STRATEGIES:
-            samples = _measure(_operations(strategy), batches, seconds)
+            samples = uncontended.measure(
+                _operations(strategy), batches, seconds, clock=time.process_time
+            )
             group = Group(title)
             for label, values in samples.items():
                 medians[f"{strategy}/{label}"] = median(values)

@@ -290,32 +290,37 @@ GROUPS: list[tuple[str, str, list[Subject]]] = [
 ]
 
 
-def _batch_size(operation: Operation, seconds: float) -> int:
-    """How many operations fill a batch of about ``seconds`` (after a short warm-up)."""
+def _batch_size(operation: Operation, seconds: float, clock: Callable[[], float]) -> int:
+    """How many operations fill a batch of about ``seconds`` of ``clock`` (after a short
+    warm-up: files opened, caches filled)."""
     for _ in range(10):
         operation()
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    count, started = 0, clock()
+    while clock() - started < seconds:
         operation()
         count += 1
     return max(count, 1)
 
 
-def _measure(
-    operations: dict[str, Operation], batches: int, seconds: float
+def measure(
+    operations: dict[str, Operation],
+    batches: int,
+    seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Microseconds per operation of each batch, batches of the rows interleaved at random."""
-    sizes = {label: _batch_size(operation, seconds) for label, operation in operations.items()}
+    """Microseconds (of ``clock``: wall time, or ``time.process_time`` for CPU time) per
+    operation of each batch, batches of the rows interleaved at random."""
+    sizes = {label: _batch_size(op, seconds, clock) for label, op in operations.items()}
     samples: dict[str, list[float]] = {label: [] for label in operations}
     order = list(operations)
     for _ in range(batches):
         random.shuffle(order)
         for label in order:
             operation, size = operations[label], sizes[label]
-            started = time.perf_counter()
+            started = clock()
             for _ in range(size):
                 operation()
-            samples[label].append((time.perf_counter() - started) / size * 1e6)
+            samples[label].append((clock() - started) / size * 1e6)
     return samples
 
 
@@ -353,7 +358,7 @@ def _run_group(
                 group.skipped.append(f"{subject.label}: {reasons[0]}")
             else:
                 operations[subject.label] = subject.make(stack)
-        samples = _measure(operations, batches, seconds)
+        samples = measure(operations, batches, seconds)
     for label, values in samples.items():
         medians[f"{key}/{label}"] = median(values)
         base_median = medians.get(f"{key}/{subjects[0].label}")

@@ -113,10 +113,10 @@ def isolated(
                     return None
                 token = _current.set(guard)
                 try:
-                    return await function(*args, **kwargs)
+                    async with guard:  # leaving it records a once_per run that succeeded
+                        return await function(*args, **kwargs)
                 finally:
                     _current.reset(token)
-                    await guard.arelease()
 
             return cast(F, run_async)
 
@@ -135,10 +135,10 @@ def isolated(
                 return None
             token = _current.set(guard)
             try:
-                return function(*args, **kwargs)
+                with guard:  # leaving it records a once_per run that succeeded
+                    return function(*args, **kwargs)
             finally:
                 _current.reset(token)
-                guard.release()
 
         return cast(F, run)
 

@@ -12,7 +12,6 @@ and its creation are in ``backends/dbtable.py``.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -23,36 +22,19 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_isolatable.backends import dbtable
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.dbconnection import (
+    close_private_connection,
+    contended,
+    private_connection,
+)
 from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import Lock
 
-_local = threading.local()
-_abandoned: list[Any] = []
-
-
-def _forget_after_fork() -> None:
-    # Never close the parent's sockets from the child; keep them unreachable instead.
-    _abandoned.append(getattr(_local, "__dict__", {}).copy())
-    _local.__dict__.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
 
 class Contended(Exception):
     """The database gave up on a statement because of concurrent ones; trying again is fine."""
-
-
-#: MySQL/MariaDB: deadlock, lock wait timeout. SQLite: another connection is writing.
-_CONTENTION_CODES = (1213, 1205)
-
-
-def _contended(error: DatabaseError) -> bool:
-    cause = error.__cause__
-    code = cause.args[0] if cause is not None and cause.args else None
-    return code in _CONTENTION_CODES or "database is locked" in str(error)
 
 
 def _in_memory(name: str) -> bool:
@@ -89,10 +71,7 @@ class DatabaseBackend(Backend, TablePeriods):
         return []
 
     def _connection(self) -> BaseDatabaseWrapper:
-        wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.setdefault("wrappers", {})
-        if self.alias not in wrappers:
-            wrappers[self.alias] = connections.create_connection(self.alias)
-        return wrappers[self.alias]
+        return private_connection(self.alias)
 
     def _execute(self, sql: str, params: list[Any], fetch: bool = False) -> Any:
         """Run one statement on the private connection, creating the table if it is missing.
@@ -110,7 +89,7 @@ class DatabaseBackend(Backend, TablePeriods):
             except IntegrityError:
                 raise
             except DatabaseError as e:
-                if _contended(e):
+                if contended(e):
                     raise Contended(str(e)) from e
                 if attempt:
                     raise LockIOError(
@@ -203,7 +182,4 @@ class DatabaseBackend(Backend, TablePeriods):
         return bool(self._retrying("release a lock", sql, params))
 
     def close(self) -> None:
-        wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.get("wrappers", {})
-        connection = wrappers.pop(self.alias, None)
-        if connection is not None:
-            connection.close()
+        close_private_connection(self.alias)

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_isolatable.errors import LockIOError
+from django_isolatable.backends import dbconnection
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import Lock
 
@@ -143,21 +143,11 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
 
 
 def ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
-    """Create the lock table unless it exists; fine when another process races to it.
-    Raises ``LockIOError`` if the database is unreachable or the table cannot be made."""
-    try:
-        if Lock._meta.db_table in connection.introspection.table_names():
-            _add_missing_columns(connection)
-            return
-        with connection.schema_editor() as editor:
-            editor.create_model(Lock)
-    except DatabaseError as e:  # another process created it first, or the database is down
-        try:
-            exists = Lock._meta.db_table in connection.introspection.table_names()
-        except DatabaseError:
-            raise LockIOError(f"Database {alias!r} is unreachable: {e}") from e
-        if not exists:
-            raise LockIOError(f"Could not create the lock table in {alias!r}: {e}") from e
+    """Create the lock table unless it exists (and add the columns an earlier version's lacks);
+    fine when another process races to it. Raises ``LockIOError`` if the database is
+    unreachable or the table cannot be made."""
+    if dbconnection.ensure_table(connection, alias, Lock, "lock table"):
+        _add_missing_columns(connection)
 
 
 def _add_missing_columns(connection: BaseDatabaseWrapper) -> None:

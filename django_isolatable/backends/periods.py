@@ -85,7 +85,7 @@ class MemoryPeriods(LocalClock, Periods):
 
 class FilePeriods(LocalClock, Periods):
     """The file strategy's records: ``<LOCK_DIR>/<safe name>.ran``, a JSON list of the runs of
-    the periods not yet over (one per period length), on this host's clock. Opened relative to
+    the recent periods (those not over a period ago), on this host's clock. Opened relative to
     LOCK_DIR's checked descriptor with the lock files' checks (``LockDirectory.open``); written
     in place while the name's lock is held."""
 
@@ -124,13 +124,13 @@ class FilePeriods(LocalClock, Periods):
         file = self._ran_file(name)
         fd, _ = self._directory.open(file, os.O_RDWR | os.O_CREAT)
         try:
-            now, length = time.time(), repr(float(period_seconds))
+            # The runs of periods that ended a period ago or more go: the file stays small,
+            # and a clock stepped by less than a period never drops the current one's.
+            now = time.time()
             runs = [
                 run
                 for run in self._runs(fd)
-                if isinstance(run.get("ends"), (int, float))
-                and run["ends"] >= now
-                and not str(run.get("period", "")).startswith(length + ":")
+                if isinstance(run.get("ends"), (int, float)) and run["ends"] >= now - period_seconds
             ]
             runs.append(
                 {

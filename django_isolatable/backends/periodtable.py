@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import threading
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from django.db import DatabaseError, IntegrityError, connections
+from django.db import DatabaseError, IntegrityError
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_isolatable.backends import dbtable
 from django_isolatable.backends.base import Periods, period_ends
+from django_isolatable.backends.dbconnection import contended, ensure_table, private_connection
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import PeriodRun
@@ -40,24 +39,6 @@ EPOCH_NOW = {
 #: MySQL reports microseconds (its division would round to its own precision).
 EPOCH_UNIT = {"mysql": 1e-6}
 COLUMNS = "period_key, name, period_seconds, period_index, record, expires_at"
-_local = threading.local()
-_abandoned: list[Any] = []
-
-
-def _forget_after_fork() -> None:
-    # Never close the parent's sockets from the child; keep them unreachable instead.
-    _abandoned.append(getattr(_local, "__dict__", {}).copy())
-    _local.__dict__.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def _contended(error: DatabaseError) -> bool:
-    """MySQL/MariaDB deadlock or lock wait timeout, or a busy SQLite file: try again."""
-    cause = error.__cause__
-    code = cause.args[0] if cause is not None and cause.args else None
-    return code in (1213, 1205) or "database is locked" in str(error)
 
 
 class TablePeriods(Periods):
@@ -69,11 +50,7 @@ class TablePeriods(Periods):
         strategy: ClassVar[str]
 
     def _period_connection(self) -> BaseDatabaseWrapper:
-        wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.setdefault("wrappers", {})
-        alias = self.options.database_alias
-        if alias not in wrappers:
-            wrappers[alias] = connections.create_connection(alias)
-        return wrappers[alias]
+        return private_connection(self.options.database_alias)
 
     def _run(
         self, what: str, sql: str, params: list[Any], *, fetch: bool = False, create: bool = True
@@ -93,15 +70,15 @@ class TablePeriods(Periods):
             except IntegrityError:
                 raise
             except DatabaseError as e:
-                if _contended(e) and attempt < 5:
+                if contended(e) and attempt < 5:
                     time.sleep(0.01 * 2**attempt)
                     continue
-                if created or not create or _contended(e):
+                if created or not create or contended(e):
                     raise LockIOError(
                         f"Could not {what} in database {self.options.database_alias!r} "
                         f"({connection.vendor}): {e}"
                     ) from e
-                _ensure_table(connection, self.options.database_alias)
+                ensure_table(connection, self.options.database_alias, PeriodRun, "periods table")
                 created = True
         raise AssertionError("unreachable")
 
@@ -145,21 +122,3 @@ class TablePeriods(Periods):
         # force-released.
         with contextlib.suppress(IntegrityError):
             self._run("record a run", sql, params)
-
-
-def _ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
-    """Create the periods table unless it exists; fine when another process races to it.
-    Raises ``LockIOError`` if the database is unreachable or the table cannot be made."""
-    table = PeriodRun._meta.db_table
-    try:
-        if table in connection.introspection.table_names():
-            return
-        with connection.schema_editor() as editor:
-            editor.create_model(PeriodRun)
-    except DatabaseError as e:  # another process created it first, or the database is down
-        try:
-            exists = table in connection.introspection.table_names()
-        except DatabaseError:
-            raise LockIOError(f"Database {alias!r} is unreachable: {e}") from e
-        if not exists:
-            raise LockIOError(f"Could not create the periods table in {alias!r}: {e}") from e

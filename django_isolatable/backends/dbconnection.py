@@ -1,0 +1,77 @@
+"""The private database connections of the database strategy (and of the periods records of
+the database and postgres strategies): one per thread and alias, in autocommit mode, never the
+caller's, so a lock or a record never joins, commits or rolls back the caller's transaction.
+Plus what tells a statement lost to concurrent ones from a real failure, and creating a table
+when it is missing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from django.db import DatabaseError, connections, models
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from django_isolatable.errors import LockIOError
+
+_local = threading.local()
+_abandoned: list[Any] = []
+
+
+def _forget_after_fork() -> None:
+    # Never close the parent's sockets from the child; keep them unreachable instead.
+    _abandoned.append(getattr(_local, "__dict__", {}).copy())
+    _local.__dict__.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def private_connection(alias: str) -> BaseDatabaseWrapper:
+    """This thread's private connection to ``alias``, made on first use."""
+    wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.setdefault("wrappers", {})
+    if alias not in wrappers:
+        wrappers[alias] = connections.create_connection(alias)
+    return wrappers[alias]
+
+
+def close_private_connection(alias: str) -> None:
+    """Close this thread's private connection to ``alias``, if it has one."""
+    wrappers: dict[str, BaseDatabaseWrapper] = _local.__dict__.get("wrappers", {})
+    connection = wrappers.pop(alias, None)
+    if connection is not None:
+        connection.close()
+
+
+#: MySQL/MariaDB: deadlock, lock wait timeout. SQLite: another connection is writing.
+_CONTENTION_CODES = (1213, 1205)
+
+
+def contended(error: DatabaseError) -> bool:
+    """The database gave up on a statement because of concurrent ones: trying again is fine."""
+    cause = error.__cause__
+    code = cause.args[0] if cause is not None and cause.args else None
+    return code in _CONTENTION_CODES or "database is locked" in str(error)
+
+
+def ensure_table(
+    connection: BaseDatabaseWrapper, alias: str, model: type[models.Model], what: str
+) -> bool:
+    """Create ``model``'s table (``what``, for messages) unless it exists; fine when another
+    process races to it. True if it existed already. Raises ``LockIOError`` if the database is
+    unreachable or the table cannot be made."""
+    table = model._meta.db_table
+    try:
+        if table in connection.introspection.table_names():
+            return True
+        with connection.schema_editor() as editor:
+            editor.create_model(model)
+    except DatabaseError as e:  # another process created it first, or the database is down
+        try:
+            exists = table in connection.introspection.table_names()
+        except DatabaseError:
+            raise LockIOError(f"Database {alias!r} is unreachable: {e}") from e
+        if not exists:
+            raise LockIOError(f"Could not create the {what} in {alias!r}: {e}") from e
+    return False
