@@ -593,7 +593,10 @@ class LockGuard:
             return
         # At interpreter shutdown this may fail; the kernel or the TTL frees the rest.
         with contextlib.suppress(Exception):
-            self.release()
+            if _on_event_loop():  # a guard of async code: no store call on the loop's thread
+                _submit(self.release)
+            else:
+                self.release()
 
     def record_run(self) -> None:
         """``once_per``: record that this period's run succeeded, so later runs in the period
@@ -694,6 +697,14 @@ class AsyncLocking(Coroutine[Any, Any, LockGuard]):
             stop.set()
             future.add_done_callback(_release_taken)
             raise
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _release_taken(future: Future[LockGuard]) -> None:

@@ -326,6 +326,22 @@ class LockConformance(PeriodConformance):
 
         asyncio.run(scenario())
 
+    def test_a_guard_dropped_in_async_code_is_released_off_the_loop(self, make, name):
+        def locked() -> bool:
+            return make(name).is_locked()
+
+        async def scenario() -> None:
+            guard = await make(name).alock()
+            assert await asyncio.to_thread(locked)
+            del guard  # never released: its finalizer runs here, on the loop's thread
+            gc.collect()
+            deadline = time.monotonic() + 2  # well within the database strategy's TTL here
+            while await asyncio.to_thread(locked):
+                assert time.monotonic() < deadline, "the dropped guard's lock was never freed"
+                await asyncio.sleep(0.05)
+
+        asyncio.run(scenario())
+
     def test_a_waiting_alock_gets_the_lock_when_it_is_released(self, make, name):
         async def scenario() -> None:
             held = await make(name).alock()
