@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 import psutil
@@ -68,11 +68,19 @@ class LockInfo:
     def to_json(self) -> str:
         """``to_dict`` as one line of JSON that always encodes to UTF-8: lone surrogates (from
         undecodable argv bytes, or odd names) are escaped."""
-        data = self.to_dict()
-        text = json.dumps(data, ensure_ascii=False)
+        # Every lock of a process records the same process fields: they are encoded once.
+        process, argv = _process_json(
+            self.pid, self.hostname, self.host_id, self.process_started_at, self.argv
+        )
+        text = (
+            f'{{"name": {_encode(self.name)}, "strategy": {_encode(self.strategy)}, '
+            f'"token": {_encode(self.token)}, {process}, '
+            f'"acquired_at": {_iso_json(self.acquired_at)}, '
+            f'"expires_at": {_iso_json(self.expires_at)}, {argv}}}\n'
+        )
         if not _utf8_safe(text):
-            text = json.dumps(data)
-        return text + "\n"
+            text = json.dumps(self.to_dict()) + "\n"
+        return text
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -109,6 +117,26 @@ class LockInfo:
         return cls.from_dict(name, strategy, data)
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+@lru_cache(maxsize=64)
+def _process_json(
+    pid: int | None,
+    hostname: str | None,
+    host_id: str | None,
+    started: datetime | None,
+    argv: tuple[str, ...],
+) -> tuple[str, str]:
+    """The process fields of a record as ``to_dict`` has them, as JSON members: the ones before
+    the record's times, and ``argv``, which follows them."""
+    head = {"pid": pid, "hostname": hostname, "host_id": host_id}
+    return (
+        _encode({**head, "process_started_at": _iso(started)})[1:-1],
+        _encode({"argv": list(argv)})[1:-1],
+    )
+
+
 def _utf8_safe(value: str) -> bool:
     try:
         value.encode()
@@ -119,6 +147,11 @@ def _utf8_safe(value: str) -> bool:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def _iso_json(value: datetime | None) -> str:
+    # An ISO 8601 time is digits and "-:.+T" only: nothing JSON escapes.
+    return "null" if value is None else f'"{value.isoformat()}"'
 
 
 def _typed(value: object, kind: type[Any]) -> Any:
