@@ -310,11 +310,18 @@ def _this_process() -> _Process:
     """This process's part of a record, read once per process, not on every acquire: it reads
     /proc. A forked child forgets its parent's (``_forget_process``) and reads its own."""
     global _process
-    pid = os.getpid()
-    if _process is None or _process.pid != pid:
+    if _process is None:
+        pid = os.getpid()
         identity = host_id()  # first: the start time is computed from the boot time it recorded
         _process = _Process(pid, socket.gethostname(), identity, process_started_at(pid))
     return _process
+
+
+def this_pid() -> int:
+    """``os.getpid()``, asked of the kernel once per process: every fork that returns to Python
+    runs the at-fork hooks, where a child forgets its parent's (as ``heldfiles`` closes the lock
+    files a child inherited)."""
+    return _this_process().pid
 
 
 def _forget_process() -> None:

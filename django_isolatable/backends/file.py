@@ -29,7 +29,7 @@ from django_isolatable.backends import heldfiles, inotify, lockdir, lockfile
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, this_pid
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class FileBackend(Backend, Waiting):
         if lease.fd < 0:
             return False
         fd, lease.fd = lease.fd, -1
-        if lease.pid != os.getpid():
+        if lease.pid != this_pid():
             return False  # a forked child's copy: the child closed it at fork
         lockfile.blank(fd, lease.record_size)
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +27,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, utcnow
+from django_isolatable.holders import LockInfo, this_pid, utcnow
 
 if TYPE_CHECKING:
     import redis
@@ -230,7 +229,7 @@ class RedisBackend(Backend, Waiting):
             logger.warning(why, lease.name, e)
 
     def release(self, lease: Lease) -> bool:
-        if lease.pid != os.getpid():
+        if lease.pid != this_pid():
             return False  # a forked child's copy: the lock is its parent's
         return self._release_by(lease.name, f"{lease.token} ".encode())
 
