@@ -349,10 +349,11 @@ def is_alive(info: LockInfo) -> bool | None:
         return None
     try:
         process = psutil.Process(info.pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        btime = psutil.boot_time()  # refreshes the boot time psutil computes start times from
-        started = process.create_time()
+        with process.oneshot():  # status and start time from one read of /proc/<pid>/stat
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            btime = psutil.boot_time()  # refreshes the boot time start times are computed from
+            started = process.create_time()
     except psutil.NoSuchProcess:  # ZombieProcess is a subclass: a zombie is dead too
         return False
     except (psutil.Error, ValueError, OverflowError):
