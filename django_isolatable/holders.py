@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 import psutil
@@ -70,11 +70,20 @@ class LockInfo:
     def to_json(self) -> str:
         """``to_dict`` as one line of JSON that always encodes to UTF-8: lone surrogates (from
         undecodable argv bytes, or odd names) are escaped."""
-        data = self.to_dict()
-        text = json.dumps(data, ensure_ascii=False)
+        # Every lock of a process records the same process fields: they are encoded once.
+        process, argv = _process_json(
+            self.pid, self.hostname, self.host_id, self.process_started_at, self.argv
+        )
+        text = (
+            f'{{"name": {_encode(self.name)}, "strategy": {_encode(self.strategy)}, '
+            f'"token": {_encode(self.token)}, {process}, '
+            f'"acquired_at": {_iso_json(self.acquired_at)}, '
+            f'"expires_at": {_iso_json(self.expires_at)}, {argv}, '
+            f'"label": {_encode(self.label)}}}\n'
+        )
         if not _utf8_safe(text):
-            text = json.dumps(data)
-        return text + "\n"
+            text = json.dumps(self.to_dict()) + "\n"
+        return text
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -112,6 +121,26 @@ class LockInfo:
         return cls.from_dict(name, strategy, data)
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+@lru_cache(maxsize=64)
+def _process_json(
+    pid: int | None,
+    hostname: str | None,
+    host_id: str | None,
+    started: datetime | None,
+    argv: tuple[str, ...],
+) -> tuple[str, str]:
+    """The process fields of a record as ``to_dict`` has them, as JSON members: the ones before
+    the record's times, and ``argv``, which follows them."""
+    head = {"pid": pid, "hostname": hostname, "host_id": host_id}
+    return (
+        _encode({**head, "process_started_at": _iso(started)})[1:-1],
+        _encode({"argv": list(argv)})[1:-1],
+    )
+
+
 def _utf8_safe(value: str) -> bool:
     try:
         value.encode()
@@ -122,6 +151,11 @@ def _utf8_safe(value: str) -> bool:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def _iso_json(value: datetime | None) -> str:
+    # An ISO 8601 time is digits and "-:.+T" only: nothing JSON escapes.
+    return "null" if value is None else f'"{value.isoformat()}"'
 
 
 def _typed(value: object, kind: type[Any]) -> Any:
@@ -282,11 +316,18 @@ def _this_process() -> _Process:
     """This process's part of a record, read once per process, not on every acquire: it reads
     /proc. A forked child forgets its parent's (``_forget_process``) and reads its own."""
     global _process
-    pid = os.getpid()
-    if _process is None or _process.pid != pid:
+    if _process is None:
+        pid = os.getpid()
         identity = host_id()  # first: the start time is computed from the boot time it recorded
         _process = _Process(pid, socket.gethostname(), identity, process_started_at(pid))
     return _process
+
+
+def this_pid() -> int:
+    """``os.getpid()``, asked of the kernel once per process: every fork that returns to Python
+    runs the at-fork hooks, where a child forgets its parent's (as ``heldfiles`` closes the lock
+    files a child inherited)."""
+    return _this_process().pid
 
 
 def _forget_process() -> None:
@@ -314,10 +355,11 @@ def is_alive(info: LockInfo) -> bool | None:
         return None
     try:
         process = psutil.Process(info.pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        btime = psutil.boot_time()  # refreshes the boot time psutil computes start times from
-        started = process.create_time()
+        with process.oneshot():  # status and start time from one read of /proc/<pid>/stat
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            btime = psutil.boot_time()  # refreshes the boot time start times are computed from
+            started = process.create_time()
     except psutil.NoSuchProcess:  # ZombieProcess is a subclass: a zombie is dead too
         return False
     except (psutil.Error, ValueError, OverflowError):

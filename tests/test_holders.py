@@ -123,6 +123,17 @@ def test_a_json_record_is_one_line_of_utf8_and_reads_back_as_written(name, ttl):
     assert dataclasses.replace(again, alive=True) == info
 
 
+def test_json_records_of_other_processes_carry_their_own_process_fields():
+    mine = new_record("x", "file")
+    others = [
+        dataclasses.replace(mine, pid=1, argv=("other", "--option")),
+        dataclasses.replace(mine, hostname=None, host_id=None, argv=("lone \udc80",)),
+        LockInfo(name="x", strategy="file"),
+    ]
+    for info in [mine, *others, mine]:
+        assert json.loads(info.to_json()) == info.to_dict()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

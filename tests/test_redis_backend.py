@@ -180,7 +180,7 @@ def test_resp3_connections_work(private_redis):
 # -- round trips -----------------------------------------------------------------------------
 
 
-def test_one_round_trip_to_take_renew_and_release(backend, round_trips):
+def test_one_round_trip_to_take_renew_and_release(backend, round_trips, observer):
     backend.release(backend.acquire("warm", record("warm")))  # connected, scripts loaded
     backend.refresh(backend.acquire("warm", record("warm")), TTL)
     backend.force_release("warm")
@@ -192,8 +192,11 @@ def test_one_round_trip_to_take_renew_and_release(backend, round_trips):
     assert len(round_trips) == 2
     assert backend.release(lease)
     assert len(round_trips) == 3
+    started = time.monotonic()
     assert backend.acquire_waiting("trips", record("trips"), 5) is not None  # free: one
     assert len(round_trips) == 4
+    assert time.monotonic() - started < 1  # its BLPOP did not wait
+    assert observer.keys("*took*") == []  # nor left a wake-up behind
     backend.force_release("trips")
 
 
@@ -213,8 +216,8 @@ def test_a_release_hands_the_lock_to_the_waiter_with_no_round_trip_between(
         sent = len(round_trips)
         waiter.start()
         wait_until(lambda: blocked_in_blpop(observer), "the waiter blocking in BLPOP")
-        # Its attempt, then one pipeline: BLPOP with the take behind it.
-        assert attempt == 0 or len(round_trips) == sent + 2
+        # One pipeline: the take of a free lock, BLPOP, and the take behind it.
+        assert attempt == 0 or len(round_trips) == sent + 1
         sent = len(round_trips)
         assert backend.release(holder)
         assert backend.acquire("handed", record("handed")) is None

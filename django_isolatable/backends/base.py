@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import ClassVar
 
 from django.core.checks import CheckMessage, Error
 
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, this_pid
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Lease:
     name: str
     token: str
     info: LockInfo
-    pid: int = field(default_factory=os.getpid)
+    pid: int = field(default_factory=this_pid)
 
 
 def missing_driver(strategy: str, module: str, extra: str, check_id: str) -> list[CheckMessage]:

@@ -30,7 +30,7 @@ from django_isolatable.backends.base import Backend, BackendOptions, Lease, Wait
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.backends.periods import FilePeriods
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, this_pid
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +81,10 @@ class FileBackend(Backend, Waiting, FilePeriods):
         for _ in range(5):
             entry = heldfiles.kept(path) or self._open_file(path)
             try:
-                fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                # held, or only looked at (see try_flock)
-                locked = lockfile.try_flock(entry.fd, path)
-            except OSError as e:
+                locked = lockfile.try_flock(entry.fd, path)  # held, or only looked at
+            except LockIOError:
                 heldfiles.close(path, entry)
-                raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
-            else:
-                locked = True
+                raise
             if not locked:
                 if entry.stat_if_at(path) is not None:
                     return None
@@ -127,7 +122,7 @@ class FileBackend(Backend, Waiting, FilePeriods):
         if lease.fd < 0:
             return False
         fd, lease.fd = lease.fd, -1
-        if lease.pid != os.getpid():
+        if lease.pid != this_pid():
             return False  # a forked child's copy: the child closed it at fork
         lockfile.blank(fd, lease.record_size)
         try:
@@ -239,7 +234,8 @@ class FileBackend(Backend, Waiting, FilePeriods):
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
         """Attempt, then sleep until the lock file changes (inotify: a release touches it) or
         a pause passes (1 ms, doubling to ``poll_interval``: other hosts' releases on NFS, no
-        inotify here), until taken or ``timeout`` passed."""
+        inotify here), until taken or ``timeout`` passed. Wake-ups do not shorten the pause:
+        they report this host's releases, which the pause is not for."""
         deadline = time.monotonic() + timeout
         path = self._path(name)
         pause = FIRST_PAUSE
@@ -255,10 +251,9 @@ class FileBackend(Backend, Waiting, FilePeriods):
                     continue  # attempt again with the watch in place: no release is missed
                 if file_watch is None:
                     time.sleep(min(pause, remaining))
-                    woken = False
                 else:
-                    woken = file_watch.wait(min(pause, remaining))
-                pause = FIRST_PAUSE if woken else min(pause * 2, self.poll_interval)
+                    file_watch.wait(min(pause, remaining))
+                pause = min(pause * 2, self.poll_interval)
         except BaseException:
             if lease is not None:  # an interrupt between the grant and the return
                 self.release(lease)

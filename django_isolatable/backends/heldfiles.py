@@ -127,9 +127,10 @@ def released(path: str, info: LockInfo, fd: int, *, unlocked: bool) -> None:
         if _held.get(path) is info:
             del _held[path]
         cached = _open_files.get(path)
-        if cached is not None and cached.fd == fd and not unlocked:
+        keep = cached is not None and cached.fd == fd
+        if keep and not unlocked:
             del _open_files[path]
-        keep = unlocked and cached is not None and cached.fd == fd
+            keep = False
         # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win; under the
         # lock, so no other thread closes the descriptor for room meanwhile.
         with contextlib.suppress(OSError):  # waiters poll too

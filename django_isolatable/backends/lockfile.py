@@ -98,10 +98,12 @@ def try_flock(fd: int, path: str, *, shared: bool = False) -> bool:
                 return False  # an exclusive holder
             fcntl.flock(fd, fcntl.LOCK_UN)
             now = time.monotonic()
-            deadline = deadline or now + PROBE_PATIENCE
-            if now > deadline:
+            if deadline is None:  # most often the holder released just now: at once, again
+                deadline = now + PROBE_PATIENCE
+            elif now > deadline:
                 return False
-            time.sleep(random.uniform(0, 0.0002))  # jitter: two acquirers' checks never lock-step
+            else:  # jitter: two acquirers' checks never lock-step
+                time.sleep(random.uniform(0, 0.0002))
     except OSError as e:
         raise LockIOError(f"Could not lock {path}: {e.strerror or e}.") from e
 

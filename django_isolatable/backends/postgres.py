@@ -14,7 +14,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -28,7 +27,7 @@ from django_isolatable.backends.base import Backend, BackendOptions, Lease, Wait
 from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.backends.pgsession import IDLE_LABEL, Deadline, Sessions, pooled
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, from_epoch_microseconds
+from django_isolatable.holders import LockInfo, from_epoch_microseconds, this_pid
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -230,7 +229,7 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
         if not isinstance(lease, PostgresLease) or lease.connection is None:
             return False  # a dead holder's session lock went with its connection
         connection, lease.connection = lease.connection, None
-        if lease.pid != os.getpid() or lease.named is None:
+        if lease.pid != this_pid() or lease.named is None:
             return False  # a forked child's copy: the session is the parent's
         try:
             row = self.sessions.run(connection, _UNLOCK, (lease.named.key,))

@@ -1,13 +1,11 @@
 """The redis strategy: ``SET key "<token> <record>" NX PX ttl``, renewed by a heartbeat.
 
-Every value of a lock key has one format: the owner token, a space, and the holder's record as
-JSON, so one ``SET`` takes the lock and records the holder, and the record has the lock's expiry
-by construction. Release and renewal are Lua compare-and-delete / compare-and-pexpire on the
-token (redis-py ``Script`` objects, which load themselves again on NOSCRIPT): a holder never
-touches a lock that is no longer its own. A release pushes onto a per-name wake-up list that
-waiters block on with ``BLPOP``; a waiter sends its ``SET NX`` in the same pipeline, right behind
-the ``BLPOP``, so the server takes the lock for it the moment the release wakes it, with no
-round trip in between.
+A lock key's value is the owner token, a space and the holder's record as JSON: one ``SET``
+takes the lock and records the holder. Release and renewal are Lua compare-and-delete /
+compare-and-pexpire on the token (redis-py ``Script`` objects, which reload on NOSCRIPT). A
+release pushes onto a per-name wake-up list; a waiter's pipeline takes a free lock, else blocks
+on that list with a ``SET NX`` right behind: a release wakes the first waiter, and the server
+takes the lock for it with no round trip in between.
 
 Everything goes through redis-py's public client API: its connection pools check the process id,
 so a forked child never talks on its parent's connections.
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -31,7 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
 from django_isolatable.backends.periods import RedisPeriods
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, utcnow
+from django_isolatable.holders import LockInfo, this_pid, utcnow
 
 if TYPE_CHECKING:
     import redis
@@ -58,6 +55,11 @@ RELEASE = (
     "if redis.call('llen', KEYS[2]) == 0 then "
     "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[2]) end "
     "return 1 end return 0"
+)
+# A waiter's take of a free lock; it leaves the waiter's own BLPOP a wake-up to return on.
+TAKE = (
+    "if redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then "
+    "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[3]) return 1 end return 0"
 )
 REFRESH = (
     "local v = redis.call('get', KEYS[1]) "
@@ -196,22 +198,22 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
         return Lease(name=name, token=info.token or "", info=info)
 
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
-        """Take the lock if it is free; else block on the wake-up list with the take right
-        behind it in one pipeline, so a release wakes the first waiter and the server takes
-        the lock for it at once. Interrupted (an error, ``KeyboardInterrupt``, a signal
-        handler's exception), it releases by its token what the server may have taken."""
+        """One pipeline: take the lock if it is free, else block on the wake-up list with the
+        take right behind, so a release wakes the first waiter and the server takes the lock
+        for it at once. Interrupted (an error, ``KeyboardInterrupt``, a signal handler's
+        exception), it releases by its token what the server may have taken."""
         key, wake = self._keys(name)
         value, deadline = self._value(info), time.monotonic() + timeout
         lease = Lease(name=name, token=info.token or "", info=info)
+        took = self._prefix + b"took:" + lease.token.encode()  # this waiter's own wake-up
         try:
-            if self.acquire(name, info) is not None:
-                return lease
             while (left := deadline - time.monotonic()) > 0:
                 pipeline = self.client.pipeline(transaction=False)
-                # BLPOP takes 0 for "forever"; a fraction of a millisecond would round to it.
-                pipeline.blpop([wake], timeout=round(max(min(left, LONGEST_BLOCK), 0.001), 3))
+                pipeline.eval(TAKE, 2, key, took, value, self._ttl_ms(), WAKE_TTL_MS)
+                block = round(max(min(left, LONGEST_BLOCK), 0.001), 3)  # BLPOP 0: forever
+                pipeline.blpop([took, wake], timeout=block)
                 pipeline.set(key, value, nx=True, px=self._ttl_ms())
-                if self._call("wait", pipeline.execute)[1]:
+                if any(self._call("wait", pipeline.execute)[::2]):  # taken free, or woken
                     return lease
             return None
         except BaseException:
@@ -224,15 +226,11 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
             if self.release(lease):
                 logger.debug("Released lock %s, taken by a wait that was interrupted", lease.name)
         except Exception as e:  # the interruption is what the caller must see
-            logger.warning(
-                "Could not release lock %s after an interrupted wait (its lease expires on "
-                "its own): %s",
-                lease.name,
-                e,
-            )
+            why = "Could not release lock %s after an interrupted wait (its TTL frees it): %s"
+            logger.warning(why, lease.name, e)
 
     def release(self, lease: Lease) -> bool:
-        if lease.pid != os.getpid():
+        if lease.pid != this_pid():
             return False  # a forked child's copy: the lock is its parent's
         return self._release_by(lease.name, f"{lease.token} ".encode())
 
