@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import random
 import threading
 import time
 import weakref
@@ -271,7 +272,10 @@ class CommandIsolation:
                 else backend.poll_interval
             )
             if stop is not None:
-                interval = min(interval, ASYNC_SLICE)
+                # Each wait its own slice: waiters that started together (8 alock() calls
+                # at once) would otherwise all wake at once, and hold up the event loop's
+                # thread together, as they all want the GIL at the same moment.
+                interval = min(interval, ASYNC_SLICE * random.uniform(0.5, 1.0))
             lease = wait_for(
                 lambda seconds: self._attempt(backend, ttl, label, seconds),
                 wait,
