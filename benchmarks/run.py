@@ -49,11 +49,11 @@ QUICK = {
     "round_trip_trials": 2,
     "batches": 5,
     "batch_ms": 10.0,
-    "trials": 5,
+    "trials": 3,
     "acquisitions": 20,
     "rounds": 1,
-    "runs": 3,
-    "lag_seconds": 0.5,
+    "runs": 2,
+    "lag_seconds": 0.2,
 }
 
 

@@ -26,60 +26,49 @@ from django.core.management.base import CommandError
 
 from django_isolatable import AlreadyRan, CommandIsolation, IsolationError, LockInfo, isolated
 from django_isolatable.backends import Backend, Lease
-from tests import services
+from tests import services, strategies
 from tests.conformance_periods import wait_for_a_fresh_period
 from tests.processes import Worker, Workers
-from tests.settings import KEY_PREFIX
+from tests.strategies import StrategyConfig
 from tests.testapp.management.commands import isolated_echo
 
 HOUR = 3600.0
 MINUTE = 60.0
 
 
+#: The strategies that count periods on their store's clock (the others: this host's).
+STORE_CLOCKS = ("redis", "postgres", "database")
+
+
 @dataclass(frozen=True)
 class Store:
-    """A strategy as these tests configure it."""
+    """A strategy as these tests configure it (tests/strategies.py's), and its clock."""
 
-    id: str
-    settings: dict[str, Any]
-    service: str | None
-    #: Periods are counted on the store's clock, not this host's.
-    store_clock: bool
+    config: StrategyConfig
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"STRATEGY": self.config.strategy, **self.config.isolatable_settings}
+
+    @property
+    def service(self) -> str | None:
+        return self.config.service
+
+    @property
+    def store_clock(self) -> bool:
+        """Periods are counted on the store's clock, not this host's. (SQLite's clock is this
+        host's all the same, but it is what the database strategy counts periods on.)"""
+        return self.config.strategy in STORE_CLOCKS
 
 
-FILE = Store("file", {"STRATEGY": "file"}, None, store_clock=False)
-REDIS = Store(
-    "redis",
-    {"STRATEGY": "redis", "REDIS_URL": services.REDIS_URL, "KEY_PREFIX": KEY_PREFIX},
-    "redis",
-    store_clock=True,
-)
-POSTGRES = Store(
-    "postgres",
-    {"STRATEGY": "postgres", "DATABASE_ALIAS": "postgres", "KEY_PREFIX": KEY_PREFIX},
-    "postgres",
-    store_clock=True,
-)
-DATABASE_POSTGRES = Store(
-    "database-postgres",
-    {"STRATEGY": "database", "DATABASE_ALIAS": "postgres", "KEY_PREFIX": KEY_PREFIX},
-    "postgres",
-    store_clock=True,
-)
-DATABASE_MARIADB = Store(
-    "database-mariadb",
-    {"STRATEGY": "database", "DATABASE_ALIAS": "mariadb", "KEY_PREFIX": KEY_PREFIX},
-    "mariadb",
-    store_clock=True,
-)
-DATABASE_SQLITE = Store(
-    "database-sqlite",
-    {"STRATEGY": "database", "DATABASE_ALIAS": "sqlite", "KEY_PREFIX": KEY_PREFIX},
-    None,
-    # SQLite's now() is this host's system clock, which the fake (in Python) does not move: the
-    # database's clock all the same, and what the database strategy counts periods on.
-    store_clock=True,
-)
+FILE, REDIS, POSTGRES = Store(strategies.FILE), Store(strategies.REDIS), Store(strategies.POSTGRES)
+DATABASE_POSTGRES = Store(strategies.DATABASE_ON_POSTGRES)
+DATABASE_MARIADB = Store(strategies.DATABASE_ON_MARIADB)
+DATABASE_SQLITE = Store(strategies.DATABASE_ON_SQLITE)
 
 
 def params(*stores: Store) -> list[Any]:
