@@ -49,7 +49,7 @@ WAIT = 0.02  # seconds lock_with_timeout waits in the machine: short, every refu
 # Sized so the whole suite stays within CI's time; hypothesis keeps the failing examples it
 # finds (.hypothesis/) and replays them first on the next run.
 MACHINE_SETTINGS = settings(
-    max_examples=20,
+    max_examples=15,
     stateful_step_count=20,
     deadline=None,
     print_blob=True,
