@@ -26,6 +26,7 @@ from django_isolatable.backends.dbconnection import (
     close_private_connection,
     contended,
     private_connection,
+    run_statement,
 )
 from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.errors import LockIOError
@@ -83,9 +84,7 @@ class DatabaseBackend(Backend, TablePeriods):
         sql = sql.format(table=connection.ops.quote_name(Lock._meta.db_table))
         for attempt in range(2):
             try:
-                with connection.cursor() as cursor:
-                    cursor.execute(sql, params)
-                    return cursor.fetchall() if fetch else cursor.rowcount
+                return run_statement(connection, sql, params, fetch)
             except IntegrityError:
                 raise
             except DatabaseError as e:

@@ -44,6 +44,15 @@ def close_private_connection(alias: str) -> None:
         connection.close()
 
 
+def run_statement(
+    connection: BaseDatabaseWrapper, sql: str, params: list[Any], fetch: bool = False
+) -> Any:
+    """Run one statement on ``connection``: its rows if ``fetch``, else its row count."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if fetch else cursor.rowcount
+
+
 #: MySQL/MariaDB: deadlock, lock wait timeout. SQLite: another connection is writing.
 _CONTENTION_CODES = (1213, 1205)
 

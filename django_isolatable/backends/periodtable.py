@@ -22,7 +22,12 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_isolatable.backends import dbtable
 from django_isolatable.backends.base import Periods, period_ends
-from django_isolatable.backends.dbconnection import contended, ensure_table, private_connection
+from django_isolatable.backends.dbconnection import (
+    contended,
+    ensure_table,
+    private_connection,
+    run_statement,
+)
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import PeriodRun
@@ -64,9 +69,7 @@ class TablePeriods(Periods):
         created = False
         for attempt in range(6):
             try:
-                with connection.cursor() as cursor:
-                    cursor.execute(sql, params)
-                    return cursor.fetchall() if fetch else cursor.rowcount
+                return run_statement(connection, sql, params, fetch)
             except IntegrityError:
                 raise
             except DatabaseError as e:
