@@ -115,6 +115,8 @@ class IsolatableCommand(BaseCommand):
     #: ``--once-per SECONDS`` overrides it). A later run in the period is skipped; a run that
     #: raised or exited non-zero leaves the period open.
     isolation_once_per: float | None = None
+    #: How many runs may hold the lock at once (a semaphore; every user of the name must agree).
+    isolation_max_holders: int = 1
     #: The held lock while ``handle()`` runs: ``self.isolation_guard.check()`` raises
     #: ``LockLost`` if an expiring lease was lost, for long jobs that want to stop early.
     isolation_guard: LockGuard | None = None
@@ -176,7 +178,11 @@ class IsolatableCommand(BaseCommand):
         max_age = SETTINGS_MAX_AGE if self.isolation_max_age is None else self.isolation_max_age
         once_per = options.get("isolation_once_per") or self.isolation_once_per
         isolation = CommandIsolation(
-            name, strategy=self.isolation_strategy, max_age=max_age, once_per=once_per
+            name,
+            strategy=self.isolation_strategy,
+            max_age=max_age,
+            once_per=once_per,
+            max_holders=self.isolation_max_holders,
         )
         wait = options.get("isolation_wait")
         timeout = self.isolation_timeout if wait is None else None if wait == math.inf else wait

@@ -21,7 +21,6 @@ from django_isolatable.isolation import (
     _check_timeout,
     _extra,
 )
-from django_isolatable.once import check_once_per
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ def isolated(
     if_running: Literal["skip", "raise"] = "skip",
     strategy: LockStrategy | str | None = None,
     ttl: float | None = None,
+    max_holders: int = 1,
+    shared: bool = False,
     label: str | None = None,
     once_per: float | None = None,
 ) -> Callable[[F], F]:
@@ -61,7 +62,9 @@ def isolated(
     ``strategy`` and ``ttl`` are as for ``CommandIsolation``. With ``once_per`` (seconds), at
     most one call per period returns successfully: a call in a period whose call succeeded
     already is skipped (None) or raises ``AlreadyRan`` (``"raise"``); one that raised leaves
-    the period open.
+    the period open. ``max_holders=N`` lets up to N calls run at once (a semaphore);
+    ``shared=True`` takes the lock shared: shared calls run together, never beside an
+    exclusive holder of the name (``docs/more-than-one.md``).
 
     A label filled in longer than 200 characters is cut to 200 (it is for people to read; the
     name is what locks). A name or label that a call's arguments cannot fill (a ``**kwargs``
@@ -69,7 +72,8 @@ def isolated(
     runs.
 
     Raises ``ValueError`` at decoration time for a placeholder the signature cannot fill, or a
-    bad ``timeout``, ``if_running``, ``ttl``, ``label`` or ``once_per``; ``TypeError`` for a
+    bad ``timeout``, ``if_running``, ``ttl``, ``label``, ``once_per``, ``max_holders`` or
+    ``shared``; ``TypeError`` for a
     generator function (its body would run after the call returned and released the lock).
     """
     if if_running not in ("skip", "raise"):
@@ -80,9 +84,8 @@ def isolated(
     if label is not None:
         _check_template(label, "label")
         _check_label(label if not _fields(label) else _literal_text(label))
-    if ttl is not None:
-        CommandIsolation("ttl-check", ttl=ttl)  # the same ValueError as the class gives
-    check_once_per(once_per)
+    # The same ValueErrors as the class gives, at decoration time.
+    CommandIsolation("check", ttl=ttl, once_per=once_per, max_holders=max_holders)._shared(shared)
 
     def decorate(function: F) -> F:
         if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
@@ -91,7 +94,7 @@ def isolated(
                 "body runs only as it is iterated, after the call returned and released the "
                 "lock. Isolate a function that consumes it instead."
             )
-        lock = _Calls(function, name, label, strategy, ttl, once_per)
+        lock = _Calls(function, name, label, strategy, ttl, once_per, max_holders)
         skip = if_running == "skip"
         # A name without placeholders has one isolation, made once: nothing to fill in per call.
         fixed, fixed_label = lock.fixed, lock.label
@@ -105,7 +108,7 @@ def isolated(
                 else:
                     isolation, text = lock.for_call(args, kwargs)
                 try:
-                    guard = await isolation._alock(wait, text)
+                    guard = await isolation._alock(wait, text, shared)
                 except AlreadyRunning as e:
                     if not skip:
                         raise
@@ -127,7 +130,7 @@ def isolated(
             else:
                 isolation, text = lock.for_call(args, kwargs)
             try:
-                guard = isolation._lock(wait, None, text)
+                guard = isolation._lock(wait, None, text, shared=shared)
             except AlreadyRunning as e:
                 if not skip:
                     raise
@@ -165,6 +168,7 @@ class _Calls:
         strategy: LockStrategy | str | None,
         ttl: float | None,
         once_per: float | None = None,
+        max_holders: int = 1,
     ) -> None:
         qualname = getattr(function, "__qualname__", None)
         if name is None and qualname is None:
@@ -186,7 +190,12 @@ class _Calls:
         if not self.templated:  # filled in once: "{{" is "{" here too
             self.name = self.name.format()
             self.label = None if label is None else label.format()
-        self.options: dict[str, Any] = {"strategy": strategy, "ttl": ttl, "once_per": once_per}
+        self.options: dict[str, Any] = {
+            "strategy": strategy,
+            "ttl": ttl,
+            "once_per": once_per,
+            "max_holders": max_holders,
+        }
         self.isolations: dict[str, CommandIsolation] = {}
         #: The one isolation of a name without placeholders (None for a templated name).
         self.fixed = None if self.templated else self._isolation(self.name)

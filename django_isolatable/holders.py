@@ -49,6 +49,11 @@ class LockInfo:
     expires_at: datetime | None = None
     argv: tuple[str, ...] = ()
     label: str | None = None
+    #: ``"exclusive"`` (a plain lock), ``"shared"`` (``lock(shared=True)``) or ``"semaphore"``
+    #: (one of ``max_holders`` slots).
+    mode: str = "exclusive"
+    #: The holder count this holder's lock allows (``CommandIsolation(max_holders=N)``).
+    max_holders: int = 1
     alive: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +70,8 @@ class LockInfo:
             "expires_at": _iso(self.expires_at),
             "argv": list(self.argv),
             "label": self.label,
+            "mode": self.mode,
+            "max_holders": self.max_holders,
         }
 
     def to_json(self) -> str:
@@ -79,7 +86,8 @@ class LockInfo:
             f'"token": {_encode(self.token)}, {process}, '
             f'"acquired_at": {_iso_json(self.acquired_at)}, '
             f'"expires_at": {_iso_json(self.expires_at)}, {argv}, '
-            f'"label": {_encode(self.label)}}}\n'
+            f'"label": {_encode(self.label)}, "mode": "{self.mode}", '
+            f'"max_holders": {self.max_holders:d}}}\n'
         )
         if not _utf8_safe(text):
             text = json.dumps(self.to_dict()) + "\n"
@@ -107,6 +115,8 @@ class LockInfo:
             expires_at=_datetime(data.get("expires_at")),
             argv=tuple(a for a in argv if isinstance(a, str)) if isinstance(argv, list) else (),
             label=_typed(data.get("label"), str),
+            mode=_mode(data.get("mode")),
+            max_holders=_max_holders(data.get("max_holders")),
         )
 
     @classmethod
@@ -162,6 +172,20 @@ def _typed(value: object, kind: type[Any]) -> Any:
     if kind is int and isinstance(value, bool):
         return None
     return value if isinstance(value, kind) else None
+
+
+MODES = ("exclusive", "shared", "semaphore")
+#: The most holders a semaphore may allow.
+MAX_HOLDERS = 10_000
+
+
+def _mode(value: object) -> str:
+    return value if isinstance(value, str) and value in MODES else "exclusive"
+
+
+def _max_holders(value: object) -> int:
+    number = _typed(value, int)
+    return number if number is not None and 1 <= number <= MAX_HOLDERS else 1
 
 
 def _datetime(value: object) -> datetime | None:
@@ -264,9 +288,12 @@ def new_record(
     now: datetime | None = None,
     token: str | None = None,
     label: str | None = None,
+    mode: str = "exclusive",
+    max_holders: int = 1,
 ) -> LockInfo:
     """A fresh record for the current process taking ``name``, with a new random owner token
-    (or ``token``, one the backend already gave the store) and the caller's ``label``."""
+    (or ``token``, one the backend already gave the store), the caller's ``label``, and the
+    kind of hold (``mode``, ``max_holders``)."""
     acquired_at = now or datetime.now(timezone.utc)
     process = _this_process()
     return LockInfo(
@@ -281,6 +308,8 @@ def new_record(
         expires_at=None if ttl is None else acquired_at + timedelta(seconds=ttl),
         argv=recorded_argv(),
         label=label,
+        mode=mode,
+        max_holders=max_holders,
         alive=True,
     )
 

@@ -22,10 +22,13 @@ from django_isolatable.backends import (
     BackendOptions,
     Lease,
     LockStrategy,
+    Semaphore,
+    Shared,
     Waiting,
     load_backend_class,
     options_from_settings,
 )
+from django_isolatable.backends.base import holder_count_mismatch
 from django_isolatable.conf import MAX_TTL, is_valid_max_age, is_valid_ttl, isolatable_settings
 from django_isolatable.errors import (
     AlreadyRan,
@@ -34,7 +37,7 @@ from django_isolatable.errors import (
     LockLost,
     LockTimeout,
 )
-from django_isolatable.holders import LockInfo, judged, new_record, utcnow
+from django_isolatable.holders import MAX_HOLDERS, LockInfo, judged, new_record, utcnow
 from django_isolatable.once import Period, check_once_per, open_period
 from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import (
@@ -103,6 +106,14 @@ def _extra(name: str, strategy: str, holder: LockInfo | None = None) -> dict[str
     }
 
 
+def _check_max_holders(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_HOLDERS:
+        raise ValueError(
+            f"max_holders must be a whole number from 1 to {MAX_HOLDERS}, not {value!r}."
+        )
+    return value
+
+
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise ValueError(f"A lock name must be a str, not {type(name).__name__} ({name!r}).")
@@ -125,7 +136,10 @@ class CommandIsolation:
     ``lock_overdue``. With ``once_per`` (seconds), at most one successful run per period
     (see ``docs/once-per.md``): a lock call that finds this period's run done releases and
     raises ``AlreadyRan``; a guard's ``with`` block left without an exception records the run.
-    Raises ``ValueError`` for an empty name or one containing NUL, or a bad ``once_per``.
+    With ``max_holders=N``, a semaphore: up to N holders at once (1, the default, is the plain
+    lock); every user of one name must pass the same N.
+    Raises ``ValueError`` for an empty name or one containing NUL, or a bad ``once_per`` or
+    ``max_holders``.
     """
 
     def __init__(
@@ -139,9 +153,15 @@ class CommandIsolation:
         label: str | None = None,
         max_age: float | None = SETTINGS_MAX_AGE,
         once_per: float | None = None,
+        max_holders: int = 1,
     ) -> None:
         self.name = _check_name(name)
         self.once_per = check_once_per(once_per)
+        self.max_holders = _check_max_holders(max_holders)
+        if self.max_holders > 1 and self.once_per is not None:
+            raise ValueError(
+                "once_per cannot be combined with max_holders > 1: one run per period."
+            )
         self.label = _check_label(label)
         if max_age is not SETTINGS_MAX_AGE and not is_valid_max_age(max_age):
             raise ValueError(f"max_age must be None or a number of seconds > 0, not {max_age!r}.")
@@ -159,7 +179,8 @@ class CommandIsolation:
         self._backend_generation = -1
 
     def __repr__(self) -> str:
-        return f"<CommandIsolation {self.name!r} strategy={self.strategy!r}>"
+        holders = "" if self.max_holders == 1 else f" max_holders={self.max_holders}"
+        return f"<CommandIsolation {self.name!r} strategy={self.strategy!r}{holders}>"
 
     def _copy(self, **changes: Any) -> CommandIsolation:
         kwargs: dict[str, Any] = {
@@ -170,6 +191,7 @@ class CommandIsolation:
             "label": self.label,
             "max_age": self._max_age,
             "once_per": self.once_per,
+            "max_holders": self.max_holders,
         }
         kwargs.update(changes)
         return CommandIsolation(self.name, **kwargs)
@@ -226,6 +248,7 @@ class CommandIsolation:
         self,
         timeout: float | None = SETTINGS_TIMEOUT,
         *,
+        shared: bool = False,
         progress: Callable[[float, LockInfo | None], None] | None = None,
     ) -> LockGuard:
         """Take the lock and return its guard.
@@ -233,10 +256,45 @@ class CommandIsolation:
         ``timeout`` None waits forever, 0 raises ``AlreadyRunning`` at once if the lock is held,
         ``t > 0`` raises ``LockTimeout`` after about ``t`` seconds. ``progress(waited, holder)``
         is called about once a second while waiting. With ``once_per``, raises ``AlreadyRan``
-        (the lock released) when this period's run happened already. Raises ``LockIOError``,
-        ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used.
+        (the lock released) when this period's run happened already. With ``shared``, a
+        shared hold: it coexists with other shared holds, never with an exclusive one, and
+        waits behind an exclusive locker that waits already. Raises ``LockIOError``,
+        ``LockPermissionError`` or ``LockFileError`` when the lock store cannot be used, and
+        ``IsolationError`` when the strategy cannot hold the lock this way.
         """
-        return self._lock(self._wait(timeout), progress, self.label)
+        return self._lock(self._wait(timeout), progress, self.label, shared=self._shared(shared))
+
+    def _shared(self, shared: object) -> bool:
+        if not isinstance(shared, bool):
+            raise ValueError(f"shared must be True or False, not {shared!r}.")
+        if shared and self.max_holders > 1:
+            raise ValueError(
+                f"shared=True cannot be combined with max_holders={self.max_holders}: a "
+                "shared lock allows any number of shared holders already."
+            )
+        if shared and self.once_per is not None:
+            raise ValueError("shared=True cannot be combined with once_per: one run per period.")
+        return shared
+
+    def _mode(self, backend: Backend, shared: bool) -> str:
+        """The kind of hold a lock call asks for, refused when ``backend`` cannot offer it."""
+        if shared:
+            if not isinstance(backend, Shared):
+                raise IsolationError(
+                    f"The {backend.strategy} strategy cannot hold lock "
+                    f"{self.name!r} shared (see docs/{backend.strategy}-strategy.md); use "
+                    "an exclusive lock, or a strategy with shared locks (file, redis, "
+                    "postgres, memory)."
+                )
+            return "shared"
+        if self.max_holders > 1:
+            if not isinstance(backend, Semaphore):
+                raise IsolationError(
+                    f"The {backend.strategy} strategy cannot hold lock {self.name!r} with "
+                    f"max_holders={self.max_holders}."
+                )
+            return "semaphore"
+        return "exclusive"
 
     def _wait(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is SETTINGS_TIMEOUT else _check_timeout(timeout)
@@ -247,13 +305,18 @@ class CommandIsolation:
         progress: Callable[[float, LockInfo | None], None] | None,
         label: str | None,
         stop: threading.Event | None = None,
+        *,
+        shared: bool = False,
     ) -> LockGuard:
         """``lock()`` with the wait checked, for a holder labelled ``label``; a set ``stop``
         ends the wait within a slice (``alock()`` cancelled)."""
         started = time.monotonic()
         backend = self.backend
+        mode = self._mode(backend, shared)
         ttl = self.ttl if backend.expiring else None  # read once per lock
-        blocking = isinstance(backend, Waiting)
+        # Semaphore slots and shared holds are polled for; an exclusive locker waits in the
+        # store where it can (where it also holds off new shared holds: writer preference).
+        blocking = mode == "exclusive" and isinstance(backend, Waiting)
         # A lock() that may wait in the store starts with that wait, which takes a free lock
         # itself: under contention a plain attempt first would cost a round trip that fails.
         # Not for an expiring lock this isolation has not looked at lately: it may be a dead
@@ -263,7 +326,7 @@ class CommandIsolation:
             and blocking
             and not (backend.expiring and time.monotonic() >= self._next_stale_check)
         )
-        lease = None if wait_first else self._attempt(backend, ttl, label)
+        lease = None if wait_first else self._attempt(backend, ttl, label, mode=mode)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             interval = (
@@ -277,7 +340,7 @@ class CommandIsolation:
                 # thread together, as they all want the GIL at the same moment.
                 interval = min(interval, ASYNC_SLICE * random.uniform(0.5, 1.0))
             lease = wait_for(
-                lambda seconds: self._attempt(backend, ttl, label, seconds),
+                lambda seconds: self._attempt(backend, ttl, label, seconds, mode=mode),
                 wait,
                 blocking=blocking,
                 interval=interval,
@@ -302,8 +365,13 @@ class CommandIsolation:
         return guard
 
     def _gave_up(self, backend: Backend, wait: float | None) -> AlreadyRunning:
-        """The error of a lock call that did not get the lock; ``lock_skipped`` is sent."""
-        holder = self.holder()
+        """The error of a lock call that did not get the lock; ``lock_skipped`` is sent.
+        Raises ``IsolationError`` instead when the holders recorded another ``max_holders``."""
+        holders = self.holders()
+        for found in holders:
+            if found.mode != "shared" and found.max_holders != self.max_holders:
+                raise holder_count_mismatch(self.name, found.max_holders, self.max_holders)
+        holder = _one_of(holders)
         error = (
             AlreadyRunning(self.name, holder)
             if wait == 0
@@ -330,19 +398,21 @@ class CommandIsolation:
         return error
 
     def _attempt(
-        self, backend: Backend, ttl: float | None, label: str | None, seconds: float = 0.0
+        self,
+        backend: Backend,
+        ttl: float | None,
+        label: str | None,
+        seconds: float = 0.0,
+        *,
+        mode: str = "exclusive",
     ) -> Lease | None:
         """One attempt, or (``seconds`` > 0, a ``Waiting`` backend) one wait of up to
-        ``seconds`` in the store; then, for an expiring strategy, a look at whether the holder
-        died, taking the lock over if it did."""
-        record = new_record(self.name, backend.strategy, ttl=ttl, label=label)
-        if seconds > 0 and isinstance(backend, Waiting):
-            lease = backend.acquire_waiting(self.name, record, seconds)
-        else:
-            lease = backend.acquire(self.name, record)
+        ``seconds`` in the store; then, for an expiring strategy, a look at whether a holder
+        died, taking its place if one did."""
+        lease = self._take(backend, ttl, label, seconds, mode)
         if lease is None and backend.expiring and self._stale_check_due():
-            previous = release_stale(backend, self.name)
-            if previous is not None:
+            taken_over = release_stale(backend, self.name)
+            for previous in taken_over:
                 logger.warning(
                     "Took over lock %s from a dead holder (pid %s on %s)",
                     self.name,
@@ -351,10 +421,31 @@ class CommandIsolation:
                     extra=_extra(self.name, backend.strategy, previous),
                 )
                 lock_taken_over.send_robust(sender=self, name=self.name, previous=previous)
-                record = new_record(self.name, backend.strategy, ttl=ttl, label=label)
-                lease = backend.acquire(self.name, record)
+            if taken_over:
+                lease = self._take(backend, ttl, label, 0.0, mode)
         logger.debug("Attempt to lock %s: %s", self.name, "taken" if lease else "held")
         return lease
+
+    def _take(
+        self, backend: Backend, ttl: float | None, label: str | None, seconds: float, mode: str
+    ) -> Lease | None:
+        record = new_record(
+            self.name,
+            backend.strategy,
+            ttl=ttl,
+            label=label,
+            mode=mode,
+            max_holders=self.max_holders,
+        )
+        if mode == "semaphore":
+            assert isinstance(backend, Semaphore)
+            return backend.acquire_slot(self.name, record, self.max_holders)
+        if mode == "shared":
+            assert isinstance(backend, Shared)
+            return backend.acquire_shared(self.name, record)
+        if seconds > 0 and isinstance(backend, Waiting):
+            return backend.acquire_waiting(self.name, record, seconds)
+        return backend.acquire(self.name, record)
 
     def _stale_check_due(self) -> bool:
         """At most every STALE_CHECK_EVERY seconds: a waiter that lost a race to a live holder
@@ -369,11 +460,13 @@ class CommandIsolation:
         """``lock(timeout=seconds)``."""
         return self.lock(timeout=seconds)
 
-    def try_lock(self) -> LockGuard:
+    def try_lock(self, *, shared: bool = False) -> LockGuard:
         """``lock(timeout=0)``: the guard, or ``AlreadyRunning`` at once."""
-        return self.lock(timeout=0)
+        return self.lock(timeout=0, shared=shared)
 
-    def alock(self, timeout: float | None = SETTINGS_TIMEOUT) -> AsyncLocking:
+    def alock(
+        self, timeout: float | None = SETTINGS_TIMEOUT, *, shared: bool = False
+    ) -> AsyncLocking:
         """``lock()`` for async code: ``async with iso.alock() as guard:`` or
         ``guard = await iso.alock()`` (then ``await guard.arelease()``).
 
@@ -381,24 +474,28 @@ class CommandIsolation:
         the wait (``task.cancel()``, ``asyncio.timeout``) raises ``CancelledError`` at once and
         leaves nothing held; the worker gives up within ``ASYNC_SLICE`` seconds.
         """
-        return self._alock(self._wait(timeout), self.label)
+        return self._alock(self._wait(timeout), self.label, self._shared(shared))
 
-    def _alock(self, wait: float | None, label: str | None) -> AsyncLocking:
-        return AsyncLocking(self, wait, label)
+    def _alock(self, wait: float | None, label: str | None, shared: bool = False) -> AsyncLocking:
+        return AsyncLocking(self, wait, label, shared)
 
-    def atry_lock(self) -> AsyncLocking:
+    def atry_lock(self, *, shared: bool = False) -> AsyncLocking:
         """``alock(timeout=0)``."""
-        return self.alock(timeout=0)
+        return self.alock(timeout=0, shared=shared)
+
+    def holders(self) -> list[LockInfo]:
+        """Every current holder (a semaphore's, a shared lock's), and dead holders' leftover
+        records (``alive=False``); ``[]`` when there is none."""
+        return [judged(info) for info in self.backend.inspect(self.name)]
 
     def holder(self) -> LockInfo | None:
-        """The current holder, a dead holder's leftover record (``alive=False``), or None."""
-        info = self.backend.inspect(self.name)
-        return None if info is None else judged(info)
+        """The current holder (one of them, for a semaphore or a shared lock), a dead holder's
+        leftover record (``alive=False``), or None."""
+        return _one_of(self.holders())
 
     def is_locked(self) -> bool:
         """True if anyone holds the lock, this process included."""
-        holder = self.holder()
-        return holder is not None and holder.alive is not False
+        return any(holder.alive is not False for holder in self.holders())
 
     def lock_path(self) -> Path | None:
         """The lock file (file strategy), else None."""
@@ -416,10 +513,10 @@ class CommandIsolation:
         return released
 
     def release_if_stale(self) -> bool:
-        """Release the lock if its holder is proven dead (or its lease expired); True if done.
-        What ``manage.py locks release NAME`` does without ``--force`` (see ``release_stale``).
-        """
-        return release_stale(self.backend, self.name) is not None
+        """Release every holder of the lock that is proven dead (or whose lease expired); True
+        if any was. What ``manage.py locks release NAME`` does without ``--force`` (see
+        ``release_stale``)."""
+        return bool(release_stale(self.backend, self.name))
 
     def _open_period(self, guard: LockGuard, backend: Backend, once_per: float) -> None:
         """``once_per``: give the just-taken ``guard`` its period, or release it and raise
@@ -436,30 +533,38 @@ class CommandIsolation:
             raise
 
 
-def release_stale(backend: Backend, name: str) -> LockInfo | None:
-    """Release ``name`` in ``backend`` if its holder is proven dead (or its lease expired);
-    the released holder's record if done, else None.
+def _one_of(holders: list[LockInfo]) -> LockInfo | None:
+    """The holder to name for a lock: a live one if any, else a leftover record, else None."""
+    for holder in holders:
+        if holder.alive is not False:
+            return holder
+    return holders[0] if holders else None
 
-    Goes by the dead holder's token, so a live holder that took the lock in the meantime is
+
+def release_stale(backend: Backend, name: str) -> list[LockInfo]:
+    """Release each holder of ``name`` in ``backend`` that is proven dead (or whose lease
+    expired): every slot of a semaphore, every shared hold. The released holders' records.
+
+    Goes by each dead holder's token, so a live holder that took its place in the meantime is
     never touched. A record without a token is released only where the backend itself judged
     it dead (the kernel: nobody holds the file lock), which it checks again as it releases.
     """
-    found = backend.inspect(name)
-    if found is None:
-        return None
-    holder = judged(found)
-    if holder.alive is not False or (holder.token is None and found.alive is not False):
-        return None
-    if not backend.release(Lease(name, holder.token or "", holder)):
-        return None
-    logger.info(
-        "Released the stale lock %s of dead pid %s on %s",
-        name,
-        holder.pid,
-        holder.hostname,
-        extra=_extra(name, backend.strategy, holder),
-    )
-    return holder
+    released = []
+    for found in backend.inspect(name):
+        holder = judged(found)
+        if holder.alive is not False or (holder.token is None and found.alive is not False):
+            continue
+        if not backend.release(Lease(name, holder.token or "", holder)):
+            continue
+        logger.info(
+            "Released the stale lock %s of dead pid %s on %s",
+            name,
+            holder.pid,
+            holder.hostname,
+            extra=_extra(name, backend.strategy, holder),
+        )
+        released.append(holder)
+    return released
 
 
 class LockGuard:
@@ -649,10 +754,17 @@ class AsyncLocking(Coroutine[Any, Any, LockGuard]):
     """What ``alock()`` returns: await it for the guard, run it as a task
     (``asyncio.create_task``), or use it with ``async with``."""
 
-    def __init__(self, isolation: CommandIsolation, wait: float | None, label: str | None):
+    def __init__(
+        self,
+        isolation: CommandIsolation,
+        wait: float | None,
+        label: str | None,
+        shared: bool = False,
+    ):
         self._isolation = isolation
         self._wait = wait
         self._label = label
+        self._shared = shared
         self._guard: LockGuard | None = None
         self._taking: Coroutine[Any, Any, LockGuard] | None = None
 
@@ -689,9 +801,12 @@ class AsyncLocking(Coroutine[Any, Any, LockGuard]):
         if self._guard is not None:
             await self._guard.__aexit__(exc_type, exc, traceback)
 
+    def _take_in_worker(self, stop: threading.Event) -> LockGuard:
+        return self._isolation._lock(self._wait, None, self._label, stop, shared=self._shared)
+
     async def _take(self) -> LockGuard:
         stop = _Stop(asyncio.get_running_loop())
-        future = _submit(self._isolation._lock, self._wait, None, self._label, stop)
+        future = _submit(self._take_in_worker, stop)
         try:
             return await asyncio.wrap_future(future)
         except BaseException:

@@ -30,6 +30,7 @@ from django_isolatable import (
 )
 from django_isolatable.isolation import ASYNC_SLICE
 from tests import services
+from tests.conformance_holders import HolderConformance
 from tests.conformance_periods import PeriodConformance
 
 TRICKY_NAMES = [
@@ -53,7 +54,7 @@ TRICKY_NAMES = [
 ]
 
 
-class LockConformance(PeriodConformance):
+class LockConformance(PeriodConformance, HolderConformance):
     """Contract tests every strategy passes. ``make(name, **kwargs)`` builds a CommandIsolation.
     The periods ability's tests (``once_per``) are ``PeriodConformance``'s."""
 

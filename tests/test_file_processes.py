@@ -409,7 +409,7 @@ def test_a_lock_dir_replaced_under_a_running_process_is_followed(spawn, lock_dir
     lock_dir.mkdir(mode=0o700)
     holder = spawn("hold")
     pid, _token = holder.expect("held")
-    info = backend.inspect(NAME)
+    info = (backend.inspect(NAME) or [None])[0]
     assert info is not None
     assert (info.pid, info.alive) == (int(pid), True)
     assert backend.acquire(NAME, new_record(NAME, "file")) is None

@@ -234,7 +234,7 @@ class TestJudgedReleases:
         backend = file_backend(lock_dir)
         first = spawn("hold")
         _pid, first_token = first.expect("held")
-        judged = backend.inspect(NAME)
+        judged = (backend.inspect(NAME) or [None])[0]
         assert judged is not None
         assert judged.token == first_token
         first.finish()
@@ -276,7 +276,7 @@ class TestJudgedReleases:
         path = lock_dir / f"{NAME}.lock"
         path.write_bytes(content)
         path.chmod(0o600)
-        info = backend.inspect(NAME)
+        info = (backend.inspect(NAME) or [None])[0]
         assert info is not None
         assert (info.alive, info.token) == (False, None)
         holder = spawn("hold")

@@ -316,7 +316,7 @@ def test_release_stale_releases_every_stale_lock_whatever_its_name(cache_setting
         assert b"\x1b" not in release.stdout
         for name in names:
             assert f"Released stale lock {printable(name)} (pid {pid} on " in out
-        assert [backend.inspect(name) for name in names] == [None] * len(names)
+        assert [backend.inspect(name) for name in names] == [[]] * len(names)
     finally:
         for name in names:
             backend.force_release(name)

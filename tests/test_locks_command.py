@@ -129,7 +129,9 @@ def test_release_stale_force_never_touches_a_holder_that_took_the_lock_after_the
             fcntl.fcntl(release.stdout, fcntl.F_SETPIPE_SZ, 4096)
             deadline = time.monotonic() + EVENT_TIMEOUT
             # The listing is done once the first stale lock is released (it goes in name order).
-            while getattr(backend.inspect(names[0]), "token", None) == stale[names[0]]:
+            while (
+                getattr((backend.inspect(names[0]) or [None])[0], "token", None) == stale[names[0]]
+            ):
                 assert release.poll() is None, release.stdout.read()
                 assert time.monotonic() < deadline, "the release never started"
                 time.sleep(0.001)
@@ -137,7 +139,7 @@ def test_release_stale_force_never_touches_a_holder_that_took_the_lock_after_the
             text = release.stdout.read().decode()
             status = release.wait(EVENT_TIMEOUT)
             # Each lock the taker holds is still its own: none was force-released under it.
-            holders = {name: backend.inspect(name) for name in taken}
+            holders = {name: (backend.inspect(name) or [None])[0] for name in taken}
             assert {name: getattr(info, "token", None) for name, info in holders.items()} == taken
             assert status == 1, text
             changed = re.findall(
@@ -171,15 +173,15 @@ def test_force_release_with_a_token_acts_only_while_that_token_holds_the_lock(co
         assert first is not None
         try:
             assert backend.force_release(name, token="0" * 32) is False
-            assert backend.inspect(name).token == first.token  # type: ignore[union-attr]
+            assert backend.inspect(name)[0].token == first.token  # type: ignore[union-attr]
             assert backend.force_release(name, token=first.token) is True
-            assert backend.inspect(name) is None
+            assert backend.inspect(name) == []
             second = backend.acquire(name, new_record(name, config.strategy, ttl=60))
             assert second is not None
             assert backend.force_release(name, token=first.token) is False  # judged earlier
-            assert backend.inspect(name).token == second.token  # type: ignore[union-attr]
+            assert backend.inspect(name)[0].token == second.token  # type: ignore[union-attr]
             assert backend.force_release(name) is True  # no token: whoever holds it
-            assert backend.inspect(name) is None
+            assert backend.inspect(name) == []
         finally:
             backend.force_release(name)
 
@@ -200,7 +202,7 @@ def test_a_holder_whose_record_has_no_token_is_not_released(settings):
             f"Not releasing {name}: its holder's record (pid {os.getpid()} on "
             f"{socket.gethostname()}) has no owner token, so it cannot be released safely.\n"
         )
-        assert backend.inspect(name) is not None
+        assert backend.inspect(name) != []
     finally:
         backend.cache.delete(backend._key(name))
 

@@ -46,8 +46,8 @@ def test_prefixed_names_that_join_to_the_same_text_are_different_locks(config, f
         lease_b = b.acquire(name_b, new_record(name_b, config.strategy, ttl=60))
         assert lease_b is not None, f"{first} and {second} are one lock"
         try:
-            assert a.inspect(name_a).token == lease_a.token
-            assert b.inspect(name_b).token == lease_b.token
+            assert a.inspect(name_a)[0].token == lease_a.token
+            assert b.inspect(name_b)[0].token == lease_b.token
             assert [i.name for i in a.list() if i.token == lease_b.token] == []
         finally:
             b.release(lease_b)

@@ -32,7 +32,7 @@ class RenewedMemoryBackend(MemoryBackend):
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         self.renewed.setdefault(lease.token, threading.Event()).set()
-        holder = self.inspect(lease.name)
+        holder = (self.inspect(lease.name) or [None])[0]
         return holder is not None and holder.token == lease.token
 
 

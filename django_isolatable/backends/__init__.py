@@ -9,7 +9,15 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease, Periods, Waiting
+from django_isolatable.backends.base import (
+    Backend,
+    BackendOptions,
+    Lease,
+    Periods,
+    Semaphore,
+    Shared,
+    Waiting,
+)
 
 __all__ = [
     "Backend",
@@ -17,6 +25,8 @@ __all__ = [
     "Lease",
     "LockStrategy",
     "Periods",
+    "Semaphore",
+    "Shared",
     "Waiting",
     "backend_for",
     "load_backend_class",

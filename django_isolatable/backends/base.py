@@ -16,7 +16,8 @@ from typing import ClassVar
 
 from django.core.checks import CheckMessage, Error
 
-from django_isolatable.holders import LockInfo, this_pid
+from django_isolatable.errors import IsolationError
+from django_isolatable.holders import LockInfo, printable, this_pid
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ def missing_driver(strategy: str, module: str, extra: str, check_id: str) -> lis
 class Backend:
     """One strategy's lock operations: single attempts against its store, on its driver's public
     API. Subclasses set ``strategy`` and implement the methods; optional abilities are the small
-    interfaces below (``Waiting``), which ``CommandIsolation`` asks a backend for with
-    ``isinstance``.
+    interfaces below (``Waiting``, ``Semaphore``, ``Shared``, ``Periods``), which
+    ``CommandIsolation`` asks a backend for with ``isinstance``.
 
     A backend stores and returns the ``LockInfo`` it is given and never judges liveness
     (``holders.py`` does).
@@ -126,19 +127,20 @@ class Backend:
         """
         return True
 
-    def inspect(self, name: str) -> LockInfo | None:
-        """The current holder of ``name``, read-only.
+    def inspect(self, name: str) -> list[LockInfo]:
+        """The current holders of ``name``, read-only: ``[]`` when there is no record, one
+        record for a plain lock, one per holder for a semaphore's slots or shared holds.
 
-        None when there is no record. A backend that knows for certain whether the holder is
-        alive (the kernel, a live database session) sets ``alive``, and marks a lease the store
-        judges expired ``alive=False``; otherwise it leaves ``alive`` None for
-        ``holders.judged`` to decide.
+        A backend that knows for certain whether a holder is alive (the kernel, a live database
+        session) sets ``alive``, and marks a lease the store judges expired ``alive=False``;
+        otherwise it leaves ``alive`` None for ``holders.judged`` to decide.
         """
         raise NotImplementedError
 
     def list(self) -> Iterable[LockInfo]:
-        """Every lock record this backend can see (held or stale), as ``inspect`` returns them,
-        streamed: a store with many locks is never read into memory at once."""
+        """Every holder record this backend can see (held or stale), as ``inspect`` returns
+        them (one per holder of a semaphore or shared lock), streamed: a store with many locks
+        is never read into memory at once."""
         raise NotImplementedError
 
     def force_release(self, name: str, token: str | None = None) -> bool:
@@ -146,7 +148,8 @@ class Backend:
 
         With ``token``, only while that token holds it (or is its dead holder's record):
         judged and released in one step, so a holder that took the lock after someone looked
-        at it is never touched.
+        at it is never touched. Without, every holder: each slot of a semaphore, each shared
+        hold.
         """
         raise NotImplementedError
 
@@ -171,6 +174,52 @@ class Waiting(abc.ABC):
         Leaves nothing held when it returns None or raises, an interrupt (``KeyboardInterrupt``,
         a signal handler's exception) included: what the store granted meanwhile is released.
         """
+
+
+def holder_count_mismatch(name: str, recorded: int, asked: int) -> IsolationError:
+    """The error of a lock call whose ``max_holders`` differs from the one its current holders
+    recorded: two users of one name disagree on how many may hold it."""
+    return IsolationError(
+        f"Lock {printable(name)} is held with max_holders={recorded}, but this call asks for "
+        f"max_holders={asked}: every user of one lock name must pass the same max_holders "
+        f"(see `manage.py locks status {printable(name)}`)."
+    )
+
+
+class Semaphore(abc.ABC):
+    """Ability: up to N holders of one name at once (``CommandIsolation(max_holders=N)``).
+
+    A semaphore's holders have records with ``mode="semaphore"`` and ``max_holders=N``, and
+    the same guarantees as a plain lock's holder: owner-only release (``release``), dead
+    holders freed (by the kernel, the session, or ``force_release(name, token)`` of a dead
+    record), leases renewed with ``refresh``. ``inspect`` returns every holder. A plain
+    ``acquire`` of the name fails while a semaphore holder holds it.
+    """
+
+    @abc.abstractmethod
+    def acquire_slot(self, name: str, info: LockInfo, max_holders: int) -> Lease | None:
+        """One non-blocking attempt to become one of at most ``max_holders`` (>= 2) holders of
+        ``name`` (``info.mode == "semaphore"``, ``info.max_holders == max_holders``).
+
+        None when all are taken. Raises ``holder_count_mismatch`` when a current holder
+        recorded another count (a plain lock's holder counts as 1).
+        """
+
+
+class Shared(abc.ABC):
+    """Ability: shared holds (``lock(shared=True)``) that coexist with each other and never with
+    an exclusive hold, with writer preference.
+
+    A plain ``acquire`` fails while a shared hold exists; ``acquire_shared`` fails while an
+    exclusive hold exists, and while an exclusive locker waits (in ``acquire_waiting``, which a
+    backend with this ability must have): shared holds asked for after it wait behind it.
+    Records have ``mode="shared"``; ``inspect`` returns each shared holder.
+    """
+
+    @abc.abstractmethod
+    def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
+        """One non-blocking attempt at a shared hold of ``name``; None while it is held
+        exclusively or an exclusive locker waits for it."""
 
 
 #: Seconds a "ran in period P" record outlives its period: a run that read the store's clock

@@ -131,9 +131,9 @@ class CacheBackend(Backend, CachePeriods):
             return False
         return bool(self._call("renew", self.cache.touch, self._key(lease.name), self._ttl(ttl)))
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         value = self._call("read", self.cache.get, self._key(name))
-        return None if value is None else _info(name, value)
+        return [] if value is None else [_info(name, value)]
 
     def list(self) -> Iterator[LockInfo]:
         index = self._call("read", self.cache.get, self._index)

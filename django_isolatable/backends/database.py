@@ -162,9 +162,9 @@ class DatabaseBackend(Backend, TablePeriods):
             if info is not None:
                 yield info
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         name_hash = dbtable.name_hash(self.options.key_prefix, name)
-        return next(self._records("WHERE name_hash = %s", [name_hash], name), None)
+        return list(self._records("WHERE name_hash = %s", [name_hash], name))
 
     def list(self) -> Iterator[LockInfo]:
         return self._records("ORDER BY name", [])

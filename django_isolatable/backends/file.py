@@ -155,7 +155,12 @@ class FileBackend(Backend, Waiting, FilePeriods):
         finally:
             os.close(fd)
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
+        """The holder's record (``[]`` when free), with ``alive`` from the kernel: held or not."""
+        record = self._inspect(name)
+        return [] if record is None else [record]
+
+    def _inspect(self, name: str) -> LockInfo | None:
         """The holder's record, with ``alive`` from the kernel: held or not.
 
         An empty file is a free lock (or one whose holder is writing its record this instant)
@@ -196,9 +201,8 @@ class FileBackend(Backend, Waiting, FilePeriods):
             if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
                 continue
             name = lockfile.name_of(self._directory, entry.name)
-            info = None if name is None else self.inspect(name)
-            if info is not None:
-                yield info
+            if name is not None:
+                yield from self.inspect(name)
 
     def force_release(self, name: str, token: str | None = None) -> bool:
         """Release ``name`` whoever holds it; with ``token`` only while that token is recorded.

@@ -61,10 +61,10 @@ class MemoryBackend(Backend, Waiting, MemoryPeriods):
             _changed.notify_all()
         return True
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         with _changed:
             info = _held.get(self._key(name))
-        return None if info is None else replace(info, alive=True)
+        return [] if info is None else [replace(info, alive=True)]
 
     def list(self) -> Iterator[LockInfo]:
         with _changed:

@@ -263,12 +263,12 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
         self.sessions.put_back(connection)
         return rows
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         classid, objid = lock_ids(self.key(name))
-        for _, _, query, label in self._holders(_ONE, {"classid": classid, "objid": objid}):
-            record = _record(query or "", label or "", self.strategy)
-            return replace(record, name=name, alive=True)
-        return None
+        return [
+            replace(_record(query or "", label or "", self.strategy), name=name, alive=True)
+            for _, _, query, label in self._holders(_ONE, {"classid": classid, "objid": objid})
+        ]
 
     def list(self) -> Iterator[LockInfo]:
         marked = " AND starts_with(a.application_name, 'isolatable ')"

@@ -266,9 +266,9 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
             expires_at = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
             yield replace(info, token=token, expires_at=expires_at)
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         key, _ = self._keys(name)
-        return next(self._records([key]), None)
+        return list(self._records([key]))
 
     def list(self) -> Iterator[LockInfo]:
         pattern = _glob_escape(self._prefix + b"lock:") + b"*"

@@ -35,6 +35,8 @@ COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
 TOKEN = "TOKEN"
 #: The column added before COMMAND when a holder has a label.
 LABEL = "LABEL"
+#: The column added before COMMAND when a holder is not a plain lock's (shared, semaphore).
+MODE = "MODE"
 ELLIPSIS = "\u2026"
 
 
@@ -113,15 +115,20 @@ class Command(BaseCommand):
         return backend_for(self.strategy)
 
     def holders(self, names: list[str]) -> list[tuple[str, LockInfo | None]]:
+        """One ``(name, holder)`` per holder (a semaphore or a shared lock has several), and
+        ``(name, None)`` for a named lock that has none."""
         if "" in names:
             raise CommandError("A lock name must not be empty.")
         if names:
-            return [(name, self.holder(name)) for name in names]
+            found: list[tuple[str, LockInfo | None]] = []
+            for name in names:
+                holders: list[LockInfo | None] = [*self.holders_of(name)]
+                found.extend((name, info) for info in holders or [None])
+            return found
         return [(info.name, judged(info)) for info in self.backend.list()]
 
-    def holder(self, name: str) -> LockInfo | None:
-        info = self.backend.inspect(name)
-        return None if info is None else judged(info)
+    def holders_of(self, name: str) -> list[LockInfo]:
+        return [judged(info) for info in self.backend.inspect(name)]
 
     def say(self, message: str, style_func: Any = None) -> None:
         """Write a line that is neither the table, the JSON nor an error: not at ``-v 0``."""
@@ -145,6 +152,8 @@ class Command(BaseCommand):
             extra.append((TOKEN, _token))
         if any(info is not None and info.label for _, info in holders):
             extra.append((LABEL, _label))
+        if any(info is not None and info.mode != "exclusive" for _, info in holders):
+            extra.append((MODE, _mode))
         for column, cell in extra:
             header = (*header[:-1], column, header[-1])
             rows = [
@@ -225,11 +234,16 @@ class Command(BaseCommand):
         """Report why the holder judged earlier was not released; True if that is no failure
         (the lock is free now)."""
         shown = printable(name)
-        now = self.holder(name)
-        if now is None:
+        holders = self.holders_of(name)
+        now = next((h for h in holders if h.token == judged_holder.token), None)
+        if now is None and not holders:
             self.say(f"{shown} is not locked.")
             return True
-        if now.token != judged_holder.token:
+        if now is None:
+            if judged_holder.mode != "exclusive":  # one holder of several left meanwhile
+                self.say(f"{shown}: the holder {_who(judged_holder)} is gone already.")
+                return True
+            now = holders[0]
             self.stderr.write(
                 f"{shown} now has another holder ({_who(now)}); not released.", self.style.ERROR
             )
@@ -273,6 +287,12 @@ def _token(info: LockInfo | None) -> str:
     if info is None:
         return "-"
     return "?" if info.token is None else printable(info.token)
+
+
+def _mode(info: LockInfo | None) -> str:
+    if info is None:
+        return "-"
+    return info.mode if info.mode != "semaphore" else f"{info.mode} of {info.max_holders}"
 
 
 def _label(info: LockInfo | None) -> str:
@@ -326,6 +346,6 @@ def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
         "command": " ".join(info.argv),
         "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
         "label": info.label,
-        "mode": "exclusive",
+        "mode": info.mode,
         "fencing_token": None,
     }
