@@ -46,8 +46,15 @@ class AlreadyRunning(IsolationError):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        holder = self.holder
+        running, who = "is already running", describe_holder(holder)
+        if holder is not None and holder.mode == "semaphore":
+            running = f"is already running {holder.max_holders} times at once, its limit"
+            who = f"one is {who}"
+        elif holder is not None and holder.mode == "shared":
+            running = "is held shared"
         return (
-            f"{printable(self.command)} is already running ({describe_holder(self.holder)}); "
+            f"{printable(self.command)} {running} ({who}); "
             f"see `manage.py locks status {printable(self.command)}`."
         )
 
