@@ -191,11 +191,8 @@ def _slot_kept(strategy: Strategy, hold: Hold, slug: str) -> Iterator[None]:
 
 def _handoff_row(
     strategy: Strategy, label: str, holder: Hold, waiter: Hold, slug: str, span: float, trials: int
-) -> list[float] | None:
-    """Latencies (ms) of one handoff row, None if the strategy refuses a hold it needs."""
-    for hold in {holder, waiter}:
-        if _refused(_operation(strategy, hold, slug)):
-            return None
+) -> list[float]:
+    """Latencies (ms) of one handoff row."""
     candidate = Candidate(label, _opener(strategy, holder), 0, strategy.needs)
     with _slot_kept(strategy, holder, slug):
         return handoff.measure(candidate, slug, trials, span, _opener(strategy, waiter))
@@ -215,15 +212,22 @@ def run_handoff(trials: int, longest_span: float, measured: Measured) -> None:
             continue
         poll = load_backend_class(strategy.strategy).poll_interval
         span = min(max(poll, handoff.HOLD_AT_LEAST), longest_span)
+        slug = f"holders-handoff-{strategy.key}"
+        refused = {
+            hold
+            for number, hold in enumerate((LAST_SLOT, SHARED))
+            if _refused(_operation(strategy, hold, f"{slug}-probe-{number}"))
+        }
         base: float | None = None
         for number, (label, holder, waiter) in enumerate(HANDOFFS):
-            slug = f"holders-handoff-{strategy.key}-{number}"
-            latencies = _handoff_row(strategy, label, holder, waiter, slug, span, trials)
             key = f"{strategy.key}/{label}"
-            if latencies is None:
+            if {holder, waiter} & refused:
                 measured.refused.add(key)
                 group.rows.append(Row(label, [REFUSED, "", ""]))
                 continue
+            latencies = _handoff_row(
+                strategy, label, holder, waiter, f"{slug}-{number}", span, trials
+            )
             measured.handoff[key] = latencies
             value = median(latencies)
             base = value if base is None else base
