@@ -25,6 +25,7 @@ from django_isolatable.backends import (
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
     load_backend_class,
     options_from_settings,
 )
@@ -314,9 +315,10 @@ class CommandIsolation:
         backend = self.backend
         mode = self._mode(backend, shared)
         ttl = self.ttl if backend.expiring else None  # read once per lock
-        # Semaphore slots and shared holds are polled for; an exclusive locker waits in the
-        # store where it can (where it also holds off new shared holds: writer preference).
-        blocking = mode == "exclusive" and isinstance(backend, Waiting)
+        # An exclusive locker waits in the store where it can (where it also holds off new
+        # shared holds: writer preference); a semaphore slot or a shared hold is tried again
+        # when the store tells of a release, or polled for.
+        blocking = isinstance(backend, Waiting if mode == "exclusive" else WakeUps)
         # A lock() that may wait in the store starts with that wait, which takes a free lock
         # itself: under contention a plain attempt first would cost a round trip that fails.
         # Not for an expiring lock this isolation has not looked at lately: it may be a dead
@@ -324,13 +326,18 @@ class CommandIsolation:
         wait_first = (
             wait != 0
             and blocking
+            and mode == "exclusive"
             and not (backend.expiring and time.monotonic() >= self._next_stale_check)
         )
         lease = None if wait_first else self._attempt(backend, ttl, label, mode=mode)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             interval = (
-                (WAITING_SLICE_EXPIRING if backend.expiring else WAITING_SLICE)
+                (
+                    WAITING_SLICE_EXPIRING
+                    if backend.expiring or mode != "exclusive"
+                    else WAITING_SLICE
+                )
                 if blocking
                 else backend.poll_interval
             )
@@ -437,12 +444,12 @@ class CommandIsolation:
             mode=mode,
             max_holders=self.max_holders,
         )
-        if mode == "semaphore":
-            assert isinstance(backend, Semaphore)
-            return backend.acquire_slot(self.name, record, self.max_holders)
-        if mode == "shared":
-            assert isinstance(backend, Shared)
-            return backend.acquire_shared(self.name, record)
+        if mode != "exclusive":
+            lease = self._take_one(backend, record, mode)
+            if lease is None and seconds > 0 and isinstance(backend, WakeUps):
+                backend.wait_for_release(self.name, seconds)
+                lease = self._take_one(backend, record, mode)
+            return lease
         if seconds > 0 and isinstance(backend, Waiting):
             return backend.acquire_waiting(self.name, record, seconds)
         return backend.acquire(self.name, record)
@@ -455,6 +462,14 @@ class CommandIsolation:
             return False
         self._next_stale_check = now + STALE_CHECK_EVERY
         return True
+
+    def _take_one(self, backend: Backend, record: LockInfo, mode: str) -> Lease | None:
+        """One attempt at a semaphore slot or a shared hold."""
+        if mode == "semaphore":
+            assert isinstance(backend, Semaphore)
+            return backend.acquire_slot(self.name, record, self.max_holders)
+        assert isinstance(backend, Shared)
+        return backend.acquire_shared(self.name, record)
 
     def lock_with_timeout(self, seconds: float) -> LockGuard:
         """``lock(timeout=seconds)``."""

@@ -17,6 +17,7 @@ from django_isolatable.backends.base import (
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Semaphore",
     "Shared",
     "Waiting",
+    "WakeUps",
     "backend_for",
     "load_backend_class",
     "options_from_settings",

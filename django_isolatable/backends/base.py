@@ -222,6 +222,18 @@ class Shared(abc.ABC):
         exclusively or an exclusive locker waits for it."""
 
 
+class WakeUps(abc.ABC):
+    """Ability: wait in the store for a holder of a name to let go, so that a waiter for a
+    semaphore slot or a shared hold tries again at once instead of polling."""
+
+    @abc.abstractmethod
+    def wait_for_release(self, name: str, timeout: float) -> None:
+        """Return soon after a holder of ``name`` released it (or its lease went), or after
+        ``timeout`` seconds (finite, > 0). Returning early without a release is allowed; a
+        release that happened just before the call may be missed (the caller tries again
+        after ``timeout``), so ``CommandIsolation`` passes short slices."""
+
+
 #: Seconds a "ran in period P" record outlives its period: a run that read the store's clock
 #: just before the period ended still finds the record when it looks for it just after.
 PERIOD_MARGIN = 60.0

@@ -18,6 +18,7 @@ from django_isolatable.backends.base import (
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
     holder_count_mismatch,
 )
 from django_isolatable.backends.periods import MemoryPeriods
@@ -40,7 +41,7 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class MemoryBackend(Backend, Waiting, Semaphore, Shared, MemoryPeriods):
+class MemoryBackend(Backend, Waiting, WakeUps, Semaphore, Shared, MemoryPeriods):
     strategy: ClassVar[str] = "memory"
 
     def _key(self, name: str) -> str:
@@ -137,3 +138,7 @@ class MemoryBackend(Backend, Waiting, Semaphore, Shared, MemoryPeriods):
                 if not _writers[key]:
                     del _writers[key]
                 _changed.notify_all()
+
+    def wait_for_release(self, name: str, timeout: float) -> None:
+        with _changed:
+            _changed.wait(timeout)  # any release wakes every waiter: they try again
