@@ -214,6 +214,22 @@ def test_fencing_is_one_statement_in_the_caller_transaction(alias, names):
     assert (len(fenced), len(refused)) == (expected, expected), fenced.captured_queries
 
 
+def test_without_returning_the_fence_reads_the_row_back(alias, names, rows, monkeypatch):
+    """Where ``INSERT ... RETURNING`` is missing (MySQL, SQLite before 3.35), the upsert is
+    followed by a locking read of the row: two statements, the same outcomes."""
+    name = names()
+    connection = connections[alias]
+    connection.ensure_connection()
+    monkeypatch.setitem(connection.features.__dict__, "can_return_columns_from_insert", False)
+    write_and_fence(alias, rows, "newer", name, 7)
+    with CaptureQueriesContext(connection) as statements, pytest.raises(LockLost) as lost:
+        write_and_fence(alias, rows, "stale", name, 5)
+    assert lost.value.newer_fencing_token == 7
+    fences = [query["sql"] for query in statements.captured_queries if FENCE_TABLE in query["sql"]]
+    assert [sql.split()[0] for sql in fences] == ["INSERT", "SELECT"]
+    assert values(alias, rows) == ["newer"]
+
+
 def test_a_thousand_increasing_tokens_of_one_name_all_fence(alias, names):
     """A thousand holders' transactions, one after the other (on SQLite without waiting for
     the disk after each commit: synchronous=OFF, this connection only)."""
