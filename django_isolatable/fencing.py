@@ -66,4 +66,5 @@ def fence(guard: LockGuard, *, using: str = "default") -> None:
             token,
             extra={"lock_name": name, "fencing_token": token},
         )
+        guard._mark_lost("to a newer holder, which fenced its token")
         raise LockLost(name, None, stored, token)

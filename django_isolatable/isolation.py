@@ -20,6 +20,7 @@ from typing import Any
 from django_isolatable.backends import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     LockStrategy,
     Semaphore,
@@ -592,6 +593,7 @@ class LockGuard:
 
     #: ``once_per``: the period this guard's run belongs to, until the run is recorded.
     _period: Period | None = None
+    _fencing_token: int | None = None
 
     def __init__(
         self,
@@ -622,6 +624,31 @@ class LockGuard:
     def info(self) -> LockInfo:
         """The record this guard's holder wrote when it took the lock."""
         return self._lease.info
+
+    @property
+    def fencing_token(self) -> int:
+        """This holder's fencing token: strictly greater than every token the store issued
+        before for this lock's name, for ``fence()`` (see docs/fencing.md). Issued when first
+        read, and only while the lock is still held: raises ``LockLost`` (the guard marked
+        lost) if it is not, ``IsolationError`` for a strategy without fencing tokens or a
+        guard released before its token was read, ``LockIOError`` when the store fails."""
+        token = self._fencing_token
+        if token is not None:
+            return token
+        name = self.isolation.name
+        if not isinstance(self._backend, Fencing):
+            raise IsolationError(
+                f"The {self._backend.strategy} strategy issues no fencing tokens, so lock "
+                f"{name!r} has none (see docs/fencing.md)."
+            )
+        if self._released:
+            raise IsolationError(f"Lock {name!r} was released before its fencing token was read.")
+        token = self._backend.fencing_token(self._lease)
+        if token is None:
+            self._mark_lost("before its fencing token was issued")
+            raise LockLost(name, self.isolation.holder())
+        self._fencing_token = token
+        return token
 
     @property
     def lost(self) -> bool:

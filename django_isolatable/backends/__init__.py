@@ -12,6 +12,7 @@ from django.utils.module_loading import import_string
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     Periods,
     Semaphore,
@@ -23,6 +24,7 @@ from django_isolatable.backends.base import (
 __all__ = [
     "Backend",
     "BackendOptions",
+    "Fencing",
     "Lease",
     "LockStrategy",
     "Periods",

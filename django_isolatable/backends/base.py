@@ -234,6 +234,18 @@ class WakeUps(abc.ABC):
         after ``timeout``), so ``CommandIsolation`` passes short slices."""
 
 
+class Fencing(abc.ABC):
+    """Ability: fencing tokens (``guard.fencing_token``, checked by ``fence()``)."""
+
+    @abc.abstractmethod
+    def fencing_token(self, lease: Lease) -> int | None:
+        """Issue the next fencing token for ``lease.name``: strictly greater than every token
+        this store issued before for that name. Issued only while ``lease`` still holds the
+        lock, checked and counted in one step, so a holder that lost its lease can never get
+        a token greater than its successor's; None when it does not hold it any more. Raises
+        ``LockIOError`` when the store cannot be reached."""
+
+
 #: Seconds a "ran in period P" record outlives its period: a run that read the store's clock
 #: just before the period ended still finds the record when it looks for it just after.
 PERIOD_MARGIN = 60.0

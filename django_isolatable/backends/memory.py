@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from django_isolatable.backends.base import (
     Backend,
+    Fencing,
     Lease,
     Semaphore,
     Shared,
@@ -28,6 +29,8 @@ from django_isolatable.holders import LockInfo
 _held: dict[str, list[LockInfo]] = {}
 #: How many exclusive lockers wait for each name (shared holds wait behind them).
 _writers: dict[str, int] = {}
+#: The last fencing token issued for each name.
+_fencing: dict[str, int] = {}
 _changed = threading.Condition()
 
 
@@ -35,13 +38,14 @@ def _reset_after_fork() -> None:
     global _changed
     _held.clear()
     _writers.clear()
+    _fencing.clear()
     _changed = threading.Condition()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class MemoryBackend(Backend, Waiting, WakeUps, Semaphore, Shared, MemoryPeriods):
+class MemoryBackend(Backend, Waiting, WakeUps, Semaphore, Shared, Fencing, MemoryPeriods):
     strategy: ClassVar[str] = "memory"
 
     def _key(self, name: str) -> str:
@@ -142,3 +146,11 @@ class MemoryBackend(Backend, Waiting, WakeUps, Semaphore, Shared, MemoryPeriods)
     def wait_for_release(self, name: str, timeout: float) -> None:
         with _changed:
             _changed.wait(timeout)  # any release wakes every waiter: they try again
+
+    def fencing_token(self, lease: Lease) -> int | None:
+        key = self._key(lease.name)
+        with _changed:
+            if not any(h.token == lease.token for h in _held.get(key, ())):
+                return None
+            token = _fencing[key] = _fencing.get(key, 0) + 1
+        return token
