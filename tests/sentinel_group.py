@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     import redis.sentinel
 
 SERVICE = "isolatable"  # the master's name
+#: Seconds to wait for a failover or a restarted server: a few are enough, but a sentinel
+#: starved of CPU for 2 s (a loaded CI machine) enters TILT mode and does nothing for 30 s.
+PATIENCE = 45
 
 
 class SentinelGroup:
@@ -112,7 +115,7 @@ class SentinelGroup:
         master.kill()
         return master
 
-    def wait_for_failover(self, old: Address, timeout: float = 20) -> Address:
+    def wait_for_failover(self, old: Address, timeout: float = PATIENCE) -> Address:
         """The new master's address, once every sentinel names one other than ``old`` and it
         answers as a master."""
 
@@ -129,14 +132,14 @@ class SentinelGroup:
 
         return wait_for(promoted, timeout, f"a failover away from {old[0]}:{old[1]}")
 
-    def restart_as_replica(self, server: Server, timeout: float = 20) -> None:
+    def restart_as_replica(self, server: Server, timeout: float = PATIENCE) -> None:
         """Start ``server`` (killed) again as a replica of the current master; return once it
         is in sync and every sentinel counts it as a healthy replica."""
         host, port = self.master_address()
         server.start("--replicaof", host, str(port))
         self.wait_until_settled(timeout)
 
-    def failover(self, timeout: float = 20) -> Address:
+    def failover(self, timeout: float = PATIENCE) -> Address:
         """Kill the master, wait for the promotion, restart the old master as a replica: the
         new master's address."""
         old = self.kill_master()
@@ -161,7 +164,7 @@ class SentinelGroup:
             if not server.alive:
                 host, port = self.master_address()
                 server.start("--replicaof", host, str(port))
-        self.wait_until_settled(20)
+        self.wait_until_settled(PATIENCE)
 
     def wait_until_settled(self, timeout: float) -> None:
         """Until every sentinel names one master, knows the two other sentinels and sees every
