@@ -43,6 +43,11 @@ class Cluster:
     def url(self) -> str:
         return f"redis://{HOST}:{self.nodes[0].port}/0"
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The ``ISOLATABLE`` keys that point the redis strategy at this cluster."""
+        return {"REDIS_CLUSTER": True, "REDIS_URL": self.url}
+
     def node(self, port: int) -> Server:
         return next(node for node in self.nodes if node.port == port)
 

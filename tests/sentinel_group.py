@@ -33,6 +33,12 @@ class SentinelGroup:
     def sentinel_addresses(self) -> list[Address]:
         return [sentinel.address for sentinel in self.sentinels]
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The ``ISOLATABLE`` keys that point the redis strategy at this group."""
+        hosts = [f"{host}:{port}" for host, port in self.sentinel_addresses]
+        return {"REDIS_SENTINELS": hosts, "REDIS_SENTINEL_SERVICE": SERVICE}
+
     def sentinel(self, **options: Any) -> redis.sentinel.Sentinel:
         """A redis-py ``Sentinel`` over the three sentinels (options go to its master and
         replica connections)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from django.core import checks
 
 from tests import redis_servers
 from tests.redis_topologies import SERVICE, Cluster, SentinelGroup, running
@@ -90,3 +91,9 @@ def test_without_redis_server_the_topologies_skip_or_fail_when_required(monkeypa
     monkeypatch.setenv("ISOLATABLE_REQUIRE_SERVICES", "1")
     with pytest.raises(pytest.fail.Exception, match="ISOLATABLE_REQUIRE_SERVICES=1 requires it"):
         redis_servers.executable("redis-server")
+
+
+def test_the_topologies_settings_pass_the_checks(settings, sentinel_group, redis_cluster):
+    for topology in (sentinel_group, redis_cluster):
+        settings.ISOLATABLE = {"STRATEGY": "redis", **topology.settings}
+        assert [m for m in checks.run_checks() if m.id and "isolatable" in m.id] == []
