@@ -102,6 +102,10 @@ def options_from_settings(
         redis_url=isolatable_settings.REDIS_URL,
         cache_alias=isolatable_settings.CACHE_ALIAS,
         database_alias=isolatable_settings.DATABASE_ALIAS,
+        redis_sentinels=isolatable_settings.REDIS_SENTINELS,
+        redis_sentinel_service=isolatable_settings.REDIS_SENTINEL_SERVICE,
+        redis_cluster=isolatable_settings.REDIS_CLUSTER,
+        redis_replica_acks=isolatable_settings.REDIS_REPLICA_ACKS,
     )
 
 

@@ -30,6 +30,10 @@ class BackendOptions:
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_alias: str = "default"
     database_alias: str = "default"
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # (host, port) pairs; () = no Sentinel
+    redis_sentinel_service: str | None = None
+    redis_cluster: bool = False
+    redis_replica_acks: int = 0
 
 
 @dataclass
