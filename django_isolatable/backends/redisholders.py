@@ -45,10 +45,11 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function is_group(v) return string.sub(v, 1, 2) == '= ' end
+-- A lease ends when the clock passes its end, as a key's expiry does.
 local function left(now)  -- drops the group's holders whose lease ended; how many are left
-  local ended = redis.call('zrangebyscore', ends, '-inf', now)
+  local ended = redis.call('zrangebyscore', ends, '-inf', '(' .. now)
   for _, token in ipairs(ended) do redis.call('hdel', holders, token) end
-  if #ended > 0 then redis.call('zremrangebyscore', ends, '-inf', now) end
+  if #ended > 0 then redis.call('zremrangebyscore', ends, '-inf', '(' .. now) end
   return redis.call('zcard', ends)
 end
 local function stretch()  -- the group's keys last as long as its longest lease
@@ -79,22 +80,30 @@ end
 # ARGV: "<token> " (empty: whoever holds it). 1 if it released a holder whose lease had not
 # ended. A group's last holder leaving frees the name.
 RELEASE = (
-    _PRELUDE
-    + """
-local v = redis.call('get', lock)
+    # A plain holder's release first, before the group's functions are made: it stays as
+    # cheap as a plain compare-and-delete.
+    f"""
+local v = redis.call('get', KEYS[1])
 if not v then return 0 end
-if is_group(v) and ARGV[1] ~= '' then
-  local token = string.sub(ARGV[1], 1, -2)
-  local ended = redis.call('zscore', ends, token)
-  if not ended then return 0 end
-  redis.call('hdel', holders, token) redis.call('zrem', ends, token)
-  local now = now_ms()
-  if left(now) > 0 then stretch() else free() end
-  return tonumber(ended) > now and 1 or 0
+if string.sub(v, 1, 2) ~= '= ' then
+  if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+  redis.call('del', KEYS[1])
+  if redis.call('llen', KEYS[2]) == 0 then
+    redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], {WAKE_TTL_MS})
+  end
+  return 1
 end
-if not is_group(v) and string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-free()
-return 1
+"""
+    + _PRELUDE
+    + """
+if ARGV[1] == '' then free() return 1 end
+local token = string.sub(ARGV[1], 1, -2)
+local ended = redis.call('zscore', ends, token)
+if not ended then return 0 end
+redis.call('hdel', holders, token) redis.call('zrem', ends, token)
+local now = now_ms()
+if left(now) > 0 then stretch() else free() end
+return tonumber(ended) >= now and 1 or 0
 """
 )
 # ARGV: "<token> ", the new lease in ms. 1 if renewed; 0 if the lease ended or was taken.
@@ -106,7 +115,7 @@ if not v then return 0 end
 if is_group(v) then
   local token, now = string.sub(ARGV[1], 1, -2), now_ms()
   local ended = redis.call('zscore', ends, token)
-  if not ended or tonumber(ended) <= now then return 0 end
+  if not ended or tonumber(ended) < now then return 0 end
   redis.call('zadd', ends, now + tonumber(ARGV[2]), token)
   stretch()
   return 1
@@ -140,7 +149,7 @@ TAKE_SHARED = (
     _PRELUDE
     + """
 local now = now_ms()
-redis.call('zremrangebyscore', waiting, '-inf', now)
+redis.call('zremrangebyscore', waiting, '-inf', '(' .. now)
 if redis.call('zcard', waiting) > 0 then return 0 end
 local v = holder(now)
 if not v then redis.call('set', lock, shared) elseif v ~= shared then return 0 end
@@ -249,7 +258,7 @@ class RedisHolders(Semaphore, Shared):
         for name, records, ends in zip(names, replies[::2], replies[1::2], strict=True):
             for token, ended in ends:
                 record = records.get(token)
-                if record is None or ended <= now_ms:
+                if record is None or ended < now_ms:
                     continue  # released between the two reads, or its lease ended
                 text = record.decode("utf-8", "replace")
                 info = LockInfo.from_json(name, self.strategy, text) or LockInfo(
