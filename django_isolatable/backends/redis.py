@@ -29,6 +29,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
 from django_isolatable.backends.periods import RedisPeriods
 from django_isolatable.backends.redisholders import (
+    GROUP,
     TAKE,
     TAKE_WOKEN,
     WAITING_MARK_MS,
@@ -251,7 +252,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
             if value is None:
                 continue  # released between SCAN and GET
             name = key[len(self._prefix) + len(b"lock:") :].decode("utf-8", "surrogatepass")
-            if value.startswith(b"= "):
+            if value.startswith(GROUP):
                 groups.append(name)
                 continue
             token, _, record = value.decode("utf-8", "replace").partition(" ")

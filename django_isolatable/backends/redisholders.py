@@ -32,7 +32,9 @@ WAKE_TTL_MS = 5000
 #: How long a waiter's mark outlives the wait it was made for: it is renewed by the next wait
 #: of the same ``lock()`` call, and it must last over the looks between two waits.
 WAITING_MARK_MS = 1000
-SHARED = b"= shared"
+#: How a group's marker starts (the scripts' ``is_group``): no owner token starts so.
+GROUP = b"= "
+SHARED = GROUP + b"shared"
 
 # Every script's KEYS: the lock key, the wake-up list, the holders' records, their lease ends,
 # the waiting exclusive lockers (and, for the waiter's take, its own wake-up list).
@@ -81,7 +83,8 @@ end
 # ended. A group's last holder leaving frees the name.
 RELEASE = (
     # A plain holder's release first, before the group's functions are made: it stays as
-    # cheap as a plain compare-and-delete.
+    # cheap as a plain compare-and-delete. One wake-up element at most: one nobody took yet
+    # wakes the next waiter all the same.
     f"""
 local v = redis.call('get', KEYS[1])
 if not v then return 0 end
