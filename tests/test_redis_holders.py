@@ -86,6 +86,8 @@ def test_a_sigkilled_holders_slot_or_shared_hold_is_taken_over_at_once(
         holder.expect("held")
     isolation = CommandIsolation("holders", max_holders=2 if hold == "slot" else 1)
     assert sorted(h.pid for h in isolation.holders()) == sorted(h.pid for h in holders)
+    with pytest.raises(AlreadyRunning):  # both slots, or shared holds: no exclusive lock
+        isolation.try_lock()
     holders[0].kill()
     if hold == "shared":
         with pytest.raises(LockTimeout):  # the live shared holder still excludes it
