@@ -30,6 +30,7 @@ from django_isolatable.backends.base import Backend, BackendOptions, Lease, Wait
 from django_isolatable.backends.periods import RedisPeriods
 from django_isolatable.backends.redisholders import (
     GROUP,
+    LONGEST_BLOCK,
     TAKE,
     TAKE_WOKEN,
     WAITING_MARK_MS,
@@ -50,8 +51,6 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 #: How long a command may take before it is a ``LockIOError`` (renewals: see ``refresh``).
 COMMAND_TIMEOUT = 10.0
-#: The longest ``BLPOP`` of a wait: well inside ``COMMAND_TIMEOUT``; a longer wait blocks again.
-LONGEST_BLOCK = COMMAND_TIMEOUT / 2
 #: A renewal's socket timeout, as a fraction of the TTL: renewals run every TTL/3, so a renewal
 #: that meets a server that stopped answering gives up well before the lease ends.
 RENEWAL_TIMEOUT_SHARE = 0.25

@@ -20,7 +20,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from django_isolatable.backends.base import Lease, Semaphore, Shared, holder_count_mismatch
+from django_isolatable.backends.base import (
+    Fencing,
+    Lease,
+    Semaphore,
+    Shared,
+    WakeUps,
+    holder_count_mismatch,
+)
 from django_isolatable.holders import LockInfo
 
 if TYPE_CHECKING:
@@ -29,6 +36,9 @@ if TYPE_CHECKING:
 
 #: A wake-up nobody consumed is dropped after this long.
 WAKE_TTL_MS = 5000
+#: The longest ``BLPOP`` of a wait: well inside the client's command timeout (10 s); a longer
+#: wait blocks again.
+LONGEST_BLOCK = 5.0
 #: How long a waiter's mark outlives the wait it was made for: it is renewed by the next wait
 #: of the same ``lock()`` call, and it must last over the looks between two waits.
 WAITING_MARK_MS = 1000
@@ -58,11 +68,14 @@ local function stretch()  -- the group's keys last as long as its longest lease
   local last = redis.call('zrange', ends, -1, -1, 'withscores')[2]
   for _, key in ipairs({lock, holders, ends}) do redis.call('pexpireat', key, last) end
 end
-local function free()  -- nobody holds the name any more: wake one waiter
-  redis.call('del', lock, holders, ends)
+local function wake_one()  -- one wake-up element at most: one nobody took yet will do
   if redis.call('llen', wake) == 0 then
     redis.call('lpush', wake, 1) redis.call('pexpire', wake, wake_ms)
   end
+end
+local function free()  -- nobody holds the name any more: wake one waiter
+  redis.call('del', lock, holders, ends)
+  wake_one()
 end
 local function holder(now)  -- the lock key's value; false when free
   local v = redis.call('get', lock)
@@ -105,7 +118,7 @@ local ended = redis.call('zscore', ends, token)
 if not ended then return 0 end
 redis.call('hdel', holders, token) redis.call('zrem', ends, token)
 local now = now_ms()
-if left(now) > 0 then stretch() else free() end
+if left(now) > 0 then stretch() wake_one() else free() end  -- a slot's waiter may go
 return tonumber(ended) >= now and 1 or 0
 """
 )
@@ -143,11 +156,14 @@ elseif v ~= ARGV[4] then
 elseif redis.call('zcard', ends) >= tonumber(ARGV[5]) then
   return 0
 end
-return join(now, ARGV[1], ARGV[2], ARGV[3])
+join(now, ARGV[1], ARGV[2], ARGV[3])
+if redis.call('zcard', ends) < tonumber(ARGV[5]) then wake_one() end  -- a slot is left
+return 1
 """
 )
 # ARGV: token, record, lease ms. 1 if it took a shared hold; 0 while the name is held otherwise
-# or an exclusive locker waits for it.
+# or an exclusive locker waits for it. A take wakes the next waiter (shared holds wake each
+# other in turn; an exclusive waiter woken so tries once more and waits again).
 TAKE_SHARED = (
     _PRELUDE
     + """
@@ -156,7 +172,25 @@ redis.call('zremrangebyscore', waiting, '-inf', '(' .. now)
 if redis.call('zcard', waiting) > 0 then return 0 end
 local v = holder(now)
 if not v then redis.call('set', lock, shared) elseif v ~= shared then return 0 end
-return join(now, ARGV[1], ARGV[2], ARGV[3])
+join(now, ARGV[1], ARGV[2], ARGV[3])
+wake_one()  -- the next shared waiter may go too
+return 1
+"""
+)
+# KEYS[6]: the name's fencing counter. ARGV: "<token> ". The next token if the holder still
+# holds the name (its lease not ended), else 0.
+FENCE = (
+    _PRELUDE
+    + """
+local v = redis.call('get', lock)
+if not v then return 0 end
+if is_group(v) then
+  local ended = redis.call('zscore', ends, string.sub(ARGV[1], 1, -2))
+  if not ended or tonumber(ended) < now_ms() then return 0 end
+elseif string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then
+  return 0
+end
+return redis.call('incr', KEYS[6])
 """
 )
 # A waiter's take of a free lock, which leaves the waiter's own BLPOP (KEYS[6]) a wake-up to
@@ -211,19 +245,23 @@ class Scripts:
     refresh: Script
     take_slot: Script
     take_shared: Script
+    fence: Script
 
 
 def register_scripts(client: redis.Redis) -> Scripts:
-    return Scripts(*(client.register_script(s) for s in (RELEASE, REFRESH, TAKE_SLOT, TAKE_SHARED)))
+    scripts = (RELEASE, REFRESH, TAKE_SLOT, TAKE_SHARED, FENCE)
+    return Scripts(*(client.register_script(s) for s in scripts))
 
 
-class RedisHolders(Semaphore, Shared):
-    """The redis backend's semaphore slots and shared holds: one script each."""
+class RedisHolders(Semaphore, Shared, WakeUps, Fencing):
+    """The redis backend's semaphore slots and shared holds (one script each), their waits,
+    and fencing tokens."""
 
     if TYPE_CHECKING:
         strategy: ClassVar[str]
         client: redis.Redis
         scripts: Scripts
+        _prefix: bytes
 
         def _keys(self, name: str) -> NameKeys: ...
         def _ttl_ms(self) -> int: ...
@@ -242,6 +280,19 @@ class RedisHolders(Semaphore, Shared):
         if not self._call("lock", self.scripts.take_shared, self._keys(name), args):
             return None
         return Lease(name=name, token=info.token or "", info=info)
+
+    def wait_for_release(self, name: str, timeout: float) -> None:
+        """Block on the name's wake-up list, which a release, and a take that leaves room for
+        another holder, push onto: an element pushed before this call returns it at once."""
+        block = round(max(min(timeout, LONGEST_BLOCK), 0.001), 3)  # BLPOP 0 is forever
+        self._call("wait", self.client.blpop, [self._keys(name).wake], timeout=block)
+
+    def fencing_token(self, lease: Lease) -> int | None:
+        keys = self._keys(lease.name)
+        counter = self._prefix + b"fence:" + lease.name.encode("utf-8", "surrogatepass")
+        owner = f"{lease.token} ".encode()
+        token = self._call("issue a fencing token", self.scripts.fence, [*keys, counter], (owner,))
+        return int(token) or None
 
     def _holder(self, info: LockInfo) -> tuple[bytes, bytes, int]:
         record = info.to_json().encode("utf-8", "surrogatepass")
