@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from django.core.checks import CheckMessage
 
-from django_isolatable.backends import fileholders, heldfiles, inotify, lockdir, lockfile
+from django_isolatable.backends import filegates, fileholders, heldfiles, inotify, lockdir, lockfile
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
@@ -160,30 +160,12 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
     def _clear_stale(self, lease: Lease) -> bool:
         """Empty the record of a dead holder, if ``lease.token`` is still the one recorded
         (an empty token: if the record has none, or cannot be read)."""
-        if lease.info.mode == "exclusive" and self._clear_if_stale(
-            lease.name, file_name(lease.name), lease.token
+        file = file_name(lease.name)
+        if lease.info.mode == "exclusive" and lockfile.clear_if_stale(
+            self._directory, file, lease.name, lease.token
         ):
             return True
         return fileholders.clear_stale(self, lease)
-
-    def _clear_if_stale(self, name: str, file: str, token: str) -> bool:
-        """Empty the record in ``file`` if it is ``token``'s. Never while anyone holds the
-        flock; free under flock, a record is stale whatever it says."""
-        path = self._dir + file
-        if heldfiles.claimed(path) or heldfiles.sharing(path):
-            return False  # this process holds it (opening it would drop the lock on NFS)
-        try:
-            fd, _ = self._directory.open(file, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            locked = lockfile.try_flock(fd, path)
-            if not locked or not lockfile.record_is(fd, name, token):
-                return False
-            lockfile.truncate(fd)
-            return True
-        finally:
-            os.close(fd)
 
     def inspect(self, name: str) -> list[LockInfo]:
         """The plain holder's record, then the semaphore's or shared holders' (``[]`` when
@@ -254,38 +236,8 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
         """
         released, left = fileholders.force_release(self, name, token)
         last = not left and (token is None or released)
-        return self._force_one(name, file_name(name), token, last=last) is True or released
-
-    def _force_one(
-        self, name: str, file: str, token: str | None, *, last: bool = False
-    ) -> bool | None:
-        """``force_release`` of the holder recorded in ``file``: True if released, False if
-        there was nothing to release, None if a live holder it leaves alone holds it (``last``:
-        the lock file is unlinked while semaphore or shared holders hold it too)."""
-        path = self._dir + file
-        try:
-            fd, _ = self._directory.open(file, os.O_RDWR)
-            directory = self._directory.fd(create=False)
-        except FileNotFoundError:
-            return False
-        try:
-            if lockfile.try_flock(fd, path):
-                if token is not None and not lockfile.record_is(fd, name, token):
-                    return False
-                had_record = lockfile.read_record(fd, name) is not None
-                lockfile.truncate(fd)
-                return had_record
-            record = lockfile.read_record(fd, name)
-            # Not if its holder released it since: a new holder's lock is not ours.
-            ours = token is None or (record is None and last) or lockfile.record_is(fd, name, token)
-            if not ours:
-                return None
-            os.unlink(file, dir_fd=directory)
-            heldfiles.forget(path)
-            logger.info("Removed %s: its holder runs on without the lock", path)
-            return True
-        finally:
-            os.close(fd)
+        main = lockfile.force_release(self._directory, file_name(name), name, token, last=last)
+        return main is True or released
 
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
         """Attempt, then sleep until the lock file changes (inotify: a release touches it) or
@@ -305,9 +257,9 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
                     return lease
                 if gate is None:  # held: new shared holds wait behind this one from now on
                     gate_path = self._dir + lockfile.gate_file(file_name(name))
-                    gate = heldfiles.enter_gate(gate_path, self._open_new)
+                    gate = filegates.enter(gate_path, lambda path: self._open_new(path).fd)
                 else:
-                    heldfiles.lock_gate(gate)
+                    filegates.lock(gate)
                 file_watch, new = inotify.watch(path)
                 if new:
                     continue  # attempt again with the watch in place: no release is missed
@@ -322,4 +274,4 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
             raise
         finally:
             if gate is not None:
-                heldfiles.leave_gate(gate)
+                filegates.leave(gate)

@@ -130,7 +130,7 @@ def clear_stale(backend: FileBackend, lease: Lease) -> bool:
     ``lease.name``, if ``lease.token`` is still the one recorded there, never while anyone
     holds that file's ``flock``."""
     for file in holder_files(backend, file_name(lease.name)):
-        if backend._clear_if_stale(lease.name, file, lease.token):
+        if lockfile.clear_if_stale(backend._directory, file, lease.name, lease.token):
             return True
     return False
 
@@ -141,7 +141,7 @@ def force_release(backend: FileBackend, name: str, token: str | None) -> tuple[b
     released, and how many live holders are left."""
     released, left = False, 0
     for file in holder_files(backend, file_name(name)):
-        outcome = backend._force_one(name, file, token)
+        outcome = lockfile.force_release(backend._directory, file, name, token)
         released = released or outcome is True
         left += outcome is None
     return released, left

@@ -1,6 +1,6 @@
 """The file strategy's per-process tables: which lock files this process holds (or is taking),
-which it holds shared for its semaphore and shared holders, at which gates its exclusive
-lockers wait, and which lock files it keeps open between acquisitions.
+which it holds shared for its semaphore and shared holders, and which lock files it keeps open
+between acquisitions. Gates, at which exclusive lockers wait, are in ``backends/filegates.py``.
 
 Threads exclude each other here before the kernel is asked, which also keeps NFS correct, where
 flock is emulated with per-process POSIX locks. A lock file stays open after its lock is
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from django_isolatable.backends import filegates
 from django_isolatable.holders import LockInfo
 
 #: Free lock files kept open past this many are closed.
@@ -50,21 +51,9 @@ class SharedHold:
     count: int = 1
 
 
-@dataclass(eq=False)
-class Gate:
-    """A gate file at which ``waiters`` exclusive lockers of this process wait; ``locked``
-    once this process holds it (exclusively) for them."""
-
-    path: str
-    entry: OpenFile
-    waiters: int = 1
-    locked: bool = False
-
-
 # Holders of the locks this process holds, by path; None while a thread is taking it.
 _held: dict[str, LockInfo | None] = {}
 _shared: dict[str, SharedHold] = {}
-_gates: dict[str, Gate] = {}
 _open_files: dict[str, OpenFile] = {}
 _lock = threading.Lock()
 
@@ -75,13 +64,12 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # another thread may have held it at fork
     _held.clear()
-    retired = {hold.entry.fd for hold in _shared.values()} | {g.entry.fd for g in _gates.values()}
-    for fd in retired | {entry.fd for entry in _open_files.values()}:
+    shared = {hold.entry.fd for hold in _shared.values()}
+    for fd in shared | {entry.fd for entry in _open_files.values()}:
         with contextlib.suppress(OSError):
             os.close(fd)
     _open_files.clear()
     _shared.clear()
-    _gates.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -137,7 +125,7 @@ def _keep(path: str, entry: OpenFile) -> None:
 
 
 def _free(path: str) -> bool:
-    return path not in _held and path not in _shared and path not in _gates
+    return path not in _held and path not in _shared
 
 
 def close(path: str, entry: OpenFile) -> None:
@@ -205,11 +193,11 @@ def join(
     this process has none yet; None if a plain holder has the lock, or (``gate``) an exclusive
     locker waits at ``gate``. End it with ``leave``.
 
-    Under this module's lock, so no other thread of this process flocks the same descriptors
-    meanwhile: the gate is looked at with a shared flock held until the share is taken.
+    The gate is looked at with a shared flock held until the share is taken; under this
+    module's lock, so no other thread of this process flocks the same descriptors meanwhile.
     """
     with _lock:
-        if path in _held or gate in _gates:
+        if path in _held or (gate is not None and filegates.waiting(gate)):
             return None
         hold = _shared.get(path)
         if hold is not None and hold.entry.stat_if_at(path) is not None:
@@ -268,45 +256,3 @@ def leave(hold: SharedHold) -> None:
             os.utime(fd)
     if not keep:
         os.close(fd)
-
-
-def enter_gate(path: str, open_file: Callable[[str], OpenFile]) -> Gate:
-    """Wait at the gate ``path`` (holding off new shared holds), locking it for this process
-    if it can now (``Gate.locked``; ``lock_gate`` tries again). End with ``leave_gate``."""
-    with _lock:
-        gate = _gates.get(path)
-        if gate is not None:
-            gate.waiters += 1
-        else:
-            gate = _gates[path] = Gate(path, _kept_or_open(path, open_file))
-        _lock_gate(gate)
-        return gate
-
-
-def lock_gate(gate: Gate) -> None:
-    """Try again to lock ``gate`` for this process, if it is not yet."""
-    if not gate.locked:
-        with _lock:
-            _lock_gate(gate)
-
-
-def _lock_gate(gate: Gate) -> None:
-    if not gate.locked and _gates.get(gate.path) is gate:
-        try:
-            fcntl.flock(gate.entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process's locker waits, or a reader passes it
-            return
-        gate.locked = True
-
-
-def leave_gate(gate: Gate) -> None:
-    """Stop waiting at ``gate``; the last waiter of this process unlocks it."""
-    with _lock:
-        gate.waiters -= 1
-        if gate.waiters:
-            return
-        if _gates.get(gate.path) is gate:
-            del _gates[gate.path]
-        if gate.locked:
-            with contextlib.suppress(OSError):  # closing it unlocks it all the same
-                fcntl.flock(gate.entry.fd, fcntl.LOCK_UN)

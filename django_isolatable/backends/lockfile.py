@@ -18,6 +18,7 @@ import random
 import time
 from urllib.parse import unquote
 
+from django_isolatable.backends import heldfiles
 from django_isolatable.backends.lockdir import LockDirectory
 from django_isolatable.errors import IsolationError, LockIOError
 from django_isolatable.holders import LockInfo
@@ -210,3 +211,60 @@ def truncate(fd: int) -> None:
         os.ftruncate(fd, 0)
     except OSError as e:
         logger.warning("Could not empty a lock file's holder record: %s", e)
+
+
+def clear_if_stale(directory: LockDirectory, file: str, name: str, token: str) -> bool:
+    """Empty the record in ``file`` if it is ``token``'s (an empty token: if the record has
+    none, or cannot be read). Never while anyone holds the flock; free under flock, a record
+    is stale whatever it says."""
+    path = os.path.join(directory.path, file)
+    if heldfiles.claimed(path) or heldfiles.sharing(path):
+        return False  # this process holds it (opening it would drop the lock on NFS)
+    try:
+        fd, _ = directory.open(file, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        if not try_flock(fd, path) or not record_is(fd, name, token):
+            return False
+        truncate(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def force_release(
+    directory: LockDirectory, file: str, name: str, token: str | None, *, last: bool = False
+) -> bool | None:
+    """Release the holder recorded in ``file``, whoever it is (with ``token``: only while the
+    record is that token's): True if released, False if there was nothing to release, None if
+    a live holder it leaves alone holds it.
+
+    Free under flock, the record is emptied. Held by a live process, which nobody can take the
+    flock from, the file is unlinked so the next acquirer locks a new one while the old holder
+    runs on (with ``token``: only if the record still carries it right before the unlink, or,
+    ``last``, if it is a lock file held by semaphore or shared holders only).
+    """
+    path = os.path.join(directory.path, file)
+    try:
+        fd, _ = directory.open(file, os.O_RDWR)
+        directory_fd = directory.fd(create=False)
+    except FileNotFoundError:
+        return False
+    try:
+        if try_flock(fd, path):
+            if token is not None and not record_is(fd, name, token):
+                return False
+            had_record = read_record(fd, name) is not None
+            truncate(fd)
+            return had_record
+        # Not if its holder released it since: a new holder's lock is not ours.
+        shared_only = last and os.pread(fd, len(MARKER), 0) == MARKER
+        if not (token is None or shared_only or record_is(fd, name, token)):
+            return None
+        os.unlink(file, dir_fd=directory_fd)
+        heldfiles.forget(path)
+        logger.info("Removed %s: its holder runs on without the lock", path)
+        return True
+    finally:
+        os.close(fd)
