@@ -151,7 +151,9 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
             unlocked = False
         else:
             unlocked = True
-        ours = heldfiles.released(lease.path, lease.info, fd, unlocked=unlocked)
+        # Nobody waits for a holder file: a semaphore's and shared holders' waiters poll.
+        touch = lease.hold is None
+        ours = heldfiles.released(lease.path, lease.info, fd, unlocked=unlocked, touch=touch)
         if lease.hold is None:
             return True
         heldfiles.leave(lease.hold)

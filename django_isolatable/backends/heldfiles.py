@@ -150,11 +150,11 @@ def sharing(path: str) -> bool:
         return path in _shared
 
 
-def released(path: str, info: LockInfo, fd: int, *, unlocked: bool) -> bool:
+def released(path: str, info: LockInfo, fd: int, *, unlocked: bool, touch: bool = True) -> bool:
     """End ``info``'s lock on ``path``, whose descriptor ``fd`` was just unlocked (``unlocked``;
-    else closing it unlocks it): touch the file, which wakes waiters, and keep ``fd`` open for
-    the next acquisition if it is still the one kept (``forget`` may have dropped it), else close
-    it. Returns whether ``info`` still held ``path`` (``forget`` was not called meanwhile)."""
+    else closing it unlocks it): touch the file (``touch``), which wakes waiters, and keep ``fd``
+    open for the next acquisition if it is still the one kept (``forget`` may have dropped it),
+    else close it. Whether ``info`` still held ``path`` (``forget`` was not called meanwhile)."""
     with _lock:
         ours = _held.get(path) is info
         if ours:
@@ -166,8 +166,9 @@ def released(path: str, info: LockInfo, fd: int, *, unlocked: bool) -> bool:
             keep = False
         # After unlocking, so waiters (inotify IN_ATTRIB) retry when they can win; under the
         # lock, so no other thread closes the descriptor for room meanwhile.
-        with contextlib.suppress(OSError):  # waiters poll too
-            os.utime(fd)
+        if touch:
+            with contextlib.suppress(OSError):  # waiters poll too
+                os.utime(fd)
     if not keep:
         os.close(fd)
     return ours
