@@ -93,7 +93,9 @@ def holder_files(backend: FileBackend, main_file: str) -> list[str]:
         found = [
             (int(entry.name[len(prefix) :]), entry.name)
             for entry in entries
-            if entry.name.startswith(prefix) and _is_slot(entry.name[len(prefix) :])
+            if entry.name.startswith(prefix)
+            and _is_slot(entry.name[len(prefix) :])
+            and entry.is_file(follow_symlinks=False)  # as list() does: a planted link is none
         ]
     return [file for _, file in sorted(found)]
 

@@ -200,11 +200,6 @@ def join(
     with _lock:
         if path in _held or (gate is not None and filegates.waiting(gate)):
             return None
-        hold = _shared.get(path)
-        if hold is not None and hold.entry.stat_if_at(path) is not None:
-            hold.count += 1
-            return hold
-        _shared.pop(path, None)  # its file was replaced: its holders keep the old one
         gate_entry = None
         if gate is not None:
             gate_entry = _kept_or_open(gate, open_file)
@@ -213,20 +208,31 @@ def join(
             except BlockingIOError:
                 return None  # an exclusive locker of another process waits
         try:
-            for _ in range(5):
-                entry = _kept_or_open(path, open_file)
-                if lock(entry):
-                    hold = _shared[path] = SharedHold(path, entry)
-                    return hold
-                if entry.stat_if_at(path) is not None:
-                    return None  # held by a plain holder
-                del _open_files[path]  # replaced: lock the new one
-                os.close(entry.fd)
-            return None
+            return _join(path, open_file, lock)
         finally:
             # Unless opening the lock file closed it for room (which unlocked it).
             if gate is not None and gate_entry is not None and _open_files.get(gate) is gate_entry:
                 fcntl.flock(gate_entry.fd, fcntl.LOCK_UN)
+
+
+def _join(
+    path: str, open_file: Callable[[str], OpenFile], lock: Callable[[OpenFile], bool]
+) -> SharedHold | None:
+    hold = _shared.get(path)
+    if hold is not None and hold.entry.stat_if_at(path) is not None:
+        hold.count += 1
+        return hold
+    _shared.pop(path, None)  # its file was replaced: its holders keep the old one
+    for _ in range(5):
+        entry = _kept_or_open(path, open_file)
+        if lock(entry):
+            hold = _shared[path] = SharedHold(path, entry)
+            return hold
+        if entry.stat_if_at(path) is not None:
+            return None  # held by a plain holder
+        del _open_files[path]  # replaced: lock the new one
+        os.close(entry.fd)
+    return None
 
 
 def _kept_or_open(path: str, open_file: Callable[[str], OpenFile]) -> OpenFile:
