@@ -211,11 +211,10 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
 
     def list(self) -> Iterator[LockInfo]:
         self._directory.recheck()
-        directory = self._directory.fd(create=False)  # checked: refused if unsafe
-        if directory is None:
+        if self._directory.fd(create=False) is None:  # checked: refused if unsafe
             return
         try:
-            with os.scandir(directory) as found:
+            with os.scandir(self.lock_dir) as found:
                 entries = [e.name for e in found if e.is_file(follow_symlinks=False)]
         except FileNotFoundError:
             return

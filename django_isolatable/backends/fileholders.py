@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from django_isolatable.backends import heldfiles, lockfile
+from django_isolatable.backends import heldfiles, lockdir, lockfile
 from django_isolatable.backends.base import Lease, holder_count_mismatch
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.holders import LockInfo
@@ -85,18 +85,22 @@ def _may_pass(holder: LockInfo | None, info: LockInfo) -> bool:
 
 def holder_files(backend: FileBackend, main_file: str) -> list[str]:
     """The holder files of the lock file ``main_file`` that exist, by slot."""
-    directory = backend._directory.fd(create=False)
-    if directory is None:
+    if backend._directory.fd(create=False) is None:  # checked: refused if unsafe
         return []
     prefix = main_file + lockfile.SEPARATOR
-    with os.scandir(directory) as entries:
-        found = [
-            (int(entry.name[len(prefix) :]), entry.name)
-            for entry in entries
-            if entry.name.startswith(prefix)
-            and _is_slot(entry.name[len(prefix) :])
-            and entry.is_file(follow_symlinks=False)  # as list() does: a planted link is none
-        ]
+    try:  # by path: a scan of the descriptor would share its position with other threads'
+        with os.scandir(backend.lock_dir) as entries:
+            found = [
+                (int(entry.name[len(prefix) :]), entry.name)
+                for entry in entries
+                if entry.name.startswith(prefix)
+                and _is_slot(entry.name[len(prefix) :])
+                and entry.is_file(follow_symlinks=False)  # as list() does: a link is none
+            ]
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise lockdir.os_error(e, str(backend.lock_dir), backend.lock_dir) from e
     return [file for _, file in sorted(found)]
 
 
