@@ -1,4 +1,5 @@
-"""One lock file of the file strategy: its name, one-call ``flock`` attempts and its record.
+"""One lock file of the file strategy: its name (and its holder and gate files' names),
+one-call ``flock`` attempts, its record, and releasing whoever is recorded in it.
 
 LOCK_DIR, relative to which lock files are opened and checked, is in ``backends/lockdir.py``;
 the per-process tables (which locks this process holds, which lock files it keeps open) are in
