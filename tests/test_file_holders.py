@@ -150,3 +150,16 @@ def test_a_link_planted_as_a_holder_file_is_refused(lock_dir, tmp_path):
     assert not semaphore.is_locked()
     with CommandIsolation(NAME).try_lock():  # the lock file itself is left free
         pass
+
+
+def test_a_holder_that_asked_for_more_slots_is_found_above_the_slot_taken(lock_dir):
+    three = CommandIsolation(NAME, max_holders=3)
+    guards = [three.try_lock() for _ in range(3)]
+    guards[0].release()
+    guards[1].release()  # the holder of slot 2 is left
+    with pytest.raises(IsolationError, match="max_holders=3"):
+        CommandIsolation(NAME, max_holders=2).try_lock()
+    assert [h.token for h in three.holders()] == [guards[2].info.token]  # slot 0 was let go
+    guards[2].release()
+    with CommandIsolation(NAME, max_holders=2).try_lock():  # a stale record is no holder
+        pass

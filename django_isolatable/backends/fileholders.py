@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from django_isolatable.backends import heldfiles, lockdir, lockfile
 from django_isolatable.backends.base import Lease, holder_count_mismatch
 from django_isolatable.backends.lockfile import file_name
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import MAX_HOLDERS, LockInfo
 
 if TYPE_CHECKING:
     from django_isolatable.backends.file import FileBackend, FileLease
@@ -44,30 +44,86 @@ def take(
     if hold is None:
         return None
     try:
-        for slot in range(slots):
-            path = backend._dir + lockfile.holder_file(main_file, slot)
-            if not heldfiles.claim(path):  # a thread of this process holds it or takes it
-                if not _may_pass(heldfiles.holder(path), info):
-                    break
-                continue
-            lease, passing = None, True
-            try:
-                lease = backend._lock(name, path, info)
-                entry = heldfiles.kept(path)
-                if lease is None and entry is not None:
-                    passing = _may_pass(lockfile.read_record(entry.fd, name), info)
-            finally:
-                heldfiles.settle(path, None if lease is None else info)
-            if lease is not None:
-                lease.hold = hold
-                return lease
-            if not passing:
-                break
+        slot, lease = _take_slot(backend, name, info, slots)
     except BaseException:
         heldfiles.leave(hold)
         raise
-    heldfiles.leave(hold)
-    return None
+    if lease is None:
+        heldfiles.leave(hold)
+        return None
+    lease.hold = hold  # from here on, releasing the lease leaves the hold
+    if info.mode == "semaphore":
+        _check_later_slots(backend, name, slot + 1, lease)
+    return lease
+
+
+def _take_slot(
+    backend: FileBackend, name: str, info: LockInfo, slots: int
+) -> tuple[int, FileLease | None]:
+    """The first free of ``slots`` holder files of ``name``, taken: its slot and lease (None
+    if none was taken, or another kind of holder is in the way)."""
+    main_file = file_name(name)
+    for slot in range(slots):
+        path = backend._dir + lockfile.holder_file(main_file, slot)
+        if not heldfiles.claim(path):  # a thread of this process holds it or takes it
+            if not _may_pass(heldfiles.holder(path), info):
+                break
+            continue
+        lease, passing = None, True
+        try:
+            lease = backend._lock(name, path, info)
+            entry = heldfiles.kept(path)
+            if lease is None and entry is not None:
+                passing = _may_pass(lockfile.read_record(entry.fd, name), info)
+        finally:
+            heldfiles.settle(path, None if lease is None else info)
+        if lease is not None:
+            return slot, lease
+        if not passing:
+            break
+    return slots, None
+
+
+def _check_later_slots(backend: FileBackend, name: str, first: int, lease: FileLease) -> None:
+    """Raise ``holder_count_mismatch`` (``lease`` released) if a live holder of a slot from
+    ``first`` on recorded another count: slots are taken lowest first, so a holder that asked
+    for more slots may sit above the one just taken. Up to the first slot with no file (a slot
+    has one once a holder took it)."""
+    info, main_file = lease.info, file_name(name)
+    for slot in range(first, MAX_HOLDERS):
+        path = backend._dir + lockfile.holder_file(main_file, slot)
+        if not heldfiles.claim(path):
+            record = heldfiles.holder(path)  # this process's: alive
+        else:
+            try:
+                record = _live_record(backend, name, path)
+            except FileNotFoundError:
+                return
+            finally:
+                heldfiles.settle(path, None)
+        if record and record.mode == "semaphore" and record.max_holders != info.max_holders:
+            backend.release(lease)
+            raise holder_count_mismatch(name, record.max_holders, info.max_holders)
+
+
+def _live_record(backend: FileBackend, name: str, path: str) -> LockInfo | None:
+    """The record in the holder file ``path`` (claimed) if a live holder holds it, else None.
+    ``FileNotFoundError`` if there is no such file."""
+    entry = heldfiles.kept(path)
+    if entry is not None:
+        fd = entry.fd
+    else:
+        file, directory = path[len(backend._dir) :], backend._directory.fd(create=False)
+        os.stat(file, dir_fd=directory, follow_symlinks=False)  # cheaper than a failing open
+        fd, _ = backend._directory.open(file, os.O_RDONLY)
+    try:
+        record = lockfile.read_record(fd, name)
+        if record is None or lockfile.try_flock(fd, path, shared=True):
+            return None  # blank, or free: a dead holder's
+        return record
+    finally:
+        if entry is None:
+            os.close(fd)
 
 
 def _may_pass(holder: LockInfo | None, info: LockInfo) -> bool:
