@@ -221,8 +221,9 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
         except OSError as e:
             raise lockdir.os_error(e, str(self.lock_dir), self.lock_dir) from e
         for main_file, holder_files in fileholders.group(entries).items():
-            record_file = holder_files[0] if holder_files else main_file
-            name = lockfile.name_of(self._directory, main_file, record_file)
+            # A hashed name is read from a record: the lock file's, else a holder file's.
+            names = (lockfile.name_of(self._directory, main_file, f) for f in holder_files)
+            name = lockfile.name_of(self._directory, main_file) or next(filter(None, names), None)
             if name is not None:
                 yield from self._records(name, main_file, holder_files)
 
