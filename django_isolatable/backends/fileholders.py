@@ -161,7 +161,8 @@ def holder_files(backend: FileBackend, main_file: str) -> list[str]:
 
 
 def _is_slot(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 6
+    """Whether ``text`` is a slot number as ``lockfile.holder_file`` writes it."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and text == str(int(text))
 
 
 def group(entries: list[str]) -> dict[str, list[str]]:
