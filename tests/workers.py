@@ -298,11 +298,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if command == "isolated-call":
             sub.add_argument("--journal", required=True)
             sub.add_argument("--who", type=int, required=True)
-        if command == "wait":
-            sub.add_argument("--timeout", type=float, default=30.0)
         if command == "hold":
             sub.add_argument("--max-holders", type=int, default=1)
             sub.add_argument("--shared", action="store_true")
+        if command == "wait":
+            sub.add_argument("--timeout", type=float, default=30.0)
         if command == "once":
             sub.add_argument("--once-per", type=float, required=True)
             sub.add_argument("--journal", required=True)

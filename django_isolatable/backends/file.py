@@ -8,8 +8,9 @@ LOCK_DIR is checked once per backend (no link, this user's, writable by nobody e
 sticky) and lock files are opened relative to its descriptor; each lock file must be a regular
 file of this user's with one link: LOCK_DIR's descriptor and those checks are in
 ``backends/lockdir.py``, one lock file's name, ``flock`` attempts and record in
-``backends/lockfile.py``, and which lock files this process holds or keeps open in
-``backends/heldfiles.py``.
+``backends/lockfile.py``, which lock files this process holds or keeps open in
+``backends/heldfiles.py``, and semaphores' and shared holders' holder files in
+``backends/fileholders.py``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ from typing import ClassVar
 
 from django.core.checks import CheckMessage
 
-from django_isolatable.backends import heldfiles, inotify, lockdir, lockfile
-from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting
+from django_isolatable.backends import filegates, fileholders, heldfiles, inotify, lockdir, lockfile
+from django_isolatable.backends.base import (
+    Backend,
+    BackendOptions,
+    Lease,
+    Semaphore,
+    Shared,
+    Waiting,
+)
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.backends.periods import FilePeriods
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, this_pid
+from django_isolatable.holders import MAX_HOLDERS, LockInfo, this_pid
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +50,11 @@ class FileLease(Lease):
     fd: int = -1
     path: str = ""
     record_size: int = 0
+    #: A semaphore's or shared holder's share in its process's shared flock on the lock file.
+    hold: heldfiles.SharedHold | None = None
 
 
-class FileBackend(Backend, Waiting, FilePeriods):
+class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
     """``flock`` locks in LOCK_DIR. Not expiring: the kernel drops a dead process's lock."""
 
     strategy: ClassVar[str] = "file"
@@ -107,10 +117,19 @@ class FileBackend(Backend, Waiting, FilePeriods):
         return None  # as if held: a waiter tries again
 
     def _open_file(self, path: str) -> heldfiles.OpenFile:
-        fd, opened = self._directory.open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
-        entry = heldfiles.OpenFile(fd, opened.st_dev, opened.st_ino)
+        entry = self._open_new(path)
         heldfiles.keep(path, entry)
         return entry
+
+    def _open_new(self, path: str) -> heldfiles.OpenFile:
+        fd, opened = self._directory.open(path[len(self._dir) :], os.O_RDWR | os.O_CREAT)
+        return heldfiles.OpenFile(fd, opened.st_dev, opened.st_ino)
+
+    def acquire_slot(self, name: str, info: LockInfo, max_holders: int) -> Lease | None:
+        return fileholders.take(self, name, info, max_holders, gated=False)
+
+    def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
+        return fileholders.take(self, name, info, MAX_HOLDERS, gated=True)
 
     def close(self) -> None:
         """Close the lock files of this LOCK_DIR that this process keeps open and holds not."""
@@ -132,48 +151,51 @@ class FileBackend(Backend, Waiting, FilePeriods):
             unlocked = False
         else:
             unlocked = True
-        heldfiles.released(lease.path, lease.info, fd, unlocked=unlocked)
-        return True
+        # Nobody waits for a holder file: a semaphore's and shared holders' waiters poll.
+        touch = lease.hold is None
+        ours = heldfiles.released(lease.path, lease.info, fd, unlocked=unlocked, touch=touch)
+        if lease.hold is None:
+            return True
+        heldfiles.leave(lease.hold)
+        return ours  # False: force-released meanwhile
 
     def _clear_stale(self, lease: Lease) -> bool:
         """Empty the record of a dead holder, if ``lease.token`` is still the one recorded
-        (an empty token: if the record has none, or cannot be read). Never while anyone holds
-        the flock; free under flock, a record is stale whatever it says."""
-        path = self._path(lease.name)
-        if heldfiles.claimed(path):
-            return False  # this process holds it (opening it would drop the lock on NFS)
-        try:
-            fd, _ = self._directory.open(file_name(lease.name), os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            locked = lockfile.try_flock(fd, path)
-            if not locked or not lockfile.record_is(fd, lease.name, lease.token):
-                return False
-            lockfile.truncate(fd)
+        (an empty token: if the record has none, or cannot be read)."""
+        file = file_name(lease.name)
+        if lease.info.mode == "exclusive" and lockfile.clear_if_stale(
+            self._directory, file, lease.name, lease.token
+        ):
             return True
-        finally:
-            os.close(fd)
+        return fileholders.clear_stale(self, lease)
 
     def inspect(self, name: str) -> list[LockInfo]:
-        """The holder's record (``[]`` when free), with ``alive`` from the kernel: held or not."""
-        record = self._inspect(name)
-        return [] if record is None else [record]
+        """The plain holder's record, then the semaphore's or shared holders' (``[]`` when
+        free), with ``alive`` from the kernel: held or not."""
+        self._directory.recheck()
+        main_file = file_name(name)
+        return self._records(name, main_file, fileholders.holder_files(self, main_file))
 
-    def _inspect(self, name: str) -> LockInfo | None:
-        """The holder's record, with ``alive`` from the kernel: held or not.
+    def _records(self, name: str, main_file: str, holder_files: list[str]) -> list[LockInfo]:
+        record = self._read(name, main_file)
+        found = [] if record is None else [record]
+        found.extend(fileholders.records(self, name, holder_files))
+        return found
+
+    def _read(self, name: str, file: str) -> LockInfo | None:
+        """The record in ``file`` of LOCK_DIR, with ``alive`` from the kernel: held or not.
 
         An empty file is a free lock (or one whose holder is writing its record this instant)
         and is not checked further: holders empty the file before unlocking, so a free lock is
         empty unless its holder died. A record is checked with an instant's shared lock, which
         only an acquirer racing for a dead holder's lock can see (and it retries).
         """
-        path = self._path(name)
+        path = self._dir + file
         mine = heldfiles.holder(path)
-        if mine is not None:
+        if mine is not None or heldfiles.sharing(path):
             return mine  # reading would open and close the file, which drops locks on NFS
         try:
-            fd, _ = self._directory.open(file_name(name), os.O_RDONLY)
+            fd, _ = self._directory.open(file, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -192,48 +214,32 @@ class FileBackend(Backend, Waiting, FilePeriods):
         if self._directory.fd(create=False) is None:  # checked: refused if unsafe
             return
         try:
-            entries = sorted(os.scandir(self.lock_dir), key=lambda e: e.name)
+            with os.scandir(self.lock_dir) as found:
+                entries = [e.name for e in found if e.is_file(follow_symlinks=False)]
         except FileNotFoundError:
             return
         except OSError as e:
             raise lockdir.os_error(e, str(self.lock_dir), self.lock_dir) from e
-        for entry in entries:
-            if not entry.name.endswith(lockfile.SUFFIX) or not entry.is_file(follow_symlinks=False):
-                continue
-            name = lockfile.name_of(self._directory, entry.name)
+        for main_file, holder_files in fileholders.group(entries).items():
+            # A hashed name is read from a record: the lock file's, else a holder file's.
+            names = (lockfile.name_of(self._directory, main_file, f) for f in holder_files)
+            name = lockfile.name_of(self._directory, main_file) or next(filter(None, names), None)
             if name is not None:
-                yield from self.inspect(name)
+                yield from self._records(name, main_file, holder_files)
 
     def force_release(self, name: str, token: str | None = None) -> bool:
         """Release ``name`` whoever holds it; with ``token`` only while that token is recorded.
 
-        Free under flock, the record is emptied (with ``token``: only that holder's, judged
+        Free under flock, a record is emptied (with ``token``: only that holder's, judged
         under the flock). Held by a live process, which nobody can take the flock from, the
         file is unlinked so the next acquirer locks a new one while the old holder runs on
-        (with ``token``: only if the record still carries it right before the unlink).
+        (with ``token``: only if the record still carries it right before the unlink). The
+        lock file of semaphore or shared holders goes with the last live holder's file.
         """
-        file = file_name(name)
-        path = self._dir + file
-        try:
-            fd, _ = self._directory.open(file, os.O_RDWR)
-            directory = self._directory.fd(create=False)
-        except FileNotFoundError:
-            return False
-        try:
-            if lockfile.try_flock(fd, path):
-                if token is not None and not lockfile.record_is(fd, name, token):
-                    return False
-                had_record = bool(os.pread(fd, lockfile.MAX_RECORD, 0).strip())
-                lockfile.truncate(fd)
-                return had_record
-            if token is not None and not lockfile.record_is(fd, name, token):
-                return False  # its holder released it since; a new holder's lock is not ours
-            os.unlink(file, dir_fd=directory)
-            heldfiles.forget(path)
-            logger.info("Removed %s: its holder runs on without the lock", path)
-            return True
-        finally:
-            os.close(fd)
+        released, left = fileholders.force_release(self, name, token)
+        last = not left and (token is None or released)
+        main = lockfile.force_release(self._directory, file_name(name), name, token, last=last)
+        return main is True or released
 
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
         """Attempt, then sleep until the lock file changes (inotify: a release touches it) or
@@ -244,12 +250,18 @@ class FileBackend(Backend, Waiting, FilePeriods):
         path = self._path(name)
         pause = FIRST_PAUSE
         lease = None
+        gate = None
         try:
             while True:
                 lease = self.acquire(name, info)
                 remaining = deadline - time.monotonic()
                 if lease is not None or remaining <= 0:
                     return lease
+                if gate is None:  # held: new shared holds wait behind this one from now on
+                    gate_path = self._dir + lockfile.gate_file(file_name(name))
+                    gate = filegates.enter(gate_path, lambda path: self._open_new(path).fd)
+                else:
+                    filegates.lock(gate)
                 file_watch, new = inotify.watch(path)
                 if new:
                     continue  # attempt again with the watch in place: no release is missed
@@ -262,3 +274,6 @@ class FileBackend(Backend, Waiting, FilePeriods):
             if lease is not None:  # an interrupt between the grant and the return
                 self.release(lease)
             raise
+        finally:
+            if gate is not None:
+                filegates.leave(gate)
