@@ -254,11 +254,7 @@ class IsolatableCommand(BaseCommand):
                 )
             return int(status)
         if options.get("verbosity", 1) > 0:
-            self.stderr.write(
-                f"{printable(error.command)} is already running "
-                f"({describe_holder(error.holder)}); skipped.",
-                self.style.WARNING,
-            )
+            self.stderr.write(f"{error.running()}; skipped.", self.style.WARNING)
         return int(status)
 
     def _progress(self, options: dict[str, Any], name: str) -> Any:

@@ -45,7 +45,9 @@ class AlreadyRunning(IsolationError):
         self.overdue_age: float | None = None
         super().__init__(self._message())
 
-    def _message(self) -> str:
+    def running(self) -> str:
+        """``import is already running (pid 4242 on web-1 since ...)``: who keeps it from
+        running (for a semaphore, that its every slot is taken, and one of the holders)."""
         holder = self.holder
         running, who = "is already running", describe_holder(holder)
         if holder is not None and holder.mode == "semaphore":
@@ -53,10 +55,10 @@ class AlreadyRunning(IsolationError):
             who = f"one is {who}"
         elif holder is not None and holder.mode == "shared":
             running = "is held shared"
-        return (
-            f"{printable(self.command)} {running} ({who}); "
-            f"see `manage.py locks status {printable(self.command)}`."
-        )
+        return f"{printable(self.command)} {running} ({who})"
+
+    def _message(self) -> str:
+        return f"{self.running()}; see `manage.py locks status {printable(self.command)}`."
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.command, self.holder))
