@@ -26,14 +26,24 @@ from typing import ClassVar
 
 from django.core.checks import CheckMessage
 
-from django_isolatable.backends import filegates, fileholders, heldfiles, inotify, lockdir, lockfile
+from django_isolatable.backends import (
+    filefencing,
+    filegates,
+    fileholders,
+    heldfiles,
+    inotify,
+    lockdir,
+    lockfile,
+)
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
 )
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.backends.periods import FilePeriods
@@ -54,7 +64,7 @@ class FileLease(Lease):
     hold: heldfiles.SharedHold | None = None
 
 
-class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
+class FileBackend(Backend, Waiting, WakeUps, Semaphore, Shared, Fencing, FilePeriods):
     """``flock`` locks in LOCK_DIR. Not expiring: the kernel drops a dead process's lock."""
 
     strategy: ClassVar[str] = "file"
@@ -130,6 +140,12 @@ class FileBackend(Backend, Waiting, Semaphore, Shared, FilePeriods):
 
     def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
         return fileholders.take(self, name, info, MAX_HOLDERS, gated=True)
+
+    def wait_for_release(self, name: str, timeout: float) -> None:
+        filefencing.wait_for_release(self, name, timeout)
+
+    def fencing_token(self, lease: Lease) -> int | None:
+        return filefencing.issue(self, lease)
 
     def close(self) -> None:
         """Close the lock files of this LOCK_DIR that this process keeps open and holds not."""

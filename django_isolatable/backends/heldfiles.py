@@ -244,11 +244,13 @@ def _kept_or_open(path: str, open_file: Callable[[str], OpenFile]) -> OpenFile:
 
 
 def leave(hold: SharedHold) -> None:
-    """End one share of ``hold``; the last one unlocks the file and touches it (waking
-    exclusive lockers that wait)."""
+    """End one share of ``hold``, touching the file (waking the lockers that wait: a slot or a
+    shared hold may be free now); the last one unlocks the file first."""
     with _lock:
         hold.count -= 1
         if hold.count:
+            with contextlib.suppress(OSError):  # waiters poll too
+                os.utime(hold.entry.fd)
             return
         if _shared.get(hold.path) is hold:
             del _shared[hold.path]

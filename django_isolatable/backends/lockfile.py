@@ -33,6 +33,7 @@ SUFFIX = ".lock"
 #: Between a lock file's name and what its other files add: escaped names never contain it.
 SEPARATOR = "+"
 GATE = "gate"
+FENCE = "fence"
 #: What a lock file held by semaphore or shared holders reads as: no plain holder's record.
 MARKER = b'{"held_by": "semaphore or shared holders, recorded in '
 PROBE_PATIENCE = 0.05  # seconds an acquirer waits out other processes' looks at a free lock
@@ -71,6 +72,11 @@ def gate_file(main_file: str) -> str:
     """The file an exclusive locker that waits for ``main_file``'s lock holds (writer
     preference)."""
     return f"{main_file}{SEPARATOR}{GATE}"
+
+
+def fence_file(main_file: str) -> str:
+    """The file that counts the fencing tokens issued for ``main_file``'s lock."""
+    return f"{main_file}{SEPARATOR}{FENCE}"
 
 
 def name_of(directory: LockDirectory, entry_name: str, record_file: str = "") -> str | None:
