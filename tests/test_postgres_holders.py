@@ -177,7 +177,11 @@ def test_a_failed_attempt_leaves_its_session_holding_nothing(backend, name, obse
     assert backend.acquire_shared(name, shared(name)) is None
     backend.release(plain)
     held = [backend.acquire_slot(name, slot(name, 2), 2) for _ in range(2)]
-    assert all(held)
+    pids = [lease.connection.info.backend_pid for lease in held]
+    rows = observer_rows(
+        "SELECT pid, count(*) FROM pg_locks WHERE pid = ANY(%s) GROUP BY pid", (pids,)
+    )
+    assert sorted(rows) == sorted((pid, 3) for pid in pids)  # its count lock, the name's, one slot
     assert backend.acquire_slot(name, slot(name, 2), 2) is None  # full
     with pytest.raises(IsolationError, match="max_holders=2"):
         backend.acquire_slot(name, slot(name, 3), 3)
