@@ -13,8 +13,8 @@ statement: first its *count lock*, ``(COUNT_CLASS, N)`` on two integer keys shar
 another session holding the name's lock and another count lock (a semaphore of another size, or
 shared holds beside slots), and lets go of everything if it finds one; last, a semaphore holder
 takes the first free of its N slot locks exclusively (keys hashed from the name, see
-``slot_keys``). Two takers of different counts that race both look after taking: the later look
-sees the other, so they never both stay. A session holds one lock's locks and nothing else, so
+``slot_keys``). Two takers of different counts that race both look after taking, so at least
+one of them sees the other (``pg_locks`` is read whole, at one moment): they never both stay. A session holds one lock's locks and nothing else, so
 ``pg_advisory_unlock_all`` undoes a failed attempt, and releases a hold.
 """
 
