@@ -14,8 +14,9 @@ another session holding the name's lock and another count lock (a semaphore of a
 shared holds beside slots), and lets go of everything if it finds one; last, a semaphore holder
 takes the first free of its N slot locks exclusively (keys hashed from the name, see
 ``slot_keys``). Two takers of different counts that race both look after taking, so at least
-one of them sees the other (``pg_locks`` is read whole, at one moment): they never both stay. A session holds one lock's locks and nothing else, so
-``pg_advisory_unlock_all`` undoes a failed attempt, and releases a hold.
+one of them sees the other (``pg_locks`` is read whole, at one moment): they never both stay.
+A session holds one lock's locks and nothing else, so ``pg_advisory_unlock_all`` undoes a failed
+attempt, and releases a hold.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -129,18 +129,17 @@ def slot_keys(prefix: str, name: str, count: int) -> str:
 
 
 def hold_parameters(
-    key: Any, ids: tuple[Any, Any], held: tuple[str, int], slots: Callable[[int], str]
+    prefix: str, name: str, key: Any, ids: tuple[Any, Any], held: tuple[str, int]
 ) -> dict[str, Any]:
-    """The parameters of a hold's statement but its label, for the name's ``key`` and
-    ``pg_locks`` ``ids`` (as psycopg's Int8), ``held`` its (mode, max_holders), ``slots`` the
-    slot keys of a count (``slot_keys``)."""
+    """The parameters of a hold's statement but its label: ``name``'s ``key`` and ``pg_locks``
+    ``ids`` (as psycopg's Int8), ``held`` its (mode, max_holders)."""
     from psycopg.types.numeric import Int4
 
     mode, count = held
     params = {"count_class": Int4(COUNT_CLASS), "key": key, "classid": ids[0], "objid": ids[1]}
     params["count"] = Int4(SHARED_COUNT if mode == "shared" else count)
     if mode == "semaphore":
-        params["slots"] = slots(count)
+        params["slots"] = slot_keys(prefix, name, count)
     return params
 
 

@@ -6,6 +6,7 @@ it a few times. The holder's record is in what ``pg_stat_activity`` shows of the
 where ``locks status`` reads it: its process fields as a comment that opens the statements the
 holder runs, the owner token and time taken as its ``application_name`` (``isolatable <token>
 <µs>``). Waiters queue on the server (``pg_advisory_lock`` under a ``lock_timeout``).
+Semaphore slots and shared holds hold the name's lock shared, plus what ``pgholders`` says.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from django_isolatable.backends.pgholders import (
     read_record,
     record_comment,
     session_label,
-    slot_keys,
 )
 from django_isolatable.backends.pgsession import (
     HELD_ALREADY,
@@ -120,7 +120,7 @@ def _statements(
     statements = (opening + HOLD.get(held[0], _TRY), opening + _WAIT, opening + _HOLDS)
     if held[0] == "exclusive":
         return _Named(key8, ids, *statements, _UNLOCK, {})
-    hold = hold_parameters(key8, ids, held, lambda count: slot_keys(prefix, name, count))
+    hold = hold_parameters(prefix, name, key8, ids, held)
     return _Named(key8, ids, *statements, UNLOCK_HELD, hold)
 
 
