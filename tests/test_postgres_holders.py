@@ -181,7 +181,8 @@ def test_a_failed_attempt_leaves_its_session_holding_nothing(backend, name, obse
     rows = observer_rows(
         "SELECT pid, count(*) FROM pg_locks WHERE pid = ANY(%s) GROUP BY pid", (pids,)
     )
-    assert sorted(rows) == sorted((pid, 3) for pid in pids)  # its count lock, the name's, one slot
+    # its count lock, the semaphore marker, the name's key, one slot
+    assert sorted(rows) == sorted((pid, 4) for pid in pids)
     assert backend.acquire_slot(name, slot(name, 2), 2) is None  # full
     with pytest.raises(IsolationError, match="max_holders=2"):
         backend.acquire_slot(name, slot(name, 3), 3)

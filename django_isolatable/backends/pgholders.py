@@ -60,27 +60,38 @@ _LET_GO = "(SELECT '' FROM pg_advisory_unlock_all())"
 OTHER_COUNT = "count"
 
 
-def _hold(slot: str) -> str:
-    """The statement of a shared or slot hold, ``slot`` its last step (true when taken). Its
-    answer: the new application_name (held), '' (taken by others), ``OTHER_COUNT``, or NULL
-    (a pooler's session that holds a lock)."""
+def _hold(marker: str, check: str, slot: str) -> str:
+    """The statement of a shared or slot hold: ``marker`` what it does with the semaphore
+    marker (true when done), ``check`` true if another count holds the name, ``slot`` its last
+    step (true when taken). Its answer: the new application_name (held), '' (taken by others),
+    ``OTHER_COUNT``, or NULL (a pooler's session that holds a lock)."""
     return (
         f"SELECT CASE {HELD_ALREADY} "
         "WHEN NOT pg_try_advisory_lock_shared(%(count_class)s, %(count)s) THEN '' "
+        f"WHEN NOT {marker} THEN {_LET_GO} "
         f"WHEN NOT pg_try_advisory_lock_shared(%(key)s) THEN {_LET_GO} "
-        f"WHEN {_OTHER_COUNT} THEN {_LET_GO} || '{OTHER_COUNT}' "
+        f"WHEN {check} THEN {_LET_GO} || '{OTHER_COUNT}' "
         f"WHEN {slot} THEN set_config('application_name', %(label)s, false) "
         f"ELSE {_LET_GO} END"
     )
 
 
-#: The statement of each kind of hold but the plain one. For a slot, LIMIT stops at the first
-#: slot taken: a try that fails takes nothing.
+#: The statement of each kind of hold but the plain one. A semaphore holder holds the marker
+#: shared; a shared holder that can take it exclusively, for its statement only, knows that no
+#: semaphore holds the name, and that none can take it before it looked (after this statement),
+#: so it looks in pg_locks only when that fails. For a slot, LIMIT stops at the first slot
+#: taken: a try that fails takes nothing.
 HOLD = {
-    "shared": _hold("true"),
+    "shared": _hold(
+        "true",
+        f"CASE WHEN pg_try_advisory_xact_lock(%(marker)s) THEN false ELSE {_OTHER_COUNT} END",
+        "true",
+    ),
     "semaphore": _hold(
+        "pg_try_advisory_lock_shared(%(marker)s)",
+        _OTHER_COUNT,
         "(SELECT true FROM unnest(%(slots)s::int8[]) AS slot "
-        "WHERE pg_try_advisory_lock(slot) LIMIT 1)"
+        "WHERE pg_try_advisory_lock(slot) LIMIT 1)",
     ),
 }
 #: Releases a shared or slot hold (%s: the name's key): true if the session held it.
@@ -123,7 +134,8 @@ def slot_keys(prefix: str, name: str, count: int) -> str:
     """The keys of ``name``'s ``count`` slot locks, as the text of a bigint[] (which psycopg
     passes on as it is, where a list would be adapted item by item on every attempt): each
     ``advisory_key`` of the name, a NUL and the slot's number, a name no lock has (names have
-    no NUL), so never another lock's key."""
+    no NUL), so never another lock's key. Its semaphore marker's is that of the name, a NUL
+    and "semaphore"."""
     head = _hashed(prefix, name) + b"\0"
     return "{" + ",".join(str(_key(head + b"%d" % slot)) for slot in range(count)) + "}"
 
@@ -133,11 +145,12 @@ def hold_parameters(
 ) -> dict[str, Any]:
     """The parameters of a hold's statement but its label: ``name``'s ``key`` and ``pg_locks``
     ``ids`` (as psycopg's Int8), ``held`` its (mode, max_holders)."""
-    from psycopg.types.numeric import Int4
+    from psycopg.types.numeric import Int4, Int8
 
     mode, count = held
     params = {"count_class": Int4(COUNT_CLASS), "key": key, "classid": ids[0], "objid": ids[1]}
     params["count"] = Int4(SHARED_COUNT if mode == "shared" else count)
+    params["marker"] = Int8(_key(_hashed(prefix, name) + b"\0semaphore"))
     if mode == "semaphore":
         params["slots"] = slot_keys(prefix, name, count)
     return params
