@@ -257,3 +257,15 @@ def test_a_tricky_name_holds_slots_and_shared_holds_and_reads_back(backend, name
     lease = backend.acquire_shared(name, info)
     assert backend.inspect(name) == [dataclasses.replace(info, alive=True)]
     assert backend.release(lease) is True
+
+
+def test_takers_of_one_count_racing_all_get_a_hold(backend, name):
+    """Five takers of a semaphore of five at once, or five shared holds: none is refused (the
+    markers they try exclusively never fail one of them)."""
+    for round_number in range(10):
+        lock = f"{name}-{round_number}"
+        semaphore = race([lambda lock: backend.acquire_slot(lock, slot(lock, 5), 5)] * 5, lock)
+        held = race([lambda lock: backend.acquire_shared(lock, shared(lock))] * 5, f"{lock}-s")
+        assert (len(semaphore), len(held)) == (5, 5)
+        for lease in semaphore + held:
+            backend.release(lease)

@@ -60,36 +60,39 @@ _LET_GO = "(SELECT '' FROM pg_advisory_unlock_all())"
 OTHER_COUNT = "count"
 
 
-def _hold(marker: str, check: str, slot: str) -> str:
-    """The statement of a shared or slot hold: ``marker`` what it does with the semaphore
-    marker (true when done), ``check`` true if another count holds the name, ``slot`` its last
-    step (true when taken). Its answer: the new application_name (held), '' (taken by others),
-    ``OTHER_COUNT``, or NULL (a pooler's session that holds a lock)."""
+def _hold(kind: str, alone: str, slot: str) -> str:
+    """The statement of a shared or slot hold: ``kind`` the marker it holds, ``alone`` true
+    when its exclusive tries of the markers show that no session can hold the name with another
+    count, ``slot`` its last step (true when taken). Its answer: the new application_name
+    (held), '' (taken by others), ``OTHER_COUNT``, or NULL (a pooler's session that holds a
+    lock)."""
     return (
         f"SELECT CASE {HELD_ALREADY} "
+        f"WHEN set_config('lock_timeout', '{MARKER_WAIT}', true) IS NULL THEN NULL "
         "WHEN NOT pg_try_advisory_lock_shared(%(count_class)s, %(count)s) THEN '' "
-        f"WHEN NOT {marker} THEN {_LET_GO} "
+        f"WHEN pg_advisory_lock_shared(%({kind})s)::text <> '' THEN NULL "
         f"WHEN NOT pg_try_advisory_lock_shared(%(key)s) THEN {_LET_GO} "
-        f"WHEN {check} THEN {_LET_GO} || '{OTHER_COUNT}' "
+        f"WHEN CASE WHEN {alone} THEN false ELSE {_OTHER_COUNT} END "
+        f"THEN {_LET_GO} || '{OTHER_COUNT}' "
         f"WHEN {slot} THEN set_config('application_name', %(label)s, false) "
         f"ELSE {_LET_GO} END"
     )
 
 
-#: The statement of each kind of hold but the plain one. A semaphore holder holds the marker
-#: shared; a shared holder that can take it exclusively, for its statement only, knows that no
-#: semaphore holds the name, and that none can take it before it looked (after this statement),
-#: so it looks in pg_locks only when that fails. For a slot, LIMIT stops at the first slot
-#: taken: a try that fails takes nothing.
+#: Milliseconds a hold may wait for its marker: others hold a marker exclusively only for the
+#: rest of a statement that waits for nothing.
+MARKER_WAIT = 5000
+_TRY_X = "pg_try_advisory_xact_lock(%({})s)"
+#: The statement of each kind of hold but the plain one. A semaphore holder holds the
+#: semaphore marker shared, a shared holder the shared marker. A taker that gets the markers of
+#: the holders it could meet exclusively, until its statement ends, knows that none holds the
+#: name, and that none can take it before this statement ended: it looks in pg_locks only when
+#: a try fails. For a slot, LIMIT stops at the first slot taken: a try that fails takes nothing.
 HOLD = {
-    "shared": _hold(
-        "true",
-        f"CASE WHEN pg_try_advisory_xact_lock(%(marker)s) THEN false ELSE {_OTHER_COUNT} END",
-        "true",
-    ),
+    "shared": _hold("shared_marker", _TRY_X.format("marker"), "true"),
     "semaphore": _hold(
-        "pg_try_advisory_lock_shared(%(marker)s)",
-        _OTHER_COUNT,
+        "marker",
+        f"CASE WHEN {_TRY_X.format('marker')} THEN {_TRY_X.format('shared_marker')} END",
         "(SELECT true FROM unnest(%(slots)s::int8[]) AS slot "
         "WHERE pg_try_advisory_lock(slot) LIMIT 1)",
     ),
@@ -134,8 +137,8 @@ def slot_keys(prefix: str, name: str, count: int) -> str:
     """The keys of ``name``'s ``count`` slot locks, as the text of a bigint[] (which psycopg
     passes on as it is, where a list would be adapted item by item on every attempt): each
     ``advisory_key`` of the name, a NUL and the slot's number, a name no lock has (names have
-    no NUL), so never another lock's key. Its semaphore marker's is that of the name, a NUL
-    and "semaphore"."""
+    no NUL), so never another lock's key. Its markers' are those of the name, a NUL and
+    "semaphore" or "shared"."""
     head = _hashed(prefix, name) + b"\0"
     return "{" + ",".join(str(_key(head + b"%d" % slot)) for slot in range(count)) + "}"
 
@@ -150,7 +153,9 @@ def hold_parameters(
     mode, count = held
     params = {"count_class": Int4(COUNT_CLASS), "key": key, "classid": ids[0], "objid": ids[1]}
     params["count"] = Int4(SHARED_COUNT if mode == "shared" else count)
-    params["marker"] = Int8(_key(_hashed(prefix, name) + b"\0semaphore"))
+    head = _hashed(prefix, name) + b"\0"
+    params["marker"] = Int8(_key(head + b"semaphore"))
+    params["shared_marker"] = Int8(_key(head + b"shared"))
     if mode == "semaphore":
         params["slots"] = slot_keys(prefix, name, count)
     return params
