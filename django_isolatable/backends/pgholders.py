@@ -7,16 +7,21 @@ kind holds, ``inspect`` finds every holder by that one key in ``pg_locks``, and 
 locker waiting in the server's queue holds off new shared and slot holds (PostgreSQL makes a
 request that conflicts with a waiting one wait, and a non-blocking one fail): writer preference.
 
-A shared or semaphore holder holds two more advisory locks, taken in this order, all in one
-statement: first its *count lock*, ``(COUNT_CLASS, N)`` on two integer keys shared, N its
-``max_holders`` (0 for a shared hold); then the name's lock; then it looks in ``pg_locks`` for
-another session holding the name's lock and another count lock (a semaphore of another size, or
-shared holds beside slots), and lets go of everything if it finds one; last, a semaphore holder
-takes the first free of its N slot locks exclusively (keys hashed from the name, see
-``slot_keys``). Two takers of different counts that race both look after taking, so at least
-one of them sees the other (``pg_locks`` is read whole, at one moment): they never both stay.
-A session holds one lock's locks and nothing else, so ``pg_advisory_unlock_all`` undoes a failed
-attempt, and releases a hold.
+A shared or semaphore holder holds more advisory locks, taken in this order, in one statement:
+its *count lock*, ``(COUNT_CLASS, N)`` on two integer keys, shared, N its ``max_holders`` (0 for
+a shared hold); its kind's *marker* (the name's semaphore marker or shared marker), shared; the
+name's lock; then, for a semaphore, the first free of its N slot locks exclusively (keys hashed
+from the name, see ``slot_keys``). Before the slot, it makes sure that no session holds the name
+with another count: a semaphore's taker tries both markers exclusively, a shared one the
+semaphore marker, until its statement ends. Getting them proves that no holder it could clash
+with holds the name now, nor can take it before this statement ended (and then sees this one).
+When a try fails, it looks in ``pg_locks`` for another session holding the name's lock and
+another count lock, and lets go of everything if it finds one. Two takers of different counts
+that race both look after taking, so at least one of them sees the other (``pg_locks`` is read
+whole, at one moment): they never both stay. Markers are taken waiting, as others hold them
+exclusively only to the end of a statement that waits for nothing, so takers of one count never
+fail each other. A session holds one lock's locks and nothing else, so
+``pg_advisory_unlock_all`` undoes a failed attempt, and releases a hold.
 """
 
 from __future__ import annotations
