@@ -18,8 +18,7 @@ Commands:
     Take the lock at once (``try_lock``; a slot of ``--max-holders N``, or a shared hold with
     ``--shared``), print ``held``, keep it until told. While it holds,
     each ``lost?`` line on stdin is answered with ``lost True`` or ``lost False``
-    (``guard.lost``). ``--max-holders N`` takes a slot of a semaphore of N, ``--shared`` a
-    shared hold.
+    (``guard.lost``).
 ``wait``
     Wait for the lock with ``lock(timeout=--timeout)``; print ``waiting`` once the wait loop has
     reported progress (so the caller knows it is blocked), then ``acquired`` (or ``timeout``),
@@ -296,9 +295,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument("--hold", type=float, default=0.0)
             sub.add_argument("--timeout", type=float, default=60.0)
             sub.add_argument("--unlink-before-release", action="store_true")
-        if command == "hold":
-            sub.add_argument("--max-holders", type=int, default=1)
-            sub.add_argument("--shared", action="store_true")
         if command == "isolated-call":
             sub.add_argument("--journal", required=True)
             sub.add_argument("--who", type=int, required=True)
