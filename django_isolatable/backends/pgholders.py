@@ -30,14 +30,12 @@ import contextlib
 import functools
 import hashlib
 import json
-import random
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from django_isolatable.backends.base import holder_count_mismatch
-from django_isolatable.backends.pgsession import HELD_ALREADY, IDLE_LABEL, Sessions
+from django_isolatable.backends.pgsession import HELD_ALREADY, IDLE_LABEL
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, from_epoch_microseconds
 
@@ -109,33 +107,6 @@ UNLOCK_HELD = (
     "SELECT pg_advisory_unlock_shared(%s), pg_advisory_unlock_all(), "
     f"set_config('application_name', '{IDLE_LABEL}', false)"
 )
-
-
-# Waits, for a shared lock of the name's key until the statement ends, in the server's queue
-# (%s: lock_timeout in ms, the key twice): false at once when nothing holds it exclusively or
-# waits to; true once the exclusive holder, and the exclusive waiters queued before, let go.
-_RELEASED = (
-    "SELECT CASE WHEN set_config('lock_timeout', %s, true) IS NULL THEN NULL "
-    "WHEN pg_try_advisory_xact_lock_shared(%s) THEN false "
-    "WHEN pg_advisory_xact_lock_shared(%s)::text = '' THEN true END"
-)
-
-
-def wait_for_release(sessions: Sessions, key: Any, timeout: float, pause: float) -> None:
-    """Return when an exclusive holder of ``key`` (and the exclusive waiters before this call)
-    let go, or after ``timeout`` seconds; after a jittered ``pause`` at most when nothing holds
-    it exclusively (semaphore slots taken: their releases are not waited for, only polled)."""
-    import psycopg
-
-    milliseconds = str(max(1, round(timeout * 1000)))
-    connection = sessions.connect()
-    try:
-        row = sessions.run(connection, _RELEASED, (milliseconds, key, key), waits=True)
-    except psycopg.errors.LockNotAvailable:
-        row = (True,)  # the timeout: the session holds nothing (the lock was a transaction's)
-    sessions.put_back(connection)
-    if row is None or row[0] is False:
-        time.sleep(min(timeout, pause * random.uniform(0.5, 1.0)))
 
 
 def _hashed(prefix: str, name: str) -> bytes:

@@ -20,7 +20,6 @@ from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
-from django_isolatable.backends import pgholders
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
@@ -28,7 +27,6 @@ from django_isolatable.backends.base import (
     Semaphore,
     Shared,
     Waiting,
-    WakeUps,
     missing_driver,
 )
 from django_isolatable.backends.periodtable import TablePeriods
@@ -132,7 +130,7 @@ class PostgresLease(Lease):
     named: _Named | None = None
 
 
-class PostgresBackend(Backend, Waiting, Semaphore, Shared, WakeUps, TablePeriods):
+class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
     strategy: ClassVar[str] = "postgres"
     heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
 
@@ -197,11 +195,6 @@ class PostgresBackend(Backend, Waiting, Semaphore, Shared, WakeUps, TablePeriods
 
     def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
         return self._hold(name, info)
-
-    def wait_for_release(self, name: str, timeout: float) -> None:
-        from psycopg.types.numeric import Int8
-
-        pgholders.wait_for_release(self.sessions, Int8(self.key(name)), timeout, self.poll_interval)
 
     def _hold(self, name: str, info: LockInfo) -> Lease | None:
         """One attempt at a slot or shared hold, as ``info`` says (pgholders)."""
