@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -181,10 +182,10 @@ def test_a_forked_child_records_its_own_process():
 
 
 def test_a_postgres_session_label_with_a_foreign_time_reads_as_unknown_time():
-    from django_isolatable.backends import postgres
+    from django_isolatable.backends.pgholders import read_record
 
     query = 'SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/'
-    record = postgres._record(query, "isolatable tok " + "9" * 30, "postgres")
+    record = read_record(query, "isolatable tok " + "9" * 30, "postgres")
     assert record is not None
     assert record.token == "tok"
     assert record.acquired_at is None
@@ -196,12 +197,18 @@ def test_a_postgres_record_fits_what_pg_stat_activity_keeps_of_every_statement(n
     session ran last, the record in its comment reads back whole, whatever its length."""
     pytest.importorskip("psycopg")
     from django_isolatable.backends import postgres
+    from django_isolatable.backends.pgholders import read_record
 
-    for length in range(0, 1200, 5):  # command lines around every length the budget cuts at
-        info = dataclasses.replace(new_record(name, "postgres"), argv=("a" * length,))
+    for length, (mode, count) in itertools.product(
+        range(0, 1200, 5),  # command lines around every length the budget cuts at
+        [("exclusive", 1), ("semaphore", 10_000), ("shared", 1)],
+    ):
+        record = new_record(name, "postgres", mode=mode, max_holders=count)
+        info = dataclasses.replace(record, argv=("a" * length,))
         named = postgres._named("", name, info)
         for statement in (named.try_lock, named.wait, named.holds):
             kept = statement.encode()[:1023].decode()
-            record = postgres._record(kept, "isolatable tok 1795896665847315", "postgres")
+            record = read_record(kept, "isolatable tok 1795896665847315", "postgres")
             assert record is not None, (length, statement[:40])
             assert (record.pid, record.host_id) == (info.pid, info.host_id)
+            assert (record.mode, record.max_holders) == (mode, count)

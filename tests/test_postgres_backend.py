@@ -496,13 +496,13 @@ def test_a_forked_child_never_uses_the_parents_connections(backend, name, observ
 def test_a_session_without_the_records_comment_still_shows_its_token_and_time():
     """A holding session whose statement another role cannot read ("<insufficient privilege>"),
     or whose last statement is not the strategy's (a pooler's other client ran one there)."""
-    from django_isolatable.backends.postgres import _record
+    from django_isolatable.backends.pgholders import read_record
 
     for query in ("<insufficient privilege>", "SELECT 1", "/*isolatable:{*/ SELECT 1"):
-        info = _record(query, "isolatable tok 1000000", "postgres")
+        info = read_record(query, "isolatable tok 1000000", "postgres")
         assert info == LockInfo("", "postgres", token="tok", acquired_at=info.acquired_at)
         assert info.acquired_at.timestamp() == 1.0
-    info = _record('SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/', "isolatable", "postgres")
+    info = read_record('SELECT 1 /*isolatable:{"name": "x", "pid": 1}*/', "isolatable", "postgres")
     assert info == LockInfo("x", "postgres", pid=1)
 
 

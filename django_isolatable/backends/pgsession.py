@@ -37,6 +37,12 @@ TCP_SETTINGS = {
 }
 #: The application_name of a lock connection that holds no lock.
 IDLE_LABEL = "isolatable"
+#: Opens every lock statement's CASE, which evaluates its branches in order, ordering the
+#: pooler check, the locks and the claim within one statement (a transaction pooler may run two
+#: statements on two server sessions). A session whose application_name carries a token holds
+#: a lock already: handed to this client, it is another client's session (a pooler), and the
+#: answer is NULL.
+HELD_ALREADY = "WHEN starts_with(current_setting('application_name'), 'isolatable ') THEN NULL"
 
 # Idle connections by database alias. list.pop and list.append are atomic: threads share the
 # pools without a lock.

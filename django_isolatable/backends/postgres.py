@@ -6,52 +6,64 @@ it a few times. The holder's record is in what ``pg_stat_activity`` shows of the
 where ``locks status`` reads it: its process fields as a comment that opens the statements the
 holder runs, the owner token and time taken as its ``application_name`` (``isolatable <token>
 <µs>``). Waiters queue on the server (``pg_advisory_lock`` under a ``lock_timeout``).
+Semaphore slots and shared holds hold the name's lock shared, plus what ``pgholders`` says.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
+from django_isolatable.backends.base import (
+    Backend,
+    BackendOptions,
+    Lease,
+    Semaphore,
+    Shared,
+    Waiting,
+    missing_driver,
+)
 from django_isolatable.backends.periodtable import TablePeriods
-from django_isolatable.backends.pgsession import IDLE_LABEL, Deadline, Sessions, pooled
+from django_isolatable.backends.pgholders import (
+    HOLD,
+    OTHER_COUNT,
+    UNLOCK_HELD,
+    advisory_key,
+    hold_parameters,
+    lock_ids,
+    mismatch,
+    read_record,
+    record_comment,
+    session_label,
+)
+from django_isolatable.backends.pgsession import (
+    HELD_ALREADY,
+    IDLE_LABEL,
+    Deadline,
+    Sessions,
+    pooled,
+)
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, from_epoch_microseconds, this_pid
+from django_isolatable.holders import LockInfo, this_pid
 
 if TYPE_CHECKING:
     from psycopg import Connection
 
-_MARK = "/*isolatable:"
-_PROCESS_FIELDS = ("pid", "hostname", "host_id", "process_started_at", "argv")
-#: What pg_stat_activity.query keeps (track_activity_query_size, 1024 bytes by default, its NUL
-#: included) minus the comment's marks: the record opens the statement, so it is never cut.
-_RECORD_BUDGET = 1023 - len(_MARK) - len("*/ ")
 _LONGEST_WAIT = 2**31 - 1  # milliseconds: the largest lock_timeout
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
 
-# One statement per operation. CASE evaluates its branches in order, which orders the pooler
-# check, the lock and the claim within one statement (a transaction pooler may run two statements
-# on two server sessions). A session whose application_name carries a token holds a lock already:
-# handed to this client, it is another client's session (a pooler), and the answer is NULL.
-_SHARED = "WHEN starts_with(current_setting('application_name'), 'isolatable ') THEN NULL"
+# One statement per operation (see HELD_ALREADY).
 _TRY = (  # %s: the key, the label
-    f"SELECT CASE {_SHARED} WHEN pg_try_advisory_lock(%s) "
+    f"SELECT CASE {HELD_ALREADY} WHEN pg_try_advisory_lock(%s) "
     "THEN set_config('application_name', %s, false) ELSE '' END"
 )
 _WAIT = (  # %s: lock_timeout (ms, for this statement only), the key, the label
-    f"SELECT CASE {_SHARED} WHEN set_config('lock_timeout', %s, true) IS NULL THEN NULL "
+    f"SELECT CASE {HELD_ALREADY} WHEN set_config('lock_timeout', %s, true) IS NULL THEN NULL "
     "WHEN pg_advisory_lock(%s)::text = '' THEN set_config('application_name', %s, false) END"
 )
 _HELD = (  # %s: pg_locks (classid, objid)
@@ -76,87 +88,40 @@ _TERMINATE = (
 )
 
 
-@functools.lru_cache(maxsize=4096)
-def advisory_key(prefix: str, name: str) -> int:
-    """The bigint advisory lock key of ``name`` under KEY_PREFIX ``prefix``: the first 8 bytes
-    of a SHA-256, of the name alone without a prefix, else of the prefix's length, the prefix
-    and the name, after a NUL byte (which no name has): every (prefix, name) pair its own key."""
-    data = name.encode("utf-8", "surrogatepass")
-    if prefix:
-        encoded = prefix.encode("utf-8", "surrogatepass")
-        data = b"\0" + len(encoded).to_bytes(8, "big") + encoded + data
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big", signed=True)
-
-
-def lock_ids(key: int) -> tuple[int, int]:
-    """``pg_locks`` (classid, objid) of a bigint advisory lock: its high and low 32 bits."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    return unsigned >> 32, unsigned & 0xFFFFFFFF
-
-
-def _comment(name: str, process: tuple[Any, ...], label: str | None) -> str:
-    """The record's process fields and label as the comment that opens a statement, the same
-    for every lock of a name and label in a process (so its statements get prepared). A long
-    command line is left out first, then the label, then a long name (``inspect`` knows the
-    name it asks for). JSON's "\\u002a" for "*" keeps the comment closed and unnested
-    (PostgreSQL nests ``/*``), "\\u0025" for "%" keeps psycopg's placeholders out."""
-    data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True)), "label": label}
-    text = ""
-    for dropped in ((), ("argv",), ("argv", "label"), ("argv", "label", "name")):
-        data.update(dict.fromkeys(dropped))
-        text = json.dumps(data, default=datetime.isoformat)  # ASCII only
-        text = text.replace("*", "\\u002a").replace("%", "\\u0025")
-        if len(text) <= _RECORD_BUDGET:
-            break
-    return f"{_MARK}{text}*/ "
-
-
-def _record(query: str, application_name: str, strategy: str) -> LockInfo:
-    """The record a holding session shows: the token and time from its label, the rest from
-    its statement's comment (unknown without one, as another role sees it)."""
-    start = query.find(_MARK)
-    end = query.find("*/", start)
-    data = None
-    if start >= 0 and end >= 0:
-        with contextlib.suppress(ValueError):
-            data = json.loads(query[start + len(_MARK) : end])
-    name = data.get("name") if isinstance(data, dict) else None
-    info = LockInfo.from_dict(name if isinstance(name, str) else "", strategy, data)
-    _, token, microseconds = [*application_name.split(" "), "", "", ""][:3]
-    return replace(info, token=token or None, acquired_at=from_epoch_microseconds(microseconds))
-
-
-def _label(info: LockInfo) -> str:
-    """The application_name of the session holding ``info``'s lock (at most 60 bytes)."""
-    taken = info.acquired_at or _EPOCH
-    return f"isolatable {info.token or ''} {(taken - _EPOCH) // _MICROSECOND}"
-
-
 class _Named(NamedTuple):
-    """What every lock of one name in one process uses, made once."""
+    """What every lock of one name and kind in one process uses, made once."""
 
     key: Any  # the key as psycopg's Int8, so its statements always have one parameter type
     ids: tuple[Any, Any]
-    try_lock: str
+    try_lock: str  # for a shared or slot hold, its statement (pgholders)
     wait: str
     holds: str  # the renewal thread's check keeps the record shown
+    unlock: str
+    hold: dict[str, Any]  # a shared or slot hold's parameters but its label (pgholders)
 
 
 def _named(prefix: str, name: str, info: LockInfo) -> _Named:
-    """``name``'s key and statements, with the record of ``info``'s process."""
+    """``name``'s key and statements, with the record of ``info``'s process and kind."""
     process = (info.pid, info.hostname, info.host_id, info.process_started_at, info.argv)
-    return _statements(prefix, name, process, info.label)
+    return _statements(prefix, name, process, info.label, (info.mode, info.max_holders))
 
 
 @functools.lru_cache(maxsize=1024)
-def _statements(prefix: str, name: str, process: tuple[Any, ...], label: str | None) -> _Named:
+def _statements(
+    prefix: str, name: str, process: tuple[Any, ...], label: str | None, held: tuple[str, int]
+) -> _Named:
     from psycopg.types.numeric import Int8
 
     key = advisory_key(prefix, name)
-    comment = _comment(name, process, label)
+    opening = record_comment(name, process, label, held)
     classid, objid = lock_ids(key)
     ids = (Int8(classid), Int8(objid))
-    return _Named(Int8(key), ids, comment + _TRY, comment + _WAIT, comment + _HOLDS)
+    key8 = Int8(key)
+    statements = (opening + HOLD.get(held[0], _TRY), opening + _WAIT, opening + _HOLDS)
+    if held[0] == "exclusive":
+        return _Named(key8, ids, *statements, _UNLOCK, {})
+    hold = hold_parameters(prefix, name, key8, ids, held)
+    return _Named(key8, ids, *statements, UNLOCK_HELD, hold)
 
 
 @dataclass
@@ -165,7 +130,7 @@ class PostgresLease(Lease):
     named: _Named | None = None
 
 
-class PostgresBackend(Backend, Waiting, TablePeriods):
+class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
     strategy: ClassVar[str] = "postgres"
     heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
 
@@ -206,7 +171,7 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
         import psycopg
 
         named = _named(self.options.key_prefix, name, info)
-        label = _label(info)
+        label = session_label(info)
         connection = self.sessions.connect()
         try:
             if wait is None:
@@ -225,6 +190,28 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
             return None
         return PostgresLease(name, info.token or "", info, connection=connection, named=named)
 
+    def acquire_slot(self, name: str, info: LockInfo, max_holders: int) -> Lease | None:
+        return self._hold(name, info)
+
+    def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
+        return self._hold(name, info)
+
+    def _hold(self, name: str, info: LockInfo) -> Lease | None:
+        """One attempt at a slot or shared hold, as ``info`` says (pgholders)."""
+        named = _named(self.options.key_prefix, name, info)
+        connection = self.sessions.connect()
+        params = {**named.hold, "label": session_label(info)}
+        row = self.sessions.run(connection, named.try_lock, params)
+        if row is None or not row[0] or row[0] == OTHER_COUNT:
+            self.sessions.put_back(connection)
+            if row is None or row[0] is None:  # the session held a lock: another client's
+                raise LockIOError(pooled(f"database {self.alias!r}"))
+            error = row[0] and mismatch(name, self.inspect(name), info.max_holders)
+            if error:
+                raise error
+            return None
+        return PostgresLease(name, info.token or "", info, connection=connection, named=named)
+
     def release(self, lease: Lease) -> bool:
         if not isinstance(lease, PostgresLease) or lease.connection is None:
             return False  # a dead holder's session lock went with its connection
@@ -232,7 +219,7 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
         if lease.pid != this_pid() or lease.named is None:
             return False  # a forked child's copy: the session is the parent's
         try:
-            row = self.sessions.run(connection, _UNLOCK, (lease.named.key,))
+            row = self.sessions.run(connection, lease.named.unlock, (lease.named.key,))
         except LockIOError:
             return False  # the session is gone, and the lock with it
         self.sessions.put_back(connection)
@@ -266,14 +253,14 @@ class PostgresBackend(Backend, Waiting, TablePeriods):
     def inspect(self, name: str) -> list[LockInfo]:
         classid, objid = lock_ids(self.key(name))
         return [
-            replace(_record(query or "", label or "", self.strategy), name=name, alive=True)
+            replace(read_record(query or "", label or "", self.strategy), name=name, alive=True)
             for _, _, query, label in self._holders(_ONE, {"classid": classid, "objid": objid})
         ]
 
     def list(self) -> Iterator[LockInfo]:
         marked = " AND starts_with(a.application_name, 'isolatable ')"
         for classid, objid, query, label in self._holders(marked):
-            record = _record(query or "", label or "", self.strategy)
+            record = read_record(query or "", label or "", self.strategy)
             # Only this prefix's names map to the ids
             if record.name and lock_ids(self.key(record.name)) == (classid, objid):
                 yield replace(record, alive=True)
