@@ -48,6 +48,9 @@ Run = Callable[..., Any]
 FOREVER = datetime(9999, 1, 1, tzinfo=timezone.utc)
 #: Transactions tried before giving up on contention.
 ATTEMPTS = 6
+#: Vendors where a statement that writes runs alone from its first read to its end (SQLite's
+#: write lock is the whole file's): a slot is usually taken in one statement there.
+SERIAL_VENDORS = ("sqlite",)
 #: Every row of a name: its main row and its slot rows.
 EVERY_ROW = "WHERE name_hash = %s OR lock_hash = %s"
 
@@ -68,10 +71,12 @@ class TableSlots(Semaphore):
 
         def _now(self) -> tuple[str, str, Any]: ...
 
-    def _transaction(self, what: str, work: Callable[[Run], Result]) -> Result:
-        """``work(run)`` in one transaction, tried again when it lost to concurrent ones
-        (``Contended`` after ``ATTEMPTS``) or the table was missing or old (``LockIOError`` if
-        that did not help)."""
+    def _transaction(
+        self, what: str, work: Callable[[Run], Result], single: bool = False
+    ) -> Result:
+        """``work(run)`` in one transaction (``single``: one statement, its own), tried again
+        when it lost to concurrent ones (``Contended`` after ``ATTEMPTS``) or the table was
+        missing or old (``LockIOError`` if that did not help)."""
         connection = self._connection()
         table = connection.ops.quote_name(Lock._meta.db_table)
 
@@ -80,6 +85,8 @@ class TableSlots(Semaphore):
 
         for attempt in range(ATTEMPTS):
             try:
+                if single:
+                    return work(run)
                 with transaction(connection):
                     return work(run)
             except (IntegrityError, Raced):  # another transaction made the main row first
@@ -149,11 +156,40 @@ class TableSlots(Semaphore):
             run(_insert(later), [*slot, ttl])
             return True
 
+        if connection.vendor in SERIAL_VENDORS:
+            try:
+                taken = self._try_slot_in_one_statement(main, slot, later, ttl, now, max_holders)
+            except Contended:
+                return None
+            if taken:
+                return Lease(name=name, token=info.token or "", info=info)
         try:
             taken = self._transaction("take a semaphore slot", take)
         except Contended:
             return None
         return Lease(name=name, token=info.token or "", info=info) if taken else None
+
+    def _try_slot_in_one_statement(
+        self, main: str, slot: list[Any], later: str, ttl: Any, now: str, max_holders: int
+    ) -> bool:
+        """Where one statement runs alone, insert the slot row if the semaphore's main row of
+        ``max_holders`` is there and fewer live slots than that: the usual take, in one
+        statement. False: the transaction must decide (no main row, or full)."""
+
+        def insert(run: Run) -> bool:
+            values = ", ".join(["%s"] * (len(dbtable.COLUMNS) - 1) + [later])
+            return bool(
+                run(
+                    f"INSERT INTO {{table}} ({', '.join(dbtable.COLUMNS)}) SELECT {values} "
+                    "WHERE EXISTS (SELECT 1 FROM {table} WHERE name_hash = %s AND "
+                    "mode = 'semaphore' AND lock_hash IS NULL AND max_holders = %s) AND "
+                    "(SELECT COUNT(*) FROM {table} WHERE lock_hash = %s AND "
+                    f"expires_at >= {now}) < %s",
+                    [*slot, ttl, main, max_holders, main, max_holders],
+                )
+            )
+
+        return self._transaction("take a semaphore slot", insert, single=True)
 
     def _release_slot(self, name: str, token: str) -> bool:
         """Release the slot ``token`` holds, and the semaphore's main row with the last live
