@@ -170,7 +170,7 @@ class HolderConformance:
         for thread in threads:
             thread.join(60)
         assert not errors
-        assert inside.most == 2, inside.most
+        assert inside.most == 2
 
     def test_locks_status_has_a_row_per_holder_and_release_frees_every_slot(self, make, name):
         isolation = self.semaphore(make, name, 3)
