@@ -64,3 +64,6 @@ CRASH_ARGS ?= --rounds 50
 stress: install
 	$(BIN)/python -m tests.stress stress $(STRESS_ARGS)
 	$(BIN)/python -m tests.stress crash $(CRASH_ARGS)
+	$(BIN)/python -m tests.stress semaphore $(STRESS_ARGS)
+	$(BIN)/python -m tests.stress shared $(STRESS_ARGS)
+	$(BIN)/python -m tests.stress starvation

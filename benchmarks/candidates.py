@@ -116,14 +116,17 @@ def raw_advisory_recorded(slug: str) -> Lockable:
     return Lockable(acquire, release, connection.close)
 
 
-def app(strategy: str, **isolatable: str) -> Callable[[str], Lockable]:
-    """This app's ``CommandIsolation.lock()``: its own wait loop and the backend's wake-ups."""
+def app(
+    strategy: str, *, max_holders: int = 1, shared: bool = False, **isolatable: str
+) -> Callable[[str], Lockable]:
+    """This app's ``CommandIsolation.lock()``: its own wait loop and the backend's wake-ups
+    (a semaphore slot with ``max_holders`` > 1, a shared hold with ``shared``)."""
 
     def open_lock(slug: str) -> Lockable:
-        isolation = environment.isolation(slug, strategy, **isolatable)
+        isolation = environment.isolation(slug, strategy, max_holders=max_holders, **isolatable)
         guards: list[Any] = []
         return Lockable(
-            lambda: guards.append(isolation.lock(timeout=WAIT_LIMIT)),
+            lambda: guards.append(isolation.lock(timeout=WAIT_LIMIT, shared=shared)),
             lambda: guards.pop().release(),
         )
 
@@ -159,7 +162,7 @@ def peer_python_redis_lock(slug: str) -> Lockable:
 
 
 def _app_candidate(
-    label: str, strategy: str, needs: tuple[str, ...], **isolatable: str
+    label: str, strategy: str, needs: tuple[str, ...], **isolatable: Any
 ) -> Candidate:
     poll = load_backend_class(strategy).poll_interval
     return Candidate(label, app(strategy, **isolatable), poll, needs)

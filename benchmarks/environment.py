@@ -153,8 +153,8 @@ class _Pinned(CommandIsolation):
     """A ``CommandIsolation`` that keeps the backend it was given (a plain one builds its
     backend again whenever ``ISOLATABLE`` changes)."""
 
-    def __init__(self, name: str, strategy: str, backend: Backend) -> None:
-        super().__init__(name, strategy=strategy)
+    def __init__(self, name: str, strategy: str, backend: Backend, max_holders: int) -> None:
+        super().__init__(name, strategy=strategy, max_holders=max_holders)
         self._pinned = backend
 
     @property
@@ -162,11 +162,14 @@ class _Pinned(CommandIsolation):
         return self._pinned
 
 
-def isolation(slug: str, strategy: str, **isolatable: Any) -> CommandIsolation:
-    """A ``CommandIsolation`` whose backend is made with ``isolatable`` settings on top, and
-    kept: one run holds locks on several database aliases side by side."""
+def isolation(
+    slug: str, strategy: str, *, max_holders: int = 1, **isolatable: Any
+) -> CommandIsolation:
+    """A ``CommandIsolation`` (a semaphore of ``max_holders``) whose backend is made with
+    ``isolatable`` settings on top, and kept: one run holds locks on several database aliases
+    side by side."""
     with override_settings(ISOLATABLE={**settings.ISOLATABLE, **isolatable}):
-        return _Pinned(lock_name(slug), strategy, backend_for(strategy))
+        return _Pinned(lock_name(slug), strategy, backend_for(strategy), max_holders)
 
 
 def work_file(name: str) -> str:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from benchmarks import candidates, processes
-from benchmarks.candidates import Candidate
+from benchmarks.candidates import Candidate, Lockable
 from benchmarks.report import Group, Row, median, percentile, print_table, ratio
 
 HOLD_AT_LEAST = 0.02
@@ -46,8 +47,8 @@ GROUPS = [
 ]
 
 
-def _waiter(connection: Connection, candidate: Candidate, slug: str) -> None:
-    lock = candidate.open(slug)
+def _waiter(connection: Connection, open_lock: Callable[[str], Lockable], slug: str) -> None:
+    lock = open_lock(slug)
     connection.send("ready")
     while connection.recv():
         connection.send("waiting")
@@ -58,11 +59,18 @@ def _waiter(connection: Connection, candidate: Candidate, slug: str) -> None:
     lock.close()
 
 
-def measure(candidate: Candidate, slug: str, trials: int, span: float) -> list[float]:
+def measure(
+    candidate: Candidate,
+    slug: str,
+    trials: int,
+    span: float,
+    waiter_open: Callable[[str], Lockable] | None = None,
+) -> list[float]:
     """Milliseconds from release() to the waiter having the lock, one per trial, after holds of
-    HOLD_AT_LEAST plus up to ``span`` seconds."""
+    HOLD_AT_LEAST plus up to ``span`` seconds. The waiter opens the lock with ``waiter_open``
+    (another kind of hold of the same name), by default as the holder does."""
     latencies = []
-    with processes.workers(_waiter, 1, candidate, slug) as (waiter,):
+    with processes.workers(_waiter, 1, waiter_open or candidate.open, slug) as (waiter,):
         processes.receive(waiter)
         lock = candidate.open(slug)
         try:

@@ -70,9 +70,13 @@ class Target:
     shown: str | None = None
     #: What puts the figure in context, printed after the status (e.g. the raw limit's own).
     context: str = ""
+    #: The strategy refuses what the target measures (it lacks the ability).
+    refused: bool = False
 
     @property
     def status(self) -> str:
+        if self.refused:
+            return "refused"
         if self.measured is None:
             return "not run"
         met = {

@@ -4,7 +4,8 @@ First the round trips of the redis and postgres strategies' operations, counted 
 then five timed sections, each next to the raw limit of the same run (the ``x raw`` column) and
 next to the peers: uncontended acquire+release, the ``isolated`` decorator against a direct
 ``try_lock()``, handoff latency between processes, 8 processes contending for one lock, and the
-overhead of an isolated management command. Ratios are what to
+overhead of an isolated management command; then semaphore slots and shared holds against the
+plain lock of each strategy, uncontended and handed off (``--only holders``). Ratios are what to
 compare: the machine is noisy, ratios much less so. Rows whose server or peer is missing are
 skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
 of a few seconds.
@@ -34,7 +35,16 @@ from benchmarks import environment
 from benchmarks.report import print_targets
 from benchmarks.targets import Results, targets
 
-SECTIONS = ("round-trips", "uncontended", "decorator", "handoff", "contention", "commands", "async")
+SECTIONS = (
+    "round-trips",
+    "uncontended",
+    "decorator",
+    "handoff",
+    "contention",
+    "commands",
+    "holders",
+    "async",
+)
 FULL = {
     "round_trip_trials": 10,
     "batches": 30,
@@ -44,6 +54,8 @@ FULL = {
     "rounds": 3,
     "runs": 20,
     "lag_seconds": 3.0,
+    "holder_batches": 30,
+    "holder_trials": 40,
 }
 QUICK = {
     "round_trip_trials": 2,
@@ -54,6 +66,8 @@ QUICK = {
     "rounds": 1,
     "runs": 2,
     "lag_seconds": 0.2,
+    "holder_batches": 2,  # 24 rows of each: the smallest smoke run
+    "holder_trials": 1,
 }
 
 
@@ -76,6 +90,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--lag-seconds", type=float, help="async: seconds of loop ticks per lag row (3)"
     )
+    parser.add_argument(
+        "--holder-batches", type=int, help="holders: uncontended batches per row (30)"
+    )
+    parser.add_argument("--holder-trials", type=int, help="holders: handoff trials per row (40)")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -116,6 +134,16 @@ def main() -> int:
                 args.trials, args.lag_seconds, 0.05 if args.quick else 0.25
             )
 
+        def run_holders() -> None:
+            from benchmarks import holders
+
+            results.holders = holders.run(
+                args.holder_batches,
+                args.batch_ms / 1000,
+                args.holder_trials,
+                0.05 if args.quick else 0.25,
+            )
+
         sections = {
             "round-trips": lambda: setattr(
                 results, "trips", roundtrips.run(args.round_trip_trials)
@@ -135,6 +163,7 @@ def main() -> int:
                 contention.run(args.processes, args.acquisitions, args.rounds),
             ),
             "commands": run_commands,
+            "holders": run_holders,
             "async": run_async,
         }
         try:

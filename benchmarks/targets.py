@@ -1,5 +1,5 @@
-"""The issues' targets (issue 15, "Speed: what counts now"; issue 16, the decorator's overhead),
-judged on whatever sections ran."""
+"""The issues' targets (issue 15, "Speed: what counts now"; issue 16, the decorator's overhead;
+issue 17, semaphores and shared locks), judged on whatever sections ran."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from benchmarks.report import Target, median, percentile
 
 if TYPE_CHECKING:
     from benchmarks.contention import Outcome
+    from benchmarks.holders import Measured
 
 #: (operation, what the target calls it): one round trip each, none for a woken waiter.
 ROUND_TRIPS = (
@@ -33,6 +34,7 @@ class Results:
     drivers: list[str] | None = None  # optional drivers the isolated no-op imported
     loop_lag: dict[str, list[float]] = field(default_factory=dict)  # ms per tick
     async_handoff: dict[str, list[float]] = field(default_factory=dict)  # ms per trial
+    holders: Measured | None = None  # semaphore slots and shared holds
 
 
 def _relative(table: dict[str, float], mine: str, theirs: str) -> float | None:
@@ -101,6 +103,49 @@ def _async(results: Results) -> list[Target]:
                 context="" if sync is None else f"(lock() in this run: {sync:.2f} ms)",
             )
         )
+    return found
+
+
+#: Issue 17: a semaphore slot or a shared hold costs at most this times the plain lock.
+HOLDERS_WITHIN = 1.5
+
+
+def _holders(measured: Measured | None) -> list[Target]:
+    """Issue 17, per strategy: a semaphore slot and a shared hold against the plain lock,
+    uncontended and handed off (a shared hold's handoff: the slower of its two ways)."""
+    from benchmarks import holders  # imports the strategies: only once Django is configured
+
+    measured = measured or holders.Measured()
+    handoff = {key: median(values) for key, values in measured.handoff.items()}
+    found = []
+    for strategy in holders.STRATEGIES:
+        judged = [
+            ("semaphore slot / plain, uncontended", measured.uncontended, [holders.SLOT.label]),
+            ("shared hold / plain, uncontended", measured.uncontended, [holders.SHARED.label]),
+        ]
+        if strategy.across_processes:
+            judged += [
+                ("last slot / plain, handoff p50", handoff, [holders.LAST_SLOT.label]),
+                ("shared / plain, handoff p50 (slower way)", handoff, list(holders.SHARED_WAYS)),
+            ]
+        for what, table, labels in judged:
+            unit, digits = (" ms", 2) if table is handoff else (" µs", 1)
+            plain = table.get(f"{strategy.key}/{holders.PLAIN.label}")
+            rows = {label: table.get(f"{strategy.key}/{label}") for label in labels}
+            figures = [figure for figure in rows.values() if figure is not None]
+            context = [] if plain is None else [f"plain lock: {plain:.{digits}f}{unit}"]
+            if len(figures) > 1:
+                context += [f"{label}: {figure:.{digits}f}{unit}" for label, figure in rows.items()]
+            found.append(
+                Target(
+                    f"holders (issue 17): {strategy.key} {what}",
+                    None if plain is None or len(figures) < len(rows) else max(figures) / plain,
+                    HOLDERS_WITHIN,
+                    "x",
+                    context=f"({'; '.join(context)})" if context else "",
+                    refused=any(f"{strategy.key}/{label}" in measured.refused for label in labels),
+                )
+            )
     return found
 
 
@@ -204,4 +249,5 @@ def targets(results: Results) -> list[Target]:
             shown=None if drivers is None else ", ".join(drivers) or "none",
         ),
         *_async(results),
+        *_holders(results.holders),
     ]

@@ -15,6 +15,7 @@ from django_isolatable.errors import (
     LockPermissionError,
     LockTimeout,
 )
+from django_isolatable.fencing import fence
 from django_isolatable.holders import LockInfo
 from django_isolatable.isolation import CommandIsolation, LockGuard
 
@@ -39,5 +40,6 @@ __all__ = [
     "LockStrategy",
     "LockTimeout",
     "current_guard",
+    "fence",
     "isolated",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.conf import isolatable_settings, strategy_problem
@@ -14,7 +14,8 @@ from django_isolatable.conf import isolatable_settings, strategy_problem
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Every problem in ``settings.ISOLATABLE``, then the chosen strategy's own checks."""
     messages: list[CheckMessage] = [
-        Error(problem.message, id=problem.id) for problem in isolatable_settings.problems()
+        (Warning if problem.warning else Error)(problem.message, id=problem.id)
+        for problem in isolatable_settings.problems()
     ]
     if any(message.is_serious() for message in messages):
         return messages

@@ -24,6 +24,8 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
+from django_isolatable import conf_redis
+
 DEFAULTS: dict[str, Any] = {
     "STRATEGY": "file",
     "LOCK_DIR": None,  # computed: see Settings.LOCK_DIR
@@ -37,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "RECORD_ARGV": "full",
     "MAX_AGE": None,
     "OVERDUE_EXIT_CODE": 2,
+    "REDIS_SENTINELS": None,
+    "REDIS_SENTINEL_SERVICE": None,
+    "REDIS_CLUSTER": False,
+    "REDIS_REPLICA_ACKS": 0,
 }
 #: The built-in strategies' names (``LockStrategy``'s values); anything else must be a dotted
 #: path, whose import ``manage.py check`` tries (checks.py): settings never import backends.
@@ -54,6 +60,11 @@ class Problem:
 
     id: str
     message: str
+
+    @property
+    def warning(self) -> bool:
+        """A warning (``isolatable.W0NN``): reported by the checks, never raised."""
+        return self.id.startswith("isolatable.W")
 
 
 def _is_number(value: object) -> bool:
@@ -96,6 +107,8 @@ class Settings:
             self._keys_known = True
         value = raw.get(name, DEFAULTS[name])
         problem = _VALIDATORS[name](value)
+        if problem is None and name in conf_redis.RELATED_KEYS:
+            problem = next((p for p in _relations(raw) if not p.warning), None)
         if problem is not None:
             raise ImproperlyConfigured(problem.message)
         self._valid[name] = value
@@ -169,6 +182,26 @@ class Settings:
     def OVERDUE_EXIT_CODE(self) -> int:
         return int(self._get("OVERDUE_EXIT_CODE"))
 
+    @property
+    def REDIS_SENTINELS(self) -> tuple[tuple[str, int], ...]:
+        """The sentinels' ``(host, port)`` pairs; empty when Sentinel is not used."""
+        return tuple(
+            filter(None, map(conf_redis.sentinel_address, self._get("REDIS_SENTINELS") or ()))
+        )
+
+    @property
+    def REDIS_SENTINEL_SERVICE(self) -> str | None:
+        value = self._get("REDIS_SENTINEL_SERVICE")
+        return None if value is None else str(value)
+
+    @property
+    def REDIS_CLUSTER(self) -> bool:
+        return bool(self._get("REDIS_CLUSTER"))
+
+    @property
+    def REDIS_REPLICA_ACKS(self) -> int:
+        return int(self._get("REDIS_REPLICA_ACKS"))
+
     def problems(self) -> list[Problem]:
         """Every problem in the current settings, for the system checks."""
         raw = getattr(django_settings, "ISOLATABLE", {})
@@ -179,7 +212,23 @@ class Settings:
             problem = validate(raw.get(name, DEFAULTS[name]))
             if problem is not None:
                 found.append(problem)
-        return found
+        return found + _relations(raw)
+
+
+def _relations(raw: dict[str, Any]) -> list[Problem]:
+    """The problems between keys (a Sentinel list without its service name...)."""
+    checks = conf_redis.relations(lambda name: raw.get(name, DEFAULTS[name]))
+    return [Problem(check_id, message) for check_id, message in checks]
+
+
+def _checked(
+    validate: Callable[[object], tuple[str, str] | None],
+) -> Callable[[object], Problem | None]:
+    def check(value: object) -> Problem | None:
+        found = validate(value)
+        return None if found is None else Problem(*found)
+
+    return check
 
 
 def _user() -> str:
@@ -342,6 +391,7 @@ _VALIDATORS = {
     "RECORD_ARGV": _record_argv,
     "MAX_AGE": _max_age,
     "OVERDUE_EXIT_CODE": _exit_code("OVERDUE_EXIT_CODE", "isolatable.E014"),
+    **{name: _checked(validate) for name, validate in conf_redis.VALIDATORS.items()},
 }
 
 isolatable_settings = Settings()

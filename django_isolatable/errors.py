@@ -46,8 +46,15 @@ class AlreadyRunning(IsolationError):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        holder = self.holder
+        running, who = "is already running", describe_holder(holder)
+        if holder is not None and holder.mode == "semaphore":
+            running = f"is already running {holder.max_holders} times at once, its limit"
+            who = f"one is {who}"
+        elif holder is not None and holder.mode == "shared":
+            running = "is held shared"
         return (
-            f"{printable(self.command)} is already running ({describe_holder(self.holder)}); "
+            f"{printable(self.command)} {running} ({who}); "
             f"see `manage.py locks status {printable(self.command)}`."
         )
 
@@ -156,16 +163,41 @@ class LockIOError(IsolationError):
 
 
 class LockLost(IsolationError):
-    """An expiring lease was found expired or taken by someone else while we believed we held it."""
+    """An expiring lease was found expired or taken by someone else while we believed we held it.
 
-    def __init__(self, command: str, holder: LockInfo | None = None) -> None:
+    When ``fence()`` refused this holder, ``newer_fencing_token`` is the greater token a newer
+    holder of the lock recorded and ``fencing_token`` this holder's.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        holder: LockInfo | None = None,
+        newer_fencing_token: int | None = None,
+        fencing_token: int | None = None,
+    ) -> None:
         self.command = command
         self.holder = holder
-        super().__init__(
-            f"The lock for {printable(command)} was lost while it ran (its lease expired or was "
-            f"taken{'' if holder is None else ' by ' + describe_holder(holder)}); another copy "
-            "may be running now."
+        self.newer_fencing_token = newer_fencing_token
+        self.fencing_token = fencing_token
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.newer_fencing_token is not None:
+            return (
+                f"The lock for {printable(self.command)} was lost: a newer holder fenced token "
+                f"{self.newer_fencing_token}, so the writes of this holder (token "
+                f"{self.fencing_token}) must not commit; let this error roll back its transaction."
+            )
+        holder = self.holder
+        return (
+            f"The lock for {printable(self.command)} was lost while it ran (its lease expired or "
+            f"was taken{'' if holder is None else ' by ' + describe_holder(holder)}); another "
+            "copy may be running now."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.command, self.holder))
+        return (
+            type(self),
+            (self.command, self.holder, self.newer_fencing_token, self.fencing_token),
+        )

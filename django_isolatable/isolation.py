@@ -20,11 +20,13 @@ from typing import Any
 from django_isolatable.backends import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     LockStrategy,
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
     load_backend_class,
     options_from_settings,
 )
@@ -314,9 +316,10 @@ class CommandIsolation:
         backend = self.backend
         mode = self._mode(backend, shared)
         ttl = self.ttl if backend.expiring else None  # read once per lock
-        # Semaphore slots and shared holds are polled for; an exclusive locker waits in the
-        # store where it can (where it also holds off new shared holds: writer preference).
-        blocking = mode == "exclusive" and isinstance(backend, Waiting)
+        # An exclusive locker waits in the store where it can (where it also holds off new
+        # shared holds: writer preference); a semaphore slot or a shared hold is tried again
+        # when the store tells of a release, or polled for.
+        blocking = isinstance(backend, Waiting if mode == "exclusive" else WakeUps)
         # A lock() that may wait in the store starts with that wait, which takes a free lock
         # itself: under contention a plain attempt first would cost a round trip that fails.
         # Not for an expiring lock this isolation has not looked at lately: it may be a dead
@@ -324,13 +327,18 @@ class CommandIsolation:
         wait_first = (
             wait != 0
             and blocking
+            and mode == "exclusive"
             and not (backend.expiring and time.monotonic() >= self._next_stale_check)
         )
         lease = None if wait_first else self._attempt(backend, ttl, label, mode=mode)
         if lease is None and wait != 0:
             report = None if progress is None else lambda waited: progress(waited, self.holder())
             interval = (
-                (WAITING_SLICE_EXPIRING if backend.expiring else WAITING_SLICE)
+                (
+                    WAITING_SLICE_EXPIRING
+                    if backend.expiring or mode != "exclusive"
+                    else WAITING_SLICE
+                )
                 if blocking
                 else backend.poll_interval
             )
@@ -437,12 +445,12 @@ class CommandIsolation:
             mode=mode,
             max_holders=self.max_holders,
         )
-        if mode == "semaphore":
-            assert isinstance(backend, Semaphore)
-            return backend.acquire_slot(self.name, record, self.max_holders)
-        if mode == "shared":
-            assert isinstance(backend, Shared)
-            return backend.acquire_shared(self.name, record)
+        if mode != "exclusive":
+            lease = self._take_one(backend, record, mode)
+            if lease is None and seconds > 0 and isinstance(backend, WakeUps):
+                backend.wait_for_release(self.name, seconds)
+                lease = self._take_one(backend, record, mode)
+            return lease
         if seconds > 0 and isinstance(backend, Waiting):
             return backend.acquire_waiting(self.name, record, seconds)
         return backend.acquire(self.name, record)
@@ -455,6 +463,14 @@ class CommandIsolation:
             return False
         self._next_stale_check = now + STALE_CHECK_EVERY
         return True
+
+    def _take_one(self, backend: Backend, record: LockInfo, mode: str) -> Lease | None:
+        """One attempt at a semaphore slot or a shared hold."""
+        if mode == "semaphore":
+            assert isinstance(backend, Semaphore)
+            return backend.acquire_slot(self.name, record, self.max_holders)
+        assert isinstance(backend, Shared)
+        return backend.acquire_shared(self.name, record)
 
     def lock_with_timeout(self, seconds: float) -> LockGuard:
         """``lock(timeout=seconds)``."""
@@ -577,6 +593,7 @@ class LockGuard:
 
     #: ``once_per``: the period this guard's run belongs to, until the run is recorded.
     _period: Period | None = None
+    _fencing_token: int | None = None
 
     def __init__(
         self,
@@ -607,6 +624,31 @@ class LockGuard:
     def info(self) -> LockInfo:
         """The record this guard's holder wrote when it took the lock."""
         return self._lease.info
+
+    @property
+    def fencing_token(self) -> int:
+        """This holder's fencing token: strictly greater than every token the store issued
+        before for this lock's name, for ``fence()`` (see docs/fencing.md). Issued when first
+        read, and only while the lock is still held: raises ``LockLost`` (the guard marked
+        lost) if it is not, ``IsolationError`` for a strategy without fencing tokens or a
+        guard released before its token was read, ``LockIOError`` when the store fails."""
+        token = self._fencing_token
+        if token is not None:
+            return token
+        name = self.isolation.name
+        if not isinstance(self._backend, Fencing):
+            raise IsolationError(
+                f"The {self._backend.strategy} strategy issues no fencing tokens, so lock "
+                f"{name!r} has none (see docs/fencing.md)."
+            )
+        if self._released:
+            raise IsolationError(f"Lock {name!r} was released before its fencing token was read.")
+        token = self._backend.fencing_token(self._lease)
+        if token is None:
+            self._mark_lost("before its fencing token was issued")
+            raise LockLost(name, self.isolation.holder())
+        self._fencing_token = token
+        return token
 
     @property
     def lost(self) -> bool:

@@ -59,3 +59,23 @@ class PeriodRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ran in period {self.period_index} of {self.period_seconds:g} s"
+
+
+class Fence(models.Model):
+    """The greatest fencing token ``fence()`` recorded for a lock name, in the caller's
+    database: a transaction that fences a smaller one cannot commit."""
+
+    #: SHA-256 of KEY_PREFIX + name, hex, as the lock table's key.
+    name_hash = models.CharField(max_length=64, primary_key=True)
+    name = models.TextField()
+    token = models.BigIntegerField()
+    #: The database server's time of the fence that recorded ``token``.
+    fenced_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "django_isolatable_fence"
+        app_label = "django_isolatable"
+
+    def __str__(self) -> str:
+        return f"{self.name} fenced token {self.token}"

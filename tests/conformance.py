@@ -30,6 +30,7 @@ from django_isolatable import (
 )
 from django_isolatable.isolation import ASYNC_SLICE
 from tests import services
+from tests.conformance_fencing import FencingConformance
 from tests.conformance_holders import HolderConformance
 from tests.conformance_periods import PeriodConformance
 
@@ -54,7 +55,7 @@ TRICKY_NAMES = [
 ]
 
 
-class LockConformance(PeriodConformance, HolderConformance):
+class LockConformance(PeriodConformance, HolderConformance, FencingConformance):
     """Contract tests every strategy passes. ``make(name, **kwargs)`` builds a CommandIsolation.
     The periods ability's tests (``once_per``) are ``PeriodConformance``'s."""
 

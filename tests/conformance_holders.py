@@ -108,7 +108,8 @@ class HolderConformance:
         assert sorted(h.token for h in isolation.holders()) == sorted(
             [second.info.token, third.info.token]
         )
-        assert not second.lost and not third.lost
+        assert not second.lost
+        assert not third.lost
         second.release()
         third.release()
         assert isolation.holders() == []
@@ -141,12 +142,12 @@ class HolderConformance:
         assert not got
         held[0].release()
         waiter.join(WAIT + 5)
-        assert got and not got[0].lost
+        assert got
+        assert not got[0].lost
         got[0].release()
         held[1].release()
-        with pytest.raises(LockTimeout):
-            with isolation.try_lock(), isolation.try_lock():
-                make(name, max_holders=2).lock(timeout=0.3)
+        with pytest.raises(LockTimeout), isolation.try_lock(), isolation.try_lock():
+            make(name, max_holders=2).lock(timeout=0.3)
 
     def test_threads_never_exceed_the_semaphore(self, make, name):
         self.semaphore(make, name, 2)
@@ -176,9 +177,10 @@ class HolderConformance:
         isolation = self.semaphore(make, name, 3)
         guards = [isolation.try_lock(), isolation.try_lock()]
         rows = _status(self.strategy, name)
-        assert sorted((r["mode"], r["state"], r["pid"]) for r in rows) == [
-            ("semaphore", "held", os.getpid())
-        ] * 2
+        assert (
+            sorted((r["mode"], r["state"], r["pid"]) for r in rows)
+            == [("semaphore", "held", os.getpid())] * 2
+        )
         stdout = io.StringIO()
         call_command("locks", "--strategy", self.strategy, "status", name, stdout=stdout)
         assert stdout.getvalue().count("semaphore of 3") == 2
@@ -259,9 +261,7 @@ class HolderConformance:
         second = make(name).try_lock(shared=True)
         try:
             holders = isolation.holders()
-            assert sorted(h.token for h in holders) == sorted(
-                [first.info.token, second.info.token]
-            )
+            assert sorted(h.token for h in holders) == sorted([first.info.token, second.info.token])
             assert {(h.mode, h.alive) for h in holders} == {("shared", True)}
             assert isolation.is_locked()
             with pytest.raises(AlreadyRunning) as raised:
@@ -296,7 +296,8 @@ class HolderConformance:
                 make(name).try_lock(shared=True)
             reader.release()
             writer.join(WAIT + 5)
-            assert got and got[0].info.mode == "exclusive"
+            assert got
+            assert got[0].info.mode == "exclusive"
         finally:
             reader.release()
             writer.join(WAIT + 5)

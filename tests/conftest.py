@@ -10,8 +10,9 @@ import pytest
 from tests import services
 from tests.services import PrivateRedis
 
-# The isolatable_locks fixture, registered the way a project without the entry point would.
-pytest_plugins = ["django_isolatable.testing"]
+# The isolatable_locks fixture, registered the way a project without the entry point would;
+# sentinel_group and redis_cluster, the tests' own Redis topologies.
+pytest_plugins = ["django_isolatable.testing", "tests.redis_topologies"]
 
 # `locks status` cuts its table to COLUMNS: tests that read its rows must see whole lines.
 os.environ.pop("COLUMNS", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def overlaps(sections: list[Section]) -> list[tuple[Section, Section]]:
         if latest is None or section.end > latest.end:
             latest = section
     return found
+
+
+def most_inside(sections: list[Section], exclusive: Callable[[Section], bool]) -> tuple[int, int]:
+    """Sweeping the sections in time order: the most that were ever inside at once, and how
+    many times a section for which ``exclusive`` is true was inside beside another."""
+    events = sorted(
+        [(s.start, 1, s) for s in sections] + [(s.end, 0, s) for s in sections],
+        key=lambda event: (event[0], event[1]),  # an end before a start at the same instant
+    )
+    inside = most = exclusive_inside = broken = 0
+    for _, starts, section in events:
+        alone = exclusive(section)
+        if starts:
+            inside += 1
+            exclusive_inside += alone
+            most = max(most, inside)
+            broken += exclusive_inside > 0 and inside > 1
+        else:
+            inside -= 1
+            exclusive_inside -= alone
+    return most, broken
 
 
 def handoffs(sections: list[Section]) -> list[float]:

@@ -27,13 +27,20 @@ EVENT_TIMEOUT = 30.0  # seconds to wait for a worker's event: only a hang should
 
 
 class Worker:
-    """A ``python -m tests.workers`` process whose stdout lines are read as events."""
+    """A ``python -m tests.workers`` process (or ``module``'s) whose stdout lines are read as
+    events."""
 
-    def __init__(self, stderr_path: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        stderr_path: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        module: str = "tests.workers",
+    ) -> None:
         self.stderr_path = stderr_path
         with open(stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.workers", *args],
+                [sys.executable, "-m", module, *args],
                 cwd=ROOT,
                 env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **(env or {})},
                 stdin=subprocess.PIPE,

@@ -49,8 +49,9 @@ def require(service: str) -> None:
 
 LOCK_TABLE = "django_isolatable_lock"
 PERIOD_TABLE = "django_isolatable_period"
-#: The tables the backends create when missing (the lock table, once_per's periods).
-TABLES = (LOCK_TABLE, PERIOD_TABLE)
+FENCE_TABLE = "django_isolatable_fence"
+#: The tables the app creates when missing (the lock table, once_per's periods, fences).
+TABLES = (LOCK_TABLE, PERIOD_TABLE, FENCE_TABLE)
 SERVER_DATABASES = {"postgres": "postgres", "mariadb": "mariadb"}  # alias: service
 
 

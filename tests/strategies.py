@@ -30,7 +30,7 @@ LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
 def expire_redis_lease(isolation: CommandIsolation, guard: LockGuard) -> None:
     """PEXPIREAT in the past: Redis drops the key at once, as when its TTL runs out."""
     backend: Any = isolation.backend
-    key, _ = backend._keys(isolation.name)
+    key = backend._keys(isolation.name).lock
     assert backend.client.pexpireat(key, 1), "the lease to expire was not in Redis"
 
 

@@ -38,6 +38,8 @@ def test_benchmarks_run_quick():
         "Handoff latency",
         "Contention",
         "Command overhead",
+        "Semaphores and shared locks, uncontended",
+        "Semaphores and shared locks, handoff latency",
         "Event-loop lag",
         "Handoff to an alock() waiter",
         "Targets (issue 15)",

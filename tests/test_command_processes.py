@@ -594,3 +594,39 @@ def test_a_bad_once_per_from_the_cli_is_a_usage_error(manage):
     assert run.finish() == 2
     assert "error: argument --once-per: expected seconds > 0, got '0'" in run.stderr
     assert run.stdout == ""
+
+
+# --- a semaphore: isolation_max_holders ----------------------------------------------------------
+
+
+def test_a_command_with_max_holders_runs_that_many_copies_and_skips_one_more(manage, lock_dir):
+    """resize_images allows two runs at once: two copies run together, a third is skipped with
+    one line saying the limit is reached, ``locks status`` shows both holders, and a SIGKILLed
+    holder's slot is free again at once."""
+    lock = CommandIsolation("resize_images", lock_dir=lock_dir, max_holders=2)
+    first = manage("resize_images", "--seconds", "30")
+    second = manage("resize_images", "--seconds", "30")
+    wait_until(
+        lambda: {h.pid for h in lock.holders()} == {first.pid, second.pid},
+        "both copies holding a slot",
+    )
+    third = manage("resize_images", "--seconds", "1", "--isolated-exit-code", "75")
+    assert third.finish() == 75
+    [line] = third.stderr.splitlines()
+    assert line.startswith("resize_images is already running 2 times at once, its limit (one is ")
+    assert third.stdout == ""
+
+    status = manage("locks", "status", "--json")
+    assert status.finish() == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert sorted((r["pid"], r["mode"], r["state"]) for r in rows) == sorted(
+        [(first.pid, "semaphore", "held"), (second.pid, "semaphore", "held")]
+    )
+
+    first.process.kill()
+    assert first.finish() == -signal.SIGKILL
+    fourth = manage("resize_images", "--seconds", "0")
+    assert fourth.finish() == 0, fourth.stderr
+    assert "resize_images: done." in fourth.stdout
+    second.process.kill()
+    second.finish()

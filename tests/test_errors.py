@@ -83,6 +83,7 @@ def test_permission_error_names_the_path_and_setting():
         LockFileError("bad place"),
         LockIOError("no network"),
         LockLost("c", HOLDER),
+        LockLost("c", None, 7, 5),  # refused by fence()
         AlreadyRan("d", HOLDER, 3600.0, 491234),
         AlreadyRan("d"),
     ],

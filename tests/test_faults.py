@@ -220,7 +220,7 @@ def test_a_redis_value_that_is_no_record_reads_as_an_unknown_holder(settings, pr
     record, and it can still be released by force."""
     settings.ISOLATABLE = {"STRATEGY": "redis", "REDIS_URL": private_redis.url}
     isolation = CommandIsolation("odd")
-    key, _ = isolation.backend._keys("odd")
+    key = isolation.backend._keys("odd").lock
     isolation.backend.client.set(key, b"tok not json")
     holder = isolation.holder()
     assert holder is not None

@@ -204,7 +204,7 @@ def test_a_redis_record_with_pid_minus_one_is_a_holder_that_cannot_be_judged(red
     name = f"pid-minus-one-{os.getpid()}"
     record = dataclasses.replace(new_record(name, "redis", ttl=60), pid=-1)
     backend = backend_for()
-    key, _ = backend._keys(name)  # type: ignore[attr-defined]
+    key = backend._keys(name).lock  # type: ignore[attr-defined]
     backend.client.set(key, f"{record.token} {record.to_json()}", px=60_000)  # type: ignore[attr-defined]
     try:
         (row,) = json.loads(locks("status", name, "--json"))

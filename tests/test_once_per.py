@@ -222,9 +222,9 @@ class BackendWithoutPeriods(Backend):
     def release(self, lease: Lease) -> bool:
         return self.held.pop(lease.name, None) is not None
 
-    def inspect(self, name: str) -> LockInfo | None:
+    def inspect(self, name: str) -> list[LockInfo]:
         lease = self.held.get(name)
-        return None if lease is None else lease.info
+        return [] if lease is None else [lease.info]
 
 
 def test_once_per_on_a_strategy_without_the_periods_ability_is_refused_at_the_lock_call():

@@ -15,7 +15,8 @@ Commands:
     non-atomic read-modify-write of the integer in ``--counter``. Each critical section's
     ``time.monotonic()`` interval is written to ``--journal`` as ``<pid> <start> <end>`` lines.
 ``hold``
-    Take the lock at once (``try_lock``), print ``held``, keep it until told. While it holds,
+    Take the lock at once (``try_lock``; a slot of ``--max-holders N``, or a shared hold with
+    ``--shared``), print ``held``, keep it until told. While it holds,
     each ``lost?`` line on stdin is answered with ``lost True`` or ``lost False``
     (``guard.lost``).
 ``wait``
@@ -144,7 +145,8 @@ def increment_non_atomically(counter: Path) -> None:
 
 
 def hold(args: argparse.Namespace) -> None:
-    guard = isolation_of(args).try_lock()
+    isolation = CommandIsolation(args.name, lock_dir=args.lock_dir, max_holders=args.max_holders)
+    guard = isolation.try_lock(shared=args.shared)
     report("held", os.getpid(), guard.info.token)
     while await_line() == "lost?":
         report("lost", guard.lost)
@@ -298,6 +300,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument("--who", type=int, required=True)
         if command == "wait":
             sub.add_argument("--timeout", type=float, default=30.0)
+        if command == "hold":
+            sub.add_argument("--max-holders", type=int, default=1)
+            sub.add_argument("--shared", action="store_true")
         if command == "once":
             sub.add_argument("--once-per", type=float, required=True)
             sub.add_argument("--journal", required=True)

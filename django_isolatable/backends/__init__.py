@@ -12,22 +12,26 @@ from django.utils.module_loading import import_string
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     Periods,
     Semaphore,
     Shared,
     Waiting,
+    WakeUps,
 )
 
 __all__ = [
     "Backend",
     "BackendOptions",
+    "Fencing",
     "Lease",
     "LockStrategy",
     "Periods",
     "Semaphore",
     "Shared",
     "Waiting",
+    "WakeUps",
     "backend_for",
     "load_backend_class",
     "options_from_settings",
@@ -98,6 +102,10 @@ def options_from_settings(
         redis_url=isolatable_settings.REDIS_URL,
         cache_alias=isolatable_settings.CACHE_ALIAS,
         database_alias=isolatable_settings.DATABASE_ALIAS,
+        redis_sentinels=isolatable_settings.REDIS_SENTINELS,
+        redis_sentinel_service=isolatable_settings.REDIS_SENTINEL_SERVICE,
+        redis_cluster=isolatable_settings.REDIS_CLUSTER,
+        redis_replica_acks=isolatable_settings.REDIS_REPLICA_ACKS,
     )
 
 

@@ -30,6 +30,10 @@ class BackendOptions:
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_alias: str = "default"
     database_alias: str = "default"
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # (host, port) pairs; () = no Sentinel
+    redis_sentinel_service: str | None = None
+    redis_cluster: bool = False
+    redis_replica_acks: int = 0
 
 
 @dataclass
@@ -220,6 +224,30 @@ class Shared(abc.ABC):
     def acquire_shared(self, name: str, info: LockInfo) -> Lease | None:
         """One non-blocking attempt at a shared hold of ``name``; None while it is held
         exclusively or an exclusive locker waits for it."""
+
+
+class WakeUps(abc.ABC):
+    """Ability: wait in the store for a holder of a name to let go, so that a waiter for a
+    semaphore slot or a shared hold tries again at once instead of polling."""
+
+    @abc.abstractmethod
+    def wait_for_release(self, name: str, timeout: float) -> None:
+        """Return soon after a holder of ``name`` released it (or its lease went), or after
+        ``timeout`` seconds (finite, > 0). Returning early without a release is allowed; a
+        release that happened just before the call may be missed (the caller tries again
+        after ``timeout``), so ``CommandIsolation`` passes short slices."""
+
+
+class Fencing(abc.ABC):
+    """Ability: fencing tokens (``guard.fencing_token``, checked by ``fence()``)."""
+
+    @abc.abstractmethod
+    def fencing_token(self, lease: Lease) -> int | None:
+        """Issue the next fencing token for ``lease.name``: strictly greater than every token
+        this store issued before for that name. Issued only while ``lease`` still holds the
+        lock, checked and counted in one step, so a holder that lost its lease can never get
+        a token greater than its successor's; None when it does not hold it any more. Raises
+        ``LockIOError`` when the store cannot be reached."""
 
 
 #: Seconds a "ran in period P" record outlives its period: a run that read the store's clock

@@ -4,8 +4,9 @@ A lock key's value is the owner token, a space and the holder's record as JSON: 
 takes the lock and records the holder. Release and renewal are Lua compare-and-delete /
 compare-and-pexpire on the token (redis-py ``Script`` objects, which reload on NOSCRIPT). A
 release pushes onto a per-name wake-up list; a waiter's pipeline takes a free lock, else blocks
-on that list with a ``SET NX`` right behind: a release wakes the first waiter, and the server
-takes the lock for it with no round trip in between.
+on that list with a take right behind: a release wakes the first waiter, and the server takes
+the lock for it with no round trip in between. Semaphore slots and shared holds are kept as
+``redisholders.py`` says.
 
 Everything goes through redis-py's public client API: its connection pools check the process id,
 so a forked child never talks on its parent's connections.
@@ -27,12 +28,22 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
 from django_isolatable.backends.periods import RedisPeriods
+from django_isolatable.backends.redisholders import (
+    GROUP,
+    TAKE,
+    TAKE_WOKEN,
+    WAITING_MARK_MS,
+    NameKeys,
+    RedisHolders,
+    Scripts,
+    name_keys,
+    register_scripts,
+)
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, this_pid, utcnow
 
 if TYPE_CHECKING:
     import redis
-    from redis.commands.core import Script
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +52,9 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 #: The longest ``BLPOP`` of a wait: well inside ``COMMAND_TIMEOUT``; a longer wait blocks again.
 LONGEST_BLOCK = COMMAND_TIMEOUT / 2
-#: A wake-up nobody consumed is dropped after this long.
-WAKE_TTL_MS = 5000
 #: A renewal's socket timeout, as a fraction of the TTL: renewals run every TTL/3, so a renewal
 #: that meets a server that stopped answering gives up well before the lease ends.
 RENEWAL_TIMEOUT_SHARE = 0.25
-
-# With ARGV[1] empty, every value matches: that is a release whoever holds the lock.
-# One wake-up element at most: one nobody took yet wakes the next waiter all the same.
-RELEASE = (
-    "local v = redis.call('get', KEYS[1]) "
-    "if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-    "if redis.call('llen', KEYS[2]) == 0 then "
-    "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[2]) end "
-    "return 1 end return 0"
-)
-# A waiter's take of a free lock; it leaves the waiter's own BLPOP a wake-up to return on.
-TAKE = (
-    "if redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then "
-    "redis.call('lpush', KEYS[2], 1) redis.call('pexpire', KEYS[2], ARGV[3]) return 1 end return 0"
-)
-REFRESH = (
-    "local v = redis.call('get', KEYS[1]) "
-    "if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then "
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-)
 
 DRIVER_MISSING = (
     "The redis strategy needs the redis package: pip install 'django-isolatable[redis]'."
@@ -126,13 +115,12 @@ def _client(url: str, timeout: float) -> redis.Redis:
 
 
 @functools.cache
-def _scripts(url: str) -> tuple[Script, Script]:
-    """The release and refresh scripts, registered once per URL (each computes its SHA1)."""
-    client = _client(url, COMMAND_TIMEOUT)
-    return client.register_script(RELEASE), client.register_script(REFRESH)
+def _scripts(url: str) -> Scripts:
+    """The scripts, registered once per URL (each computes its SHA1)."""
+    return register_scripts(_client(url, COMMAND_TIMEOUT))
 
 
-class RedisBackend(Backend, Waiting, RedisPeriods):
+class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
     strategy: ClassVar[str] = "redis"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
@@ -146,7 +134,7 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
             raise ImproperlyConfigured(DRIVER_MISSING) from e
         self._errors = redis.exceptions
         self.client = _client(self.url, COMMAND_TIMEOUT)
-        self._release, self._refresh = _scripts(self.url)
+        self.scripts = _scripts(self.url)
         self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
 
     @classmethod
@@ -160,10 +148,8 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
     def store(self) -> str:
         return safe_url(self.url)
 
-    def _keys(self, name: str) -> tuple[bytes, bytes]:
-        """The lock key and the wake-up list of ``name``."""
-        encoded = name.encode("utf-8", "surrogatepass")
-        return self._prefix + b"lock:" + encoded, self._prefix + b"wake:" + encoded
+    def _keys(self, name: str) -> NameKeys:
+        return name_keys(self._prefix, name)
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)``, its redis-py errors as ``LockIOError``."""
@@ -191,7 +177,7 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
         return max(1, int(self.options.ttl * 1000))
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        key, _ = self._keys(name)
+        key = self._prefix + b"lock:" + name.encode("utf-8", "surrogatepass")  # NameKeys.lock
         value = self._value(info)
         if not self._call("lock", self.client.set, key, value, nx=True, px=self._ttl_ms()):
             return None
@@ -200,19 +186,22 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
         """One pipeline: take the lock if it is free, else block on the wake-up list with the
         take right behind, so a release wakes the first waiter and the server takes the lock
-        for it at once. Interrupted (an error, ``KeyboardInterrupt``, a signal handler's
+        for it at once. While it waits, it is marked waiting, which holds off new shared holds
+        (writer preference). Interrupted (an error, ``KeyboardInterrupt``, a signal handler's
         exception), it releases by its token what the server may have taken."""
-        key, wake = self._keys(name)
+        keys = self._keys(name)
         value, deadline = self._value(info), time.monotonic() + timeout
         lease = Lease(name=name, token=info.token or "", info=info)
         took = self._prefix + b"took:" + lease.token.encode()  # this waiter's own wake-up
         try:
             while (left := deadline - time.monotonic()) > 0:
-                pipeline = self.client.pipeline(transaction=False)
-                pipeline.eval(TAKE, 2, key, took, value, self._ttl_ms(), WAKE_TTL_MS)
                 block = round(max(min(left, LONGEST_BLOCK), 0.001), 3)  # BLPOP 0: forever
-                pipeline.blpop([took, wake], timeout=block)
-                pipeline.set(key, value, nx=True, px=self._ttl_ms())
+                mark = int(block * 1000) + WAITING_MARK_MS
+                args = (value, self._ttl_ms(), lease.token)
+                pipeline = self.client.pipeline(transaction=False)
+                pipeline.eval(TAKE, 6, *keys, took, *args, mark)
+                pipeline.blpop([took, keys.wake], timeout=block)
+                pipeline.eval(TAKE_WOKEN, 5, *keys, *args)
                 if any(self._call("wait", pipeline.execute)[::2]):  # taken free, or woken
                     return lease
             return None
@@ -239,36 +228,42 @@ class RedisBackend(Backend, Waiting, RedisPeriods):
 
     def _release_by(self, name: str, owner: bytes) -> bool:
         keys = self._keys(name)
-        return bool(self._call("release", self._release, keys=keys, args=(owner, WAKE_TTL_MS)))
+        return bool(self._call("release", self.scripts.release, keys, (owner,)))
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
         """Renew on a client whose socket timeout is a share of ``ttl``: a server that stopped
         answering (a network black hole) makes this raise ``LockIOError`` well within the
         time left on the lease, not after ``COMMAND_TIMEOUT``."""
-        key, _ = self._keys(lease.name)
+        keys = self._keys(lease.name)
         client = _client(self.url, max(0.01, round(ttl * RENEWAL_TIMEOUT_SHARE, 3)))
         owner, ttl_ms = f"{lease.token} ".encode(), max(1, int(ttl * 1000))
-        return bool(self._call("renew", self._refresh, (key,), (owner, ttl_ms), client))
+        return bool(self._call("renew", self.scripts.refresh, keys, (owner, ttl_ms), client))
 
     def _records(self, keys: list[bytes]) -> Iterator[LockInfo]:
+        """The holders of the names whose lock keys are ``keys``: the plain holders read with
+        one pipeline, the groups' holders with a second one."""
         pipeline = self.client.pipeline(transaction=False)
         for key in keys:
             pipeline.get(key)
             pipeline.pttl(key)
         replies = self._call("read", pipeline.execute)
-        now = utcnow()
+        now, groups = utcnow(), []
         for key, value, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
             if value is None:
                 continue  # released between SCAN and GET
             name = key[len(self._prefix) + len(b"lock:") :].decode("utf-8", "surrogatepass")
+            if value.startswith(GROUP):
+                groups.append(name)
+                continue
             token, _, record = value.decode("utf-8", "replace").partition(" ")
             info = LockInfo.from_json(name, self.strategy, record) or LockInfo(name, self.strategy)
             expires_at = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
             yield replace(info, token=token, expires_at=expires_at)
+        if groups:
+            yield from self._group_records(groups)
 
     def inspect(self, name: str) -> list[LockInfo]:
-        key, _ = self._keys(name)
-        return list(self._records([key]))
+        return list(self._records([self._keys(name).lock]))
 
     def list(self) -> Iterator[LockInfo]:
         pattern = _glob_escape(self._prefix + b"lock:") + b"*"
