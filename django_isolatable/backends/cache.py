@@ -181,6 +181,8 @@ class CacheBackend(Backend, CacheSlots, CachePeriods):
         with _index_lock:
             try:
                 index: dict[str, str] = self.cache.get(self._index) or {}
+                if add is not None and keep is None and index.get(self._key(add)) == add:
+                    return  # there already: nothing to write
                 if add is not None:
                     index[self._key(add)] = add
                 if keep is not None:

@@ -78,12 +78,12 @@ class CacheSlots(Semaphore):
         main, ttl = self._key(name), self._ttl(self.options.ttl)
         header = {"slots": max_holders, "token": new_token()}
         for _ in range(3):
-            if self._call("lock", self.cache.add, main, header, ttl):
-                return True
             current = self._call("read", self.cache.get, main)
-            recorded = header_slots(current)
             if current is None:
-                continue  # just went: add it
+                if self._call("lock", self.cache.add, main, header, ttl):
+                    return True
+                continue  # made meanwhile: look at it
+            recorded = header_slots(current)
             if recorded is None:
                 record = current.get("record") if isinstance(current, dict) else None
                 counted = LockInfo.from_dict(name, self.strategy, record).max_holders
@@ -92,9 +92,10 @@ class CacheSlots(Semaphore):
                 if self._slots(name, recorded):
                     raise holder_count_mismatch(name, recorded, max_holders)
                 return False  # a header without slots: it goes with its TTL
-            self._call("renew", self.cache.touch, main, ttl)
-            return True
-        return False
+            # Renewed, so that it outlives the slot taken now (its holder renews it too).
+            if self._call("renew", self.cache.touch, main, ttl):
+                return True
+        return False  # it kept going as we looked
 
     def acquire_slot(self, name: str, info: LockInfo, max_holders: int) -> Lease | None:
         if not self._header(name, max_holders):
@@ -107,7 +108,8 @@ class CacheSlots(Semaphore):
                 continue
             # The last other holder may have deleted the header meanwhile: put it back.
             try:
-                kept = self._header(name, max_holders)
+                current = self._call("read", self.cache.get, self._key(name))
+                kept = header_slots(current) == max_holders or self._header(name, max_holders)
             except BaseException:
                 self._delete_if_ours(key, info.token or "")
                 raise
