@@ -71,6 +71,8 @@ class TableSlots(Semaphore):
 
         def _now(self) -> tuple[str, str, Any]: ...
 
+        def _execute(self, sql: str, params: list[Any], fetch: bool = False) -> Any: ...
+
     def _transaction(
         self, what: str, work: Callable[[Run], Result], single: bool = False
     ) -> Result:
@@ -123,14 +125,14 @@ class TableSlots(Semaphore):
         forever = connection.ops.adapt_datetimefield_value(dbtable.for_django(FOREVER))
         slot = dbtable.row(connection, self.options.key_prefix, name, info, slot_of=main)
 
+        select = (
+            "SELECT name_hash, mode, max_holders, lock_hash, "
+            f"CASE WHEN expires_at < {now} THEN 1 ELSE 0 END FROM {{table}} {EVERY_ROW}"
+        )
+
         def take(run: Run) -> bool:
             locked = self._lock_main_row(run, main)
-            rows = run(
-                "SELECT name_hash, mode, max_holders, lock_hash, "
-                f"CASE WHEN expires_at < {now} THEN 1 ELSE 0 END FROM {{table}} {EVERY_ROW}",
-                [main, main],
-                fetch=True,
-            )
+            rows = run(select, [main, main], fetch=True)
             found = next((r for r in rows if r[0] == main), None)
             if found is not None and not locked:  # made since we looked: lock it, then read
                 raise Raced
@@ -156,13 +158,21 @@ class TableSlots(Semaphore):
             run(_insert(later), [*slot, ttl])
             return True
 
-        if connection.vendor in SERIAL_VENDORS:
-            try:
-                taken = self._try_slot_in_one_statement(main, slot, later, ttl, now, max_holders)
-            except Contended:
+        try:
+            # A look first, which writes nothing: a full semaphore (what a waiter mostly
+            # finds) costs no transaction, and no write lock on SQLite.
+            rows = self._execute(select, [main, main], fetch=True)
+            counted = _counted(rows, main, max_holders)
+            if counted is not None and counted >= max_holders:
                 return None
-            if taken:
+            if (
+                counted is not None
+                and connection.vendor in SERIAL_VENDORS
+                and self._try_slot_in_one_statement(main, slot, later, ttl, now, max_holders)
+            ):
                 return Lease(name=name, token=info.token or "", info=info)
+        except Contended:
+            return None
         try:
             taken = self._transaction("take a semaphore slot", take)
         except Contended:
@@ -230,6 +240,18 @@ class TableSlots(Semaphore):
             return self._transaction(what, work)
         except Contended as e:
             raise LockIOError(str(e)) from e
+
+
+def _counted(rows: list[Any], main: str, max_holders: int) -> int | None:
+    """The live slots among ``rows`` (name_hash, mode, max_holders, lock_hash, expired) when
+    they are those of a semaphore of ``max_holders``; None when there is something else to
+    decide (no main row, a plain lock's, another count)."""
+    found = next((r for r in rows if r[0] == main), None)
+    if found is None or not dbtable.is_main_of_semaphore(found[1], found[3]):
+        return None
+    if (found[2] or 1) != max_holders:
+        return None
+    return sum(1 for r in rows if r[0] != main and not r[4])
 
 
 def _insert(expires: str) -> str:
