@@ -14,6 +14,10 @@ transaction sees every slot the ones before it made, so at most N are ever live,
 checked against N, and the last slot's release removes the main row with it. A process that
 dies holding a slot leaves a row that expires at its TTL (or is released at once by a
 same-host takeover); a slot taker removes expired ones, and the last release removes them all.
+
+A slot taker first looks, writing nothing, so a full semaphore costs a waiter no transaction.
+On SQLite, where a statement that writes runs alone, a slot of an existing semaphore is then
+taken in one statement; the transaction decides everything else.
 """
 
 from __future__ import annotations
