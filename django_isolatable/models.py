@@ -5,7 +5,9 @@ from django.db import models
 
 
 class Lock(models.Model):
-    """One held (or expired, not yet taken over) lock of the database strategy."""
+    """One held (or expired, not yet taken over) lock of the database strategy: a plain lock's
+    holder, or a semaphore's main row (which holds the name while it has slots) or one of its
+    slot rows (one per holder)."""
 
     #: SHA-256 of KEY_PREFIX + name, hex: a fixed-size unique key for names of any length.
     name_hash = models.CharField(max_length=64, primary_key=True)
@@ -18,6 +20,13 @@ class Lock(models.Model):
     acquired_at = models.DateTimeField(null=True)
     argv = models.TextField()  # JSON list
     label = models.CharField(max_length=200, null=True)
+    #: ``"exclusive"``, or ``"semaphore"`` for a semaphore's slot rows and its main row (NULL in
+    #: rows of earlier versions: exclusive).
+    mode = models.CharField(max_length=16, null=True)
+    #: The holder count the holder's lock allows (NULL in rows of earlier versions: 1).
+    max_holders = models.IntegerField(null=True)
+    #: A semaphore slot row's name key (the ``name_hash`` of its main row), else NULL.
+    lock_hash = models.CharField(max_length=64, null=True, db_index=True)
     #: Judged by the database server's clock, never a client's.
     expires_at = models.DateTimeField()
 

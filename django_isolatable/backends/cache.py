@@ -28,6 +28,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends.cacheslots import CacheSlots, header_slots
 from django_isolatable.backends.periods import CachePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
@@ -43,7 +44,7 @@ _index_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
-class CacheBackend(Backend, CachePeriods):
+class CacheBackend(Backend, CacheSlots, CachePeriods):
     strategy: ClassVar[str] = "cache"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
@@ -124,16 +125,28 @@ class CacheBackend(Backend, CachePeriods):
     def release(self, lease: Lease) -> bool:
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the lock is its parent's
+        if lease.info.mode == "semaphore":
+            return self._release_slot(lease)
         return self.force_release(lease.name, lease.token)
 
     def refresh(self, lease: Lease, ttl: float) -> bool:
+        if lease.info.mode == "semaphore":
+            return self._refresh_slot(lease, ttl)
         if not self._owned(lease.name, lease.token):
             return False
         return bool(self._call("renew", self.cache.touch, self._key(lease.name), self._ttl(ttl)))
 
     def inspect(self, name: str) -> list[LockInfo]:
         value = self._call("read", self.cache.get, self._key(name))
-        return [] if value is None else [_info(name, value)]
+        return [] if value is None else self._holders(name, value)
+
+    def _holders(self, name: str, value: object) -> list[LockInfo]:
+        """The holders the entry ``value`` of ``name`` stands for: a plain lock's holder, or
+        each held slot of the semaphore whose header it is."""
+        slots = header_slots(value)
+        if slots is None:
+            return [_info(name, value)]
+        return [_info(name, slot) for _, slot in sorted(self._slots(name, slots).items())]
 
     def list(self) -> Iterator[LockInfo]:
         index = self._call("read", self.cache.get, self._index)
@@ -144,9 +157,18 @@ class CacheBackend(Backend, CachePeriods):
             self._update_index(keep=set(found))
         for key, name in sorted(index.items(), key=lambda item: item[1]):
             if key in found:
-                yield _info(name, found[key])
+                yield from self._holders(name, found[key])
 
     def force_release(self, name: str, token: str | None = None) -> bool:
+        main = self._key(name)
+        slots = header_slots(self._call("read", self.cache.get, main))
+        if slots is not None:  # a semaphore's header: its slots
+            if token is not None:
+                info = LockInfo(name, self.strategy, mode="semaphore", max_holders=slots)
+                return self._release_slot(Lease(name, token, info))
+            held = list(self._slots(name, slots))
+            self._call("release", self.cache.delete_many, [*held, main])
+            return True
         # With a token, compare then delete as release does (the window described above).
         if token is not None and not self._owned(name, token):
             return False
@@ -159,6 +181,8 @@ class CacheBackend(Backend, CachePeriods):
         with _index_lock:
             try:
                 index: dict[str, str] = self.cache.get(self._index) or {}
+                if add is not None and keep is None and index.get(self._key(add)) == add:
+                    return  # there already: nothing to write
                 if add is not None:
                     index[self._key(add)] = add
                 if keep is not None:

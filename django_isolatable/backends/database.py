@@ -23,26 +23,24 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django_isolatable.backends import dbtable
 from django_isolatable.backends.base import Backend, BackendOptions, Lease
 from django_isolatable.backends.dbconnection import (
+    Contended,
     close_private_connection,
     contended,
     private_connection,
     run_statement,
 )
+from django_isolatable.backends.dbslots import TableSlots
 from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 from django_isolatable.models import Lock
 
 
-class Contended(Exception):
-    """The database gave up on a statement because of concurrent ones; trying again is fine."""
-
-
 def _in_memory(name: str) -> bool:
     return name in ("", ":memory:") or "mode=memory" in name
 
 
-class DatabaseBackend(Backend, TablePeriods):
+class DatabaseBackend(Backend, TableSlots, TablePeriods):
     strategy: ClassVar[str] = "database"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
@@ -139,6 +137,8 @@ class DatabaseBackend(Backend, TablePeriods):
     def release(self, lease: Lease) -> bool:
         if lease.pid != os.getpid():
             return False  # a forked child's copy: the lock is its parent's
+        if lease.info.mode == "semaphore":
+            return self._release_slot(lease.name, lease.token)
         name_hash = dbtable.name_hash(self.options.key_prefix, lease.name)
         sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
         return bool(self._retrying("release a lock", sql, [name_hash, lease.token]))
@@ -146,6 +146,8 @@ class DatabaseBackend(Backend, TablePeriods):
     def refresh(self, lease: Lease, ttl: float) -> bool:
         now, later, param = self._now()
         name_hash = dbtable.name_hash(self.options.key_prefix, lease.name)
+        if lease.info.mode == "semaphore":  # a slot row, renewed as a plain lock's row
+            name_hash = dbtable.slot_key(name_hash, lease.token)
         sql = (
             f"UPDATE {{table}} SET expires_at = {later} "
             f"WHERE name_hash = %s AND token = %s AND expires_at >= {now}"
@@ -164,21 +166,21 @@ class DatabaseBackend(Backend, TablePeriods):
 
     def inspect(self, name: str) -> list[LockInfo]:
         name_hash = dbtable.name_hash(self.options.key_prefix, name)
-        return list(self._records("WHERE name_hash = %s", [name_hash], name))
+        where = "WHERE name_hash = %s OR lock_hash = %s"  # its main row and its slot rows
+        return list(self._records(where, [name_hash, name_hash], name))
 
     def list(self) -> Iterator[LockInfo]:
         return self._records("ORDER BY name", [])
 
     def force_release(self, name: str, token: str | None = None) -> bool:
-        name_hash = dbtable.name_hash(self.options.key_prefix, name)
         if token is None:
-            sql, params = "DELETE FROM {table} WHERE name_hash = %s", [name_hash]
-        else:  # one statement: a holder that took the row since it was judged keeps it
-            sql, params = (
-                "DELETE FROM {table} WHERE name_hash = %s AND token = %s",
-                [name_hash, token],
-            )
-        return bool(self._retrying("release a lock", sql, params))
+            return self._release_every_holder(name)
+        # One statement: a holder that took the row since it was judged keeps it.
+        name_hash = dbtable.name_hash(self.options.key_prefix, name)
+        sql = "DELETE FROM {table} WHERE name_hash = %s AND token = %s"
+        if self._retrying("release a lock", sql, [name_hash, token]):
+            return True
+        return self._release_slot(name, token)
 
     def close(self) -> None:
         close_private_connection(self.alias)

@@ -6,8 +6,10 @@ when it is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from django.db import DatabaseError, connections, models
@@ -16,6 +18,12 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django_isolatable.errors import LockIOError
 
 _local = threading.local()
+
+
+class Contended(Exception):
+    """The database gave up on a statement because of concurrent ones; trying again is fine."""
+
+
 _abandoned: list[Any] = []
 
 
@@ -53,15 +61,63 @@ def run_statement(
         return cursor.fetchall() if fetch else cursor.rowcount
 
 
+#: How a transaction starts, per vendor: at READ COMMITTED, where every statement sees what
+#: was committed before it began (whatever the database's default), and on SQLite with the
+#: write lock taken at once. Other vendors: Django's ``set_autocommit(False)``.
+_BEGIN = {
+    "postgresql": ["BEGIN ISOLATION LEVEL READ COMMITTED"],
+    "mysql": ["SET TRANSACTION ISOLATION LEVEL READ COMMITTED", "START TRANSACTION"],
+    "sqlite": ["BEGIN IMMEDIATE"],
+}
+
+
+@contextlib.contextmanager
+def transaction(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Run the block's statements on ``connection`` (in autocommit mode) as one transaction:
+    committed when the block ends, rolled back when it raises."""
+    begin = _BEGIN.get(connection.vendor)
+    if begin is None:
+        connection.set_autocommit(False)
+    else:
+        with connection.cursor() as cursor:
+            for statement in begin:
+                cursor.execute(statement)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(DatabaseError):
+            _end(connection, begin is not None, "ROLLBACK")
+        raise
+    _end(connection, begin is not None, "COMMIT")
+
+
+def _end(connection: BaseDatabaseWrapper, by_statement: bool, how: str) -> None:
+    if by_statement:
+        with connection.cursor() as cursor:
+            cursor.execute(how)
+        return
+    try:
+        connection.commit() if how == "COMMIT" else connection.rollback()
+    finally:
+        connection.set_autocommit(True)
+
+
 #: MySQL/MariaDB: deadlock, lock wait timeout. SQLite: another connection is writing.
 _CONTENTION_CODES = (1213, 1205)
+#: PostgreSQL: serialization failure, deadlock, lock not available.
+_CONTENTION_STATES = ("40001", "40P01", "55P03")
 
 
 def contended(error: DatabaseError) -> bool:
     """The database gave up on a statement because of concurrent ones: trying again is fine."""
     cause = error.__cause__
     code = cause.args[0] if cause is not None and cause.args else None
-    return code in _CONTENTION_CODES or "database is locked" in str(error)
+    state = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    return (
+        code in _CONTENTION_CODES
+        or state in _CONTENTION_STATES
+        or "database is locked" in str(error)
+    )
 
 
 def ensure_table(

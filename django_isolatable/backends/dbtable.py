@@ -55,11 +55,18 @@ def server_clock(vendor: str, ttl: float) -> tuple[str, str, Any]:
     return current, later, param
 
 
-def row(connection: BaseDatabaseWrapper, prefix: str, name: str, info: LockInfo) -> list[Any]:
-    """The values of ``COLUMNS`` but ``expires_at`` for ``info``'s lock on ``name``."""
+def row(
+    connection: BaseDatabaseWrapper,
+    prefix: str,
+    name: str,
+    info: LockInfo,
+    slot_of: str | None = None,
+) -> list[Any]:
+    """The values of ``COLUMNS`` but ``expires_at`` for ``info``'s lock on ``name``: its main
+    row, or (``slot_of``, the main row's key) a semaphore's slot row, keyed by ``slot_key``."""
     ops = connection.ops
     return [
-        name_hash(prefix, name),
+        name_hash(prefix, name) if slot_of is None else slot_key(slot_of, info.token or ""),
         # Text columns take UTF-8 only: a name with lone surrogates is stored with them
         # escaped (its hash, the key, is exact; such a lock is not listed by `locks status`).
         name.encode("utf-8", "backslashreplace").decode(),
@@ -67,11 +74,20 @@ def row(connection: BaseDatabaseWrapper, prefix: str, name: str, info: LockInfo)
         info.pid,
         (info.hostname or "")[:255],
         (info.host_id or "")[:255],
-        ops.adapt_datetimefield_value(_for_django(info.process_started_at)),
-        ops.adapt_datetimefield_value(_for_django(info.acquired_at)),
+        ops.adapt_datetimefield_value(for_django(info.process_started_at)),
+        ops.adapt_datetimefield_value(for_django(info.acquired_at)),
         json.dumps(list(info.argv)),
         info.label,
+        info.mode,
+        info.max_holders,
+        slot_of,
     ]
+
+
+def slot_key(main_key: str, token: str) -> str:
+    """A semaphore slot row's key: SHA-256 of its main row's key and its holder's token, so
+    release and renewal find it by primary key, as a plain lock's row."""
+    return hashlib.sha256(f"{main_key}\0{token}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def upsert(now: str, later: str) -> str:
@@ -111,20 +127,30 @@ def select(now: str, where: str) -> str:
     )
     return (
         f"SELECT name_hash, name, token, pid, hostname, host_id, {started}, {acquired}, "
-        f"argv, label, {expires}, CASE WHEN expires_at < {now} THEN 1 ELSE 0 END "
-        f"FROM {{table}} {where}"
+        f"argv, label, mode, max_holders, lock_hash, {expires}, "
+        f"CASE WHEN expires_at < {now} THEN 1 ELSE 0 END FROM {{table}} {where}"
     )
 
 
+def is_main_of_semaphore(mode: object, slot_of: object) -> bool:
+    """A semaphore's main row: it holds the name while the semaphore has slot rows, and is no
+    holder itself."""
+    return mode == "semaphore" and slot_of is None
+
+
 def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInfo | None:
-    """The record a row from ``select`` holds, for ``strategy``'s lock ``name``.
+    """The record a row from ``select`` holds, for ``strategy``'s lock ``name``; None for a
+    semaphore's main row (no holder).
 
     Without ``name`` (listing), None for a row whose stored name does not hash to its key:
     another KEY_PREFIX's, or a name the connection's character set could not carry (MySQL's
     3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4).
     """
     key, stored, token, pid, hostname, host_id, started, acquired, argv, label = values[:10]
-    if name is None and key != name_hash(prefix, stored):
+    mode, max_holders, slot_of, expires, expired = values[10:15]
+    if is_main_of_semaphore(mode, slot_of):
+        return None
+    if name is None and (slot_of or key) != name_hash(prefix, stored):
         return None
     return LockInfo(
         name=stored if name is None else name,
@@ -137,8 +163,10 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
         acquired_at=_datetime(acquired),
         argv=_argv(argv),
         label=label if isinstance(label, str) else None,
-        expires_at=_datetime(values[10]),
-        alive=False if values[11] else None,  # an expired lease is stale, whoever held it
+        mode=mode if mode in ("exclusive", "semaphore") else "exclusive",
+        max_holders=max_holders if isinstance(max_holders, int) and max_holders > 0 else 1,
+        expires_at=_datetime(expires),
+        alive=False if expired else None,  # an expired lease is stale, whoever held it
     )
 
 
@@ -151,8 +179,9 @@ def ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
 
 
 def _add_missing_columns(connection: BaseDatabaseWrapper) -> None:
-    """Add the columns a table made by an earlier version lacks (``label``); all nullable, so
-    its rows stay valid. Another process adding one first is fine."""
+    """Add the columns a table made by an earlier version lacks (``label``; ``mode``,
+    ``max_holders`` and ``lock_hash``, indexed); all nullable, so its rows stay valid.
+    Another process adding one first is fine."""
     with connection.cursor() as cursor:
         table = connection.introspection.get_table_description(cursor, Lock._meta.db_table)
     present = {column.name for column in table}
@@ -170,7 +199,7 @@ def _add_missing_columns(connection: BaseDatabaseWrapper) -> None:
                     raise
 
 
-def _for_django(value: datetime | None) -> datetime | None:
+def for_django(value: datetime | None) -> datetime | None:
     """Aware UTC as Django stores it: naive UTC when USE_TZ is off (read back as UTC)."""
     if value is None or settings.USE_TZ:
         return value

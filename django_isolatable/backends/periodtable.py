@@ -118,7 +118,7 @@ class TablePeriods(Periods):
             float(period_seconds),
             int(period_index),
             info.to_json(),
-            connection.ops.adapt_datetimefield_value(dbtable._for_django(ends)),
+            connection.ops.adapt_datetimefield_value(dbtable.for_django(ends)),
         ]
         sql = f"INSERT INTO {{table}} ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
         # A duplicate key: recorded already, by a holder that ran while the lock was
