@@ -66,5 +66,8 @@ def fence(guard: LockGuard, *, using: str = "default") -> None:
             token,
             extra={"lock_name": name, "fencing_token": token},
         )
-        guard._mark_lost("to a newer holder, which fenced its token")
+        from django_isolatable.isolation import LockGuard
+
+        if isinstance(guard, LockGuard):  # anything with the two attributes may be fenced
+            guard._mark_lost("to a newer holder, which fenced its token")
         raise LockLost(name, None, stored, token)

@@ -79,3 +79,20 @@ class Fence(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} fenced token {self.token}"
+
+
+class FencingCount(models.Model):
+    """The last fencing token the database and postgres strategies issued for a lock name."""
+
+    #: SHA-256 of KEY_PREFIX + name, hex, as the lock table's key.
+    name_hash = models.CharField(max_length=64, primary_key=True)
+    name = models.TextField()
+    token = models.BigIntegerField()
+
+    class Meta:
+        managed = False
+        db_table = "django_isolatable_fencing"
+        app_label = "django_isolatable"
+
+    def __str__(self) -> str:
+        return f"{self.name}: token {self.token}"

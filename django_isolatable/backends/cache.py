@@ -27,8 +27,8 @@ from django.core.cache import BaseCache, InvalidCacheBackendError, caches
 from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
-from django_isolatable.backends.cacheslots import CacheSlots, header_slots
+from django_isolatable.backends.base import Backend, BackendOptions, Fencing, Lease
+from django_isolatable.backends.cacheslots import CacheSlots, SlotLease, header_slots
 from django_isolatable.backends.periods import CachePeriods
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
@@ -44,7 +44,7 @@ _index_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
-class CacheBackend(Backend, CacheSlots, CachePeriods):
+class CacheBackend(Backend, CacheSlots, Fencing, CachePeriods):
     strategy: ClassVar[str] = "cache"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
@@ -135,6 +135,33 @@ class CacheBackend(Backend, CacheSlots, CachePeriods):
         if not self._owned(lease.name, lease.token):
             return False
         return bool(self._call("renew", self.cache.touch, self._key(lease.name), self._ttl(ttl)))
+
+    def fencing_token(self, lease: Lease) -> int | None:
+        """The name's next count (``incr`` of its fence entry, kept with no timeout), after a
+        look that ``lease`` still holds the lock. Two steps, not one: a cache has no
+        compare-and-increment, so a holder whose lease ends between them still gets a token
+        (docs/cache-strategy.md)."""
+        if lease.info.mode == "semaphore":
+            key = lease.key if isinstance(lease, SlotLease) else None
+            key = key or self._slot_key_of(lease.name, lease.token, lease.info.max_holders)
+            value = None if key is None else self._call("read", self.cache.get, key)
+            owned = isinstance(value, dict) and value.get("token") == lease.token
+        else:
+            owned = self._owned(lease.name, lease.token)
+        if not owned:
+            return None
+        counter = self._key(lease.name) + ":fence"
+        for _ in range(3):
+            self._call("count", self.cache.add, counter, 0, None)  # no timeout: kept
+            try:
+                return int(self.cache.incr(counter))
+            except ValueError:  # evicted between the two: add it again
+                continue
+            except Exception as e:  # each cache client raises its own errors
+                raise LockIOError(f"Cache {self.alias!r} failed to count a token: {e}") from e
+        raise LockIOError(
+            f"Cache {self.alias!r} keeps dropping the fencing count of {lease.name!r}."
+        )
 
     def inspect(self, name: str) -> list[LockInfo]:
         value = self._call("read", self.cache.get, self._key(name))

@@ -20,8 +20,8 @@ from django.core.checks import CheckMessage, Error
 from django.db import DatabaseError, IntegrityError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_isolatable.backends import dbtable
-from django_isolatable.backends.base import Backend, BackendOptions, Lease
+from django_isolatable.backends import dbtable, tokentable
+from django_isolatable.backends.base import Backend, BackendOptions, Fencing, Lease
 from django_isolatable.backends.dbconnection import (
     Contended,
     close_private_connection,
@@ -40,7 +40,7 @@ def _in_memory(name: str) -> bool:
     return name in ("", ":memory:") or "mode=memory" in name
 
 
-class DatabaseBackend(Backend, TableSlots, TablePeriods):
+class DatabaseBackend(Backend, TableSlots, Fencing, TablePeriods):
     strategy: ClassVar[str] = "database"
     expiring: ClassVar[bool] = True
     heartbeat: ClassVar[bool] = True
@@ -153,6 +153,31 @@ class DatabaseBackend(Backend, TableSlots, TablePeriods):
             f"WHERE name_hash = %s AND token = %s AND expires_at >= {now}"
         )
         return bool(self._retrying("renew a lease", sql, [param, name_hash, lease.token]))
+
+    def fencing_token(self, lease: Lease) -> int | None:
+        """The name's next count in ``tokentable``, while the lease's row is still its own and
+        unexpired by the server's clock."""
+        now, _, _ = self._now()
+        key = dbtable.name_hash(self.options.key_prefix, lease.name)
+        row_key = dbtable.slot_key(key, lease.token) if lease.info.mode == "semaphore" else key
+        connection = self._connection()
+        table = connection.ops.quote_name(Lock._meta.db_table)
+        holds = (
+            f"EXISTS (SELECT 1 FROM {table} WHERE name_hash = %s AND token = %s "
+            f"AND expires_at >= {now})"
+        )
+        for attempt in range(5):
+            try:
+                params = [row_key, lease.token]
+                return tokentable.issue(connection, self.alias, key, lease.name, holds, params)
+            except DatabaseError as e:
+                if not contended(e) or attempt == 4:
+                    raise LockIOError(
+                        f"Could not issue a fencing token for {lease.name!r} in database "
+                        f"{self.alias!r}: {e}"
+                    ) from e
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _records(
         self, where: str, params: list[Any], name: str | None = None

@@ -215,3 +215,19 @@ def session_label(info: LockInfo) -> str:
     """The application_name of the session holding ``info``'s lock (at most 60 bytes)."""
     taken = info.acquired_at or _EPOCH
     return f"isolatable {info.token or ''} {(taken - _EPOCH) // _MICROSECOND}"
+
+
+# Who holds the locks of this database: for locks status, and to force-release.
+GRANTED = (  # the granted advisory locks of this database, and the sessions holding them
+    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+    "AND l.granted AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database "
+    "WHERE datname = current_database())"
+)
+HOLDERS = f"SELECT l.classid::bigint, l.objid::bigint, a.query, a.application_name {GRANTED}"
+ONE_NAME = " AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s"
+# Waits up to 5 s for each session to end (PostgreSQL 14+), so the lock is free after.
+TERMINATE = (
+    f"SELECT coalesce(bool_or(pg_terminate_backend(l.pid, 5000)), false) {GRANTED}{ONE_NAME} "
+    "AND l.pid <> pg_backend_pid() AND (%(token)s::text IS NULL "
+    "OR split_part(a.application_name, ' ', 2) = %(token)s)"
+)

@@ -20,19 +20,25 @@ from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
+from django_isolatable.backends import dbtable, tokentable
 from django_isolatable.backends.base import (
     Backend,
     BackendOptions,
+    Fencing,
     Lease,
     Semaphore,
     Shared,
     Waiting,
     missing_driver,
 )
+from django_isolatable.backends.dbconnection import private_connection
 from django_isolatable.backends.periodtable import TablePeriods
 from django_isolatable.backends.pgholders import (
     HOLD,
+    HOLDERS,
+    ONE_NAME,
     OTHER_COUNT,
+    TERMINATE,
     UNLOCK_HELD,
     advisory_key,
     hold_parameters,
@@ -73,19 +79,6 @@ _HELD = (  # %s: pg_locks (classid, objid)
 _HOLDS = f"SELECT count(*) {_HELD}"
 _CLAIM = f"SELECT set_config('application_name', %s, false) {_HELD}"  # %s: the label first
 _UNLOCK = f"SELECT pg_advisory_unlock(%s), set_config('application_name', '{IDLE_LABEL}', false)"
-_GRANTED = (  # the granted advisory locks of this database, and the sessions holding them
-    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-    "AND l.granted AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database "
-    "WHERE datname = current_database())"
-)
-_HOLDERS = f"SELECT l.classid::bigint, l.objid::bigint, a.query, a.application_name {_GRANTED}"
-_ONE = " AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s"
-# Waits up to 5 s for each session to end (PostgreSQL 14+), so the lock is free after.
-_TERMINATE = (
-    f"SELECT coalesce(bool_or(pg_terminate_backend(l.pid, 5000)), false) {_GRANTED}{_ONE} "
-    "AND l.pid <> pg_backend_pid() AND (%(token)s::text IS NULL "
-    "OR split_part(a.application_name, ' ', 2) = %(token)s)"
-)
 
 
 class _Named(NamedTuple):
@@ -98,6 +91,7 @@ class _Named(NamedTuple):
     holds: str  # the renewal thread's check keeps the record shown
     unlock: str
     hold: dict[str, Any]  # a shared or slot hold's parameters but its label (pgholders)
+    fence: str  # issues a fencing token while the session holds the lock (tokentable)
 
 
 def _named(prefix: str, name: str, info: LockInfo) -> _Named:
@@ -118,10 +112,11 @@ def _statements(
     ids = (Int8(classid), Int8(objid))
     key8 = Int8(key)
     statements = (opening + HOLD.get(held[0], _TRY), opening + _WAIT, opening + _HOLDS)
+    fence = opening + tokentable.statements("postgresql", f"EXISTS (SELECT 1 {_HELD})")[0]
     if held[0] == "exclusive":
-        return _Named(key8, ids, *statements, _UNLOCK, {})
+        return _Named(key8, ids, *statements, _UNLOCK, {}, fence)
     hold = hold_parameters(prefix, name, key8, ids, held)
-    return _Named(key8, ids, *statements, UNLOCK_HELD, hold)
+    return _Named(key8, ids, *statements, UNLOCK_HELD, hold, fence)
 
 
 @dataclass
@@ -130,7 +125,7 @@ class PostgresLease(Lease):
     named: _Named | None = None
 
 
-class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
+class PostgresBackend(Backend, Waiting, Fencing, Semaphore, Shared, TablePeriods):
     strategy: ClassVar[str] = "postgres"
     heartbeat: ClassVar[bool] = True  # checks that the session still holds the lock
 
@@ -243,10 +238,28 @@ class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
             return False
         return not deadline.passed and row is not None and row[0] > 0
 
+    def fencing_token(self, lease: Lease) -> int | None:
+        """The name's next count in ``tokentable``, counted on the lease's own session while
+        it holds the lock: a session that ended (force-released) issues none."""
+        if not isinstance(lease, PostgresLease) or lease.named is None:
+            return None
+        connection = lease.connection
+        if connection is None:
+            return None
+        # Made first on a connection of its own: a failed statement would end the session.
+        tokentable.ensure(private_connection(self.alias), self.alias)
+        key = dbtable.name_hash(self.options.key_prefix, lease.name)
+        name = lease.name.encode("utf-8", "backslashreplace").decode()
+        try:
+            row = self.sessions.run(connection, lease.named.fence, (key, name, *lease.named.ids))
+        except LockIOError:
+            return None  # the session is gone, and the lock with it
+        return None if row is None else int(row[0])
+
     def _holders(self, where: str, params: Any = ()) -> list[tuple[Any, ...]]:
         """(classid, objid, query, application_name) of granted advisory locks."""
         connection = self.sessions.connect()
-        rows = self.sessions.execute(connection, _HOLDERS + where, params).fetchall()
+        rows = self.sessions.execute(connection, HOLDERS + where, params).fetchall()
         self.sessions.put_back(connection)
         return rows
 
@@ -254,7 +267,7 @@ class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
         classid, objid = lock_ids(self.key(name))
         return [
             replace(read_record(query or "", label or "", self.strategy), name=name, alive=True)
-            for _, _, query, label in self._holders(_ONE, {"classid": classid, "objid": objid})
+            for _, _, query, label in self._holders(ONE_NAME, {"classid": classid, "objid": objid})
         ]
 
     def list(self) -> Iterator[LockInfo]:
@@ -269,7 +282,7 @@ class PostgresBackend(Backend, Waiting, Semaphore, Shared, TablePeriods):
         classid, objid = lock_ids(self.key(name))
         connection = self.sessions.connect()
         params = {"classid": classid, "objid": objid, "token": token}
-        row = self.sessions.run(connection, _TERMINATE, params)
+        row = self.sessions.run(connection, TERMINATE, params)
         self.sessions.put_back(connection)
         return row is not None and row[0] is True
 
