@@ -30,7 +30,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The suite on every CPU (pytest-xdist): its tests mostly wait, on the processes they start, on
-# servers and on leases, so workers side by side take half the time or less. PYTEST_WORKERS=0:
+# servers and on leases, so workers side by side take about half the time. PYTEST_WORKERS=0:
 # one process, as a bare `pytest` runs.
 PYTEST_WORKERS ?= auto
 test: lint docs
