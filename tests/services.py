@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -55,10 +60,33 @@ TABLES = (LOCK_TABLE, PERIOD_TABLE, FENCE_TABLE)
 SERVER_DATABASES = {"postgres": "postgres", "mariadb": "mariadb"}  # alias: service
 
 
+#: The test sessions of this machine that are using the servers' tables, and which tables there
+#: were before the first of them began: sessions overlap (pytest-xdist's workers, `make test`'s
+#: runs side by side), and a table one session created may be in use by another.
+SESSIONS_FILE = Path(tempfile.gettempdir()) / "isolatable-tests-sessions.json"
+
+
+@contextlib.contextmanager
+def running_sessions() -> Iterator[dict[str, Any]]:
+    """The sessions record (``sessions``: their pids, the ones that died dropped; ``tables``:
+    alias -> the tables found by the first), locked against other sessions while the block
+    reads and changes it; written back after."""
+    with open(SESSIONS_FILE, "a+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+        file.seek(0)
+        record = json.loads(file.read() or '{"sessions": [], "tables": {}}')
+        record["sessions"] = [pid for pid in record["sessions"] if psutil.pid_exists(pid)]
+        yield record
+        file.seek(0)
+        file.truncate()
+        json.dump(record, file)
+
+
 @contextlib.contextmanager
 def left_as_found() -> Iterator[None]:
-    """Run the block, then drop the lock tables it created on the shared servers, delete this
-    session's Redis keys and its SQLite file. (Database access must be allowed.)"""
+    """Run the block, then delete this session's Redis keys and its SQLite file; the last of
+    the overlapping sessions to end drops the lock tables they created on the shared servers.
+    (Database access must be allowed.)"""
     from django.db import DatabaseError, connections
 
     from tests.settings import KEY_PREFIX, SQLITE_PATH
@@ -67,19 +95,29 @@ def left_as_found() -> Iterator[None]:
         with connections[alias].cursor():
             return set(TABLES) & set(connections[alias].introspection.table_names())
 
-    existed = {}
-    for alias, service in SERVER_DATABASES.items():
-        if reachable(service):
+    def drop_tables_created_since(found: dict[str, list[str]]) -> None:
+        for alias, had_tables in found.items():
             with contextlib.suppress(DatabaseError):
-                existed[alias] = tables(alias)
+                for table in sorted(tables(alias) - set(had_tables)):
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute(f"DROP TABLE {table}")
+
+    with running_sessions() as record:
+        if not record["sessions"]:  # the first: what is there now is what there was before
+            record["tables"] = {}
+            for alias, service in SERVER_DATABASES.items():
+                if reachable(service):
+                    with contextlib.suppress(DatabaseError):
+                        record["tables"][alias] = sorted(tables(alias))
+        record["sessions"].append(os.getpid())
     try:
         yield
     finally:
-        for alias, had_tables in existed.items():
-            with contextlib.suppress(DatabaseError):
-                for table in sorted(tables(alias) - had_tables):
-                    with connections[alias].cursor() as cursor:
-                        cursor.execute(f"DROP TABLE {table}")
+        with running_sessions() as record:
+            record["sessions"].remove(os.getpid())
+            if not record["sessions"]:  # the last: no other session is using the tables
+                drop_tables_created_since(record["tables"])
+        for alias in SERVER_DATABASES:
             connections[alias].close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SQLITE_PATH)

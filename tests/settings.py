@@ -12,8 +12,11 @@ except ImportError:
     pass
 
 # One id per test session, inherited by the processes the tests spawn: it names the SQLite
-# file and the key prefixes on shared servers, so parallel sessions never meet.
+# file and the key prefixes on shared servers, so parallel sessions never meet. Each pytest-xdist
+# worker is a session of its own (the workers inherit the id of the run that started them).
 SESSION = os.environ.setdefault("ISOLATABLE_TEST_SESSION", f"{os.getpid()}")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    SESSION += f"-{os.environ['PYTEST_XDIST_WORKER']}"
 SQLITE_PATH = os.path.join(tempfile.gettempdir(), f"isolatable-tests-{SESSION}.sqlite3")
 KEY_PREFIX = f"isolatable-tests-{SESSION}:"
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.settings import SESSION
+
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = "https://github.com/django-isolatable/django-isolatable"
 SUPPORTED_DJANGO = {"4.2", "5.1", "5.2", "6.0", "6.1"}
@@ -182,7 +184,7 @@ def test_the_sdist_runs_its_own_tests_against_the_wheel(dist: Path, tmp_path: Pa
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env["PYTHONPATH"] = str(target)
     # A session id of its own: the inner run's cleanup must not touch this session's keys.
-    env["ISOLATABLE_TEST_SESSION"] = f"{os.environ['ISOLATABLE_TEST_SESSION']}-sdist"
+    env["ISOLATABLE_TEST_SESSION"] = f"{SESSION}-sdist"
 
     code = "import django_isolatable as d; print(d.__file__); print(d.__version__)"
     where, version = run(sys.executable, "-c", code, cwd=project, env=env).split()
