@@ -40,6 +40,10 @@ Commands:
     Take the lock, fork one child that calls ``guard.release()`` and leaves with ``os._exit``
     and one that drops its copy of the guard (its finalizer runs) and leaves with ``sys.exit``;
     print ``children <exit code> <exit code>``, keep the lock until told.
+``fenced-write``
+    Take the lock at once, print ``held <pid> <fencing token>``, wait for a line, then in one
+    ``transaction.atomic(using=--database)`` insert a row with this pid into ``--table`` and
+    ``fence()`` the guard: ``committed``, or ``lost <the newer token>`` (rolled back).
 ``take``
     Print ``ready``; then for each ``try`` line on stdin, ``try_lock`` and release at once,
     printing ``took <pid>`` or ``busy <holder pid>``; leave on any other line (or EOF).
@@ -150,6 +154,27 @@ def hold(args: argparse.Namespace) -> None:
     report("held", os.getpid(), guard.info.token)
     while await_line() == "lost?":
         report("lost", guard.lost)
+    guard.release()
+    report("released")
+
+
+def fenced_write(args: argparse.Namespace) -> None:
+    from django.db import connections, transaction
+
+    from django_isolatable import LockLost, fence
+
+    guard = isolation_of(args).try_lock()
+    report("held", os.getpid(), guard.fencing_token)
+    await_line()
+    try:
+        with transaction.atomic(using=args.database):
+            with connections[args.database].cursor() as cursor:
+                cursor.execute(f"INSERT INTO {args.table} (pid) VALUES (%s)", [os.getpid()])
+            fence(guard, using=args.database)
+    except LockLost as e:
+        report("lost", e.newer_fencing_token)
+    else:
+        report("committed")
     guard.release()
     report("released")
 
@@ -283,6 +308,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("fork-holder", fork_holder),
         ("isolated-call", isolated_call),
         ("once", once),
+        ("fenced-write", fenced_write),
     ]:
         sub = commands.add_parser(command)
         sub.set_defaults(function=function)
@@ -303,6 +329,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument("--shared", action="store_true")
         if command == "wait":
             sub.add_argument("--timeout", type=float, default=30.0)
+        if command == "fenced-write":
+            sub.add_argument("--database", required=True)
+            sub.add_argument("--table", required=True)
         if command == "once":
             sub.add_argument("--once-per", type=float, required=True)
             sub.add_argument("--journal", required=True)
