@@ -111,7 +111,7 @@ def slot_worker(lock: str, journal: Path, slots: Path, count: int, max_holders: 
             slot = _claim(slots, max_holders)
             if slot is not None:
                 history.increment(slots / f"{slot}.counter")
-                time.sleep(0.001)  # so that holders overlap
+                time.sleep(0.01)  # so that holders overlap, SQLite's serialised takes too
                 os.unlink(slots / f"{slot}.claim")
             history.append(journal, f"{taken}:{slot}", os.getpid(), start, time.monotonic())
 

@@ -290,7 +290,8 @@ def test_full_disk_still_locks_without_a_record(tmp_path, caplog):
             thread.join(10)
             assert isinstance(thread_result[0], AlreadyRunning)
         isolation.try_lock().release()
-        del isolation, thread  # its backend keeps LOCK_DIR open while it lives
+        # Its backend keeps LOCK_DIR open while it lives, and so does the error's traceback.
+        del isolation, thread, thread_result
 
 
 def _try(isolation: CommandIsolation) -> BaseException:

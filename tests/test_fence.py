@@ -120,7 +120,7 @@ def names(alias: str) -> Iterator[Callable[[], str]]:
 @contextlib.contextmanager
 def rows_table(alias: str) -> Iterator[str]:
     """A table of this test's own in ``alias``, for the rows its transactions write."""
-    table = f"isolatable_fence_rows_{SESSION}_{next(_numbers)}"
+    table = f"isolatable_fence_rows_{SESSION.replace('-', '_')}_{next(_numbers)}"
     run_sql(alias, f"CREATE TABLE {table} (value varchar(100) NOT NULL)")
     try:
         yield table
@@ -280,7 +280,7 @@ def fresh_database(kind: str, directory: Path) -> Iterator[tuple[str, dict[str, 
     MariaDB database), as a new alias; dropped after. Yields the alias and its settings."""
     number = next(_numbers)
     alias, config = f"fresh-{number}", dict(connections.settings[kind])
-    schema = f"isolatable_fence_{SESSION}_{number}"
+    schema = f"isolatable_fence_{SESSION.replace('-', '_')}_{number}"
     if kind == "sqlite":
         config["NAME"] = str(directory / f"{alias}.sqlite3")
     elif kind == "postgres":

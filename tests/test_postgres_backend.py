@@ -68,7 +68,15 @@ class Proxy:
         self.port = int(self.process.stdout.readline())
 
     def freeze(self) -> None:
+        """Stop the proxy, and return once it is stopped (a signal takes effect when the
+        process is next scheduled: on a busy machine it may still forward a moment)."""
         self.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while (
+            Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T"
+        ):
+            assert time.monotonic() < deadline, "the proxy did not stop"
+            time.sleep(0.001)
 
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)
