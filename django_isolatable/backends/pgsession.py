@@ -9,6 +9,7 @@ connection's state is unknown then, and ending its session frees what it held or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -22,6 +23,8 @@ from django_isolatable.errors import LockIOError
 
 if TYPE_CHECKING:
     from psycopg import Connection, Cursor
+
+logger = logging.getLogger("django_isolatable.backends.postgres")
 
 CONNECT_TIMEOUT = 5
 #: Seconds an interrupted statement's cancel request may take before its connection is closed.
@@ -127,6 +130,39 @@ class Sessions:
                 raise LockIOError(f"PostgreSQL database {self.alias!r} failed: {e}".strip()) from e
             raise
 
+    def holds(
+        self, connection: Connection[Any], sql: str, params: Any, seconds: float, name: str
+    ) -> bool:
+        """Whether ``sql``, a count of the holds of lock ``name`` by ``connection``'s session, is
+        above 0, answered within ``seconds``: past them the connection's socket is shut down
+        (``Deadline``), which ends the session. A session found gone is logged, with why."""
+        import psycopg
+
+        deadline = Deadline(connection, seconds)
+        try:
+            with deadline:
+                row = self.run(connection, sql, params)
+        except (LockIOError, psycopg.Error, OSError) as e:  # psycopg's: closed meanwhile
+            if deadline.passed:
+                logger.warning(
+                    "Lock %s: PostgreSQL database %r did not answer its check within %g s; its "
+                    "connection is closed, which ends its session and the lock",
+                    name,
+                    self.alias,
+                    seconds,
+                )
+            else:
+                why = str(e.__cause__ or e).strip().splitlines() or [type(e).__name__]
+                logger.warning(
+                    "Lock %s: its session on PostgreSQL database %r ended (%s), and the lock "
+                    "with it",
+                    name,
+                    self.alias,
+                    why[0],
+                )
+            return False
+        return not deadline.passed and row is not None and row[0] > 0
+
     def close(self) -> None:
         """Close the idle connections of the pool."""
         pool = _idle.get(self.alias)
@@ -152,7 +188,9 @@ class Deadline:
 
     def __init__(self, connection: Connection[Any], seconds: float) -> None:
         # A duplicate of the descriptor: the socket it names stays this connection's
-        self._duplicate: socket.socket | None = socket.socket(fileno=os.dup(connection.fileno()))
+        self._duplicate: socket.socket | None = None
+        with contextlib.suppress(Exception):  # closed already: its statement fails at once
+            self._duplicate = socket.socket(fileno=os.dup(connection.fileno()))
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True

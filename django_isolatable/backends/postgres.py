@@ -51,7 +51,6 @@ from django_isolatable.backends.pgholders import (
 from django_isolatable.backends.pgsession import (
     HELD_ALREADY,
     IDLE_LABEL,
-    Deadline,
     Sessions,
     pooled,
 )
@@ -224,19 +223,12 @@ class PostgresBackend(Backend, Waiting, Fencing, Semaphore, Shared, TablePeriods
         """Whether the lease's session still holds its lock. False as well when the session is
         gone or does not answer within ``ttl`` seconds: its connection is closed then, which
         ends the session (and the lock) once the server notices."""
-        import psycopg
-
         if not isinstance(lease, PostgresLease) or lease.named is None:
             return False
         connection = lease.connection  # read once: the owner's release may clear it meanwhile
         if connection is None:
             return False
-        try:
-            with Deadline(connection, ttl) as deadline:
-                row = self.sessions.run(connection, lease.named.holds, lease.named.ids)
-        except (LockIOError, psycopg.Error, OSError):  # psycopg's: closed meanwhile
-            return False
-        return not deadline.passed and row is not None and row[0] > 0
+        return self.sessions.holds(connection, lease.named.holds, lease.named.ids, ttl, lease.name)
 
     def fencing_token(self, lease: Lease) -> int | None:
         """The name's next count in ``tokentable``, counted on the lease's own session while
