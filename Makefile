@@ -59,15 +59,17 @@ compat:
 	@bash .ci/compat "3.10" "django>=4.2,<5" .venv-django42 $(COMPAT_TESTS)
 	@bash .ci/compat "3.13 3.12" "django>=6" .venv-django6 $(COMPAT_TESTS)
 
-# The reliability gauntlet at full size: 16 processes x 500 acquisitions and 50 crash rounds
-# per strategy (STRESS_ARGS / CRASH_ARGS scale it); make test runs a small version of both.
+# The reliability gauntlet at full size, per strategy: 16 processes x 500 acquisitions, 50 crash
+# rounds, 16 x 200 of a max_holders=3 semaphore and of shared/exclusive holds, and writer
+# starvation (STRESS_ARGS / CRASH_ARGS / HOLDER_ARGS scale them); make test runs small versions.
 STRESS_ARGS ?= --workers 16 --acquisitions 500
+HOLDER_ARGS ?= --workers 16 --acquisitions 200
 CRASH_ARGS ?= --rounds 50
 
 .PHONY: stress
 stress: install
 	$(BIN)/python -m tests.stress stress $(STRESS_ARGS)
 	$(BIN)/python -m tests.stress crash $(CRASH_ARGS)
-	$(BIN)/python -m tests.stress semaphore $(STRESS_ARGS)
-	$(BIN)/python -m tests.stress shared $(STRESS_ARGS)
+	$(BIN)/python -m tests.stress semaphore $(HOLDER_ARGS)
+	$(BIN)/python -m tests.stress shared $(HOLDER_ARGS)
 	$(BIN)/python -m tests.stress starvation
