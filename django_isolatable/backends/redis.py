@@ -37,7 +37,6 @@ from django_isolatable.backends.redisholders import RedisHolders
 from django_isolatable.backends.redisscripts import (
     GROUP,
     LONGEST_BLOCK,
-    REPLICA_WAIT_MS,
     TAKE,
     TAKE_WOKEN,
     WAITING_MARK_MS,
@@ -145,7 +144,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
             return Lease(name=name, token=info.token or "", info=info)
         pipeline = self.client.pipeline(transaction=False)
         pipeline.set(key, value, nx=True, px=self._ttl_ms())
-        self._wait_for_replicas(pipeline, self.client, key, REPLICA_WAIT_MS)
+        self._wait_for_replicas(pipeline, self.client, key, self.replica_wait_ms)
         taken, confirmed = self._call("lock", pipeline.execute)
         if not taken:
             return None
@@ -173,11 +172,11 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
                 pipeline = self.client.pipeline(transaction=False)
                 pipeline.execute_command("EVAL", TAKE, 6, *keys, took, *args, mark)
                 if acks:
-                    self._wait_for_replicas(pipeline, self.client, keys.lock, REPLICA_WAIT_MS)
+                    self._wait_for_replicas(pipeline, self.client, keys.lock, self.replica_wait_ms)
                 pipeline.blpop([took, keys.wake], timeout=block)
                 pipeline.execute_command("EVAL", TAKE_WOKEN, 5, *keys, *args)
                 if acks:
-                    self._wait_for_replicas(pipeline, self.client, keys.lock, REPLICA_WAIT_MS)
+                    self._wait_for_replicas(pipeline, self.client, keys.lock, self.replica_wait_ms)
                 replies = self._call("wait", pipeline.execute)
                 if not acks and (replies[0] or replies[2]):  # taken free, or woken
                     return lease
@@ -223,7 +222,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         args = (f"{lease.token} ".encode(), max(1, int(ttl * 1000)))
         if not self.replica_acks:
             return bool(self._call("renew", self.scripts.refresh, keys, args, client))
-        wait_ms = max(1, min(REPLICA_WAIT_MS, int(timeout * 500)))
+        wait_ms = max(1, min(self.replica_wait_ms, int(timeout * 500)))
         replies = self._call(
             "renew", self._replicated, client, self.scripts.refresh, keys, args, wait_ms
         )

@@ -32,7 +32,6 @@ from django_isolatable.backends.base import (
 from django_isolatable.backends.redisreplicas import ReplicaAcks
 from django_isolatable.backends.redisscripts import (
     LONGEST_BLOCK,
-    REPLICA_WAIT_MS,
     NameKeys,
     Scripts,
 )
@@ -85,7 +84,13 @@ class RedisHolders(ReplicaAcks, Semaphore, Shared, WakeUps, Fencing):
             token = self._call(what, self.scripts.fence, [*keys, counter], owner)
             return int(token) or None
         # A token no replica has could be issued again by the master that replaces this one.
-        replicated = (self.client, self.scripts.fence, [*keys, counter], owner, REPLICA_WAIT_MS)
+        replicated = (
+            self.client,
+            self.scripts.fence,
+            [*keys, counter],
+            owner,
+            self.replica_wait_ms,
+        )
         token, confirmed = self._call(what, self._replicated, *replicated)
         if token and confirmed < self.replica_acks:
             raise LockIOError(self._unconfirmed("the fencing token of", lease.name, confirmed))

@@ -9,10 +9,9 @@ lost once its TTL ran out unconfirmed).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django_isolatable.backends.base import Lease
-from django_isolatable.backends.redisscripts import REPLICA_WAIT_MS
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo
 
@@ -23,9 +22,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long a take's ``WAIT`` gives the replicas to confirm it, in ms; a renewal's gives them
+#: at most half its socket timeout. A replica in sync confirms in milliseconds: one that has not
+#: in a second is down or far behind.
+REPLICA_WAIT_MS = 1000
+
 
 class ReplicaAcks:
     """The redis backend's ``WAIT`` after its writes (with ``replica_acks`` above 0)."""
+
+    replica_wait_ms: ClassVar[int] = REPLICA_WAIT_MS
 
     if TYPE_CHECKING:
         client: Any
@@ -77,7 +83,7 @@ class ReplicaAcks:
         keys = list(self._keys(name))
         if not self.replica_acks:
             return int(self._call("lock", script, keys, args)), lease
-        replicated = (self.client, script, keys, args, REPLICA_WAIT_MS)
+        replicated = (self.client, script, keys, args, self.replica_wait_ms)
         taken, confirmed = self._call("lock", self._replicated, *replicated)
         if taken > 0:
             self._confirmed(lease, confirmed)

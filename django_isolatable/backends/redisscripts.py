@@ -19,10 +19,6 @@ LONGEST_BLOCK = 5.0
 #: How long a waiter's mark outlives the wait it was made for: it is renewed by the next wait
 #: of the same ``lock()`` call, and it must last over the looks between two waits.
 WAITING_MARK_MS = 1000
-#: How long a take's ``WAIT`` gives the replicas to confirm it (``REDIS_REPLICA_ACKS``), in ms;
-#: a renewal's gives them at most half its socket timeout. A replica in sync confirms in
-#: milliseconds: one that has not in a second is down or far behind.
-REPLICA_WAIT_MS = 1000
 #: How a group's marker starts (the scripts' ``is_group``): no owner token starts so.
 GROUP = b"= "
 SHARED = GROUP + b"shared"
