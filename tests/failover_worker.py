@@ -1,12 +1,13 @@
 """A holder for the failover rounds of tests/test_redis_ha.py.
 
-Run as ``python -m tests.failover_worker NAME JOURNAL`` with ``DJANGO_SETTINGS_MODULE=tests.settings``
-and ``ISOLATABLE_TEST_SETTINGS`` pointing the redis strategy at a Sentinel group. It prints
-``ready``, then until a line arrives on stdin: waits for lock NAME, keeps it until the lock is
-reported lost (``lock_lost``), and starts again. Every belief is journaled, one line each,
-``<pid> <event> <time.monotonic()> <token>`` with event ``acquired`` (``lock()`` returned),
-``lost`` (when the loss was reported) or ``released`` (just before the release, on the way
-out): the test reads from the journals who believed it held the lock when.
+Run as ``python -m tests.failover_worker NAME JOURNAL`` with
+``DJANGO_SETTINGS_MODULE=tests.settings`` and ``ISOLATABLE_TEST_SETTINGS`` pointing the redis
+strategy at a Sentinel group. It prints ``ready``, then until a line arrives on stdin: waits
+for lock NAME, keeps it until the lock is reported lost (``lock_lost``), and starts again.
+Every belief is journaled, one line each, ``<pid> <event> <time.monotonic()> <token>`` with
+event ``acquired`` (``lock()`` returned), ``lost`` (when the loss was reported) or
+``released`` (just before the release, on the way out): the test reads from the journals who
+believed it held the lock when.
 """
 
 from __future__ import annotations
