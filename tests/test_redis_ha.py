@@ -329,3 +329,14 @@ def test_a_waiter_on_a_cluster_is_handed_the_lock_of_a_name_with_braces(redis_cl
     assert isinstance(second, Lease)
     assert [info.token for info in backend.inspect(name)] == [second.token]
     assert backend.release(second)
+
+
+def test_on_a_cluster_a_take_waits_for_the_replicas_of_its_own_master(
+    redis_cluster: Cluster, monkeypatch
+):
+    monkeypatch.setattr(RedisBackend, "replica_wait_ms", 50)
+    backend = backend_on(redis_cluster.settings, unique_prefix(), redis_replica_acks=1)
+    for name in ("job-1", "job-2", "job-3"):  # the test's cluster has no replicas
+        with pytest.raises(LockIOError, match=r"Only 0 replica\(s\) of the Redis Cluster"):
+            backend.acquire_waiting(name, new_record(name, "redis", ttl=30), 1.0)
+        assert backend.inspect(name) == []

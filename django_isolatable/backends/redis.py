@@ -85,10 +85,11 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         except ImportError as e:
             raise ImproperlyConfigured(DRIVER_MISSING) from e
         self._errors = redis.exceptions
-        self.client = _client(self.topology, COMMAND_TIMEOUT)
-        self.scripts = _scripts(self.topology)
-        self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
         self._where = self.topology.describe(safe_url(self.url))
+        # A cluster's client reads the slots from a node as it is made: it can fail here.
+        self.client = self._call("connect", _client, self.topology, COMMAND_TIMEOUT)
+        self.scripts = self._call("connect", _scripts, self.topology)
+        self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
 
     @classmethod
     def check_settings(cls, options: BackendOptions) -> list[CheckMessage]:
@@ -119,14 +120,14 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         except self._errors.ConnectionError as e:
             raise LockIOError(
                 f"{self._where} is unreachable ({safe_url(str(e))}); check that it runs and "
-                'settings.ISOLATABLE["REDIS_URL"].'
+                f'settings.ISOLATABLE["{self.topology.setting}"].'
             ) from e
         except self._errors.TimeoutError as e:
             raise LockIOError(
                 f"{self._where} did not answer in time to {what} "
                 f"({safe_url(str(e))}); check that it runs and is reachable."
             ) from e
-        except self._errors.RedisError as e:
+        except (self._errors.RedisError, self._errors.RedisClusterException) as e:
             raise LockIOError(f"{self._where} failed to {what}: {safe_url(str(e))}.") from e
 
     def _value(self, info: LockInfo) -> bytes:
@@ -218,7 +219,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         and the lease is reported lost once its TTL ran out unconfirmed."""
         keys = self._keys(lease.name)
         timeout = max(0.01, round(ttl * RENEWAL_TIMEOUT_SHARE, 3))
-        client = _client(self.topology, timeout)
+        client = self._call("connect", _client, self.topology, timeout)
         args = (f"{lease.token} ".encode(), max(1, int(ttl * 1000)))
         if not self.replica_acks:
             return bool(self._call("renew", self.scripts.refresh, keys, args, client))

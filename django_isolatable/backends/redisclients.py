@@ -80,6 +80,11 @@ class Topology:
             return f"sentinel://{hosts}/{self.service}"
         return f"cluster+{safe_url}" if self.cluster else safe_url
 
+    @property
+    def setting(self) -> str:
+        """The setting that says where it is."""
+        return "REDIS_SENTINELS" if self.sentinels else "REDIS_URL"
+
     def describe(self, safe_url: str) -> str:
         """How messages name it (``safe_url`` is the URL with its credentials masked)."""
         if self.sentinels:
