@@ -183,7 +183,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
                     return lease
                 for taken, confirmed in (replies[0:2], replies[3:5]) if acks else ():
                     if taken:
-                        self._confirmed(lease, confirmed)  # else released below
+                        self._confirmed(lease, confirmed)  # too few replicas: released, raises
                         return lease
             return None
         except BaseException:
