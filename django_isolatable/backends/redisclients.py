@@ -7,7 +7,8 @@ A Sentinel group's master is found by asking the sentinels each time a connectio
 master turned replica, is dropped, and the next one is opened to the new master. From
 ``REDIS_URL`` it takes the database, the username and password, TLS (``rediss://`` and its
 ``ssl_*`` options) and the other connection options, never the host and port. The sentinels
-themselves are asked in plain TCP without a password.
+themselves are asked in plain TCP without a password, all of them in turn within the client's
+timeout.
 """
 
 from __future__ import annotations
@@ -138,10 +139,9 @@ def _sentinel_master(
         options.pop(where, None)  # the sentinels name the master
     if issubclass(parsed.connection_class, redis.SSLConnection):
         options["ssl"] = True
-    asking = {
-        "socket_timeout": options["socket_connect_timeout"],
-        "socket_connect_timeout": options["socket_connect_timeout"],
-    }
+    # Asking every sentinel in turn takes at most the client's own timeout.
+    each = min(CONNECT_TIMEOUT, options["socket_timeout"] / len(topology.sentinels))
+    asking = {"socket_timeout": each, "socket_connect_timeout": each}
     sentinel = redis.sentinel.Sentinel(list(topology.sentinels), sentinel_kwargs=asking)
     master: redis.Redis = sentinel.master_for(topology.service or "", retry=None, **options)
     return master
