@@ -4,7 +4,8 @@
 Every conformance test runs through Sentinel (with ``REDIS_REPLICA_ACKS=1``, so every take
 and renewal waits for the replica) and on the cluster: locks, waiting handoff, semaphores,
 shared holds, fencing tokens. Then the master is SIGKILLed under holders in rounds, with their
-journals checked; and a cluster's keys, status and stale takeover are checked over many names.
+journals checked; and a cluster's keys, status and stale takeover are checked over many names,
+and processes take turns on it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from django_isolatable.backends.redis import RedisBackend
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import new_record
 from tests.conformance import LockConformance
-from tests.processes import ROOT, Worker
+from tests.processes import (
+    ROOT,
+    Worker,
+    Workers,
+    assert_exclusive_counting,
+    run_counting_workers,
+)
 from tests.redis_topologies import Cluster, SentinelGroup
 
 #: The failover rounds' TTL: a lease confirmed at most TTL/3 before the kill must outlive the
@@ -342,3 +349,20 @@ def test_on_a_cluster_a_take_waits_for_the_replicas_of_its_own_master(
         with pytest.raises(LockIOError, match=r"Only 0 replica\(s\) of the Redis Cluster"):
             backend.acquire_waiting(name, new_record(name, "redis", ttl=30), 1.0)
         assert backend.inspect(name) == []
+
+
+def test_processes_on_a_cluster_take_turns_without_overlap(redis_cluster: Cluster, tmp_path):
+    """4 processes x 25 racy increments inside one lock (a name with braces): the handoffs go
+    through the waiters' pipelines on the name's master; no update lost, no overlap."""
+    ha = {"STRATEGY": "redis", **redis_cluster.settings, "KEY_PREFIX": unique_prefix()}
+    workers = Workers(tmp_path, "count{er}", tmp_path)
+    env = {"ISOLATABLE_TEST_SETTINGS": json.dumps(ha)}
+    try:
+
+        def spawn(command: str, *options: str) -> Worker:
+            return workers.start(command, *options, env=env)
+
+        journals = run_counting_workers(spawn, tmp_path, 4, "--iterations", "25", "--timeout", "60")
+        assert_exclusive_counting(journals, tmp_path / "counter", 4 * 25)
+    finally:
+        workers.close()
