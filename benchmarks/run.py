@@ -10,8 +10,11 @@ compare: the machine is noisy, ratios much less so. Rows whose server or peer is
 skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
 of a few seconds.
 
-Async code (``--only async``, last): the event loop's lag while coroutines wait on ``alock()``
+Async code (``--only async``): the event loop's lag while coroutines wait on ``alock()``
 for locks another process holds, and the handoff to an ``alock()`` waiter.
+
+Redis high availability (``--only redis-ha``, last): lock + release through Sentinel and on a
+Cluster against plain Redis, and one failover's figures, on topologies the run starts itself.
 
 Exit status 1 if a measurement failed or a lock let two processes in at once (a contention
 counter did not end exact); a missed target is reported, not failed.
@@ -44,6 +47,7 @@ SECTIONS = (
     "commands",
     "holders",
     "async",
+    "redis-ha",
 )
 FULL = {
     "round_trip_trials": 10,
@@ -144,6 +148,11 @@ def main() -> int:
                 0.05 if args.quick else 0.25,
             )
 
+        def run_redis_ha() -> None:
+            from benchmarks import redisha
+
+            redisha.run(args.batches, args.batch_ms / 1000)
+
         sections = {
             "round-trips": lambda: setattr(
                 results, "trips", roundtrips.run(args.round_trip_trials)
@@ -165,6 +174,7 @@ def main() -> int:
             "commands": run_commands,
             "holders": run_holders,
             "async": run_async,
+            "redis-ha": run_redis_ha,
         }
         try:
             for name in args.only:

@@ -150,18 +150,19 @@ class FilePeriods(LocalClock, Periods):
 
 
 class RedisPeriods(Periods):
-    """The redis strategy's records: ``<KEY_PREFIX>isolatable:ran:<length>:<period>:<name>``,
-    one ``SET ... EXAT`` each, on Redis's clock (``TIME``), which also expires them."""
+    """The redis strategy's records: ``<KEY_PREFIX>isolatable:ran:<length>:<period>:<name>``
+    (in a cluster the name's hash tag after ``isolatable:``), one ``SET ... EXAT`` each, on
+    Redis's clock (``TIME``), which also expires them."""
 
     if TYPE_CHECKING:
-        client: redis.Redis
-        _prefix: bytes
+        client: redis.Redis  # or a redis.cluster.RedisCluster
 
+        def _base(self, name: str) -> bytes: ...
         def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any: ...
 
     def _ran_key(self, name: str, period_seconds: float, period_index: int) -> bytes:
         period = _period_key(period_seconds, period_index).encode()
-        return self._prefix + b"ran:" + period + b":" + name.encode("utf-8", "surrogatepass")
+        return self._base(name) + b"ran:" + period + b":" + name.encode("utf-8", "surrogatepass")
 
     def store_time(self) -> float:
         seconds, microseconds = self._call("read the time", self.client.time)

@@ -6,7 +6,10 @@ compare-and-pexpire on the token (redis-py ``Script`` objects, which reload on N
 release pushes onto a per-name wake-up list; a waiter's pipeline takes a free lock, else blocks
 on that list with a take right behind: a release wakes the first waiter, and the server takes
 the lock for it with no round trip in between. Semaphore slots and shared holds are kept as
-``redisholders.py`` says.
+``redisholders.py`` says. ``redisclients.py`` reaches the server, a Sentinel group's master or
+a Redis Cluster; in a cluster every key of a name carries one hash tag made from the name, so
+a script may use them all. With ``REDIS_REPLICA_ACKS`` every take and renewal is followed by
+``WAIT`` in the same pipeline.
 
 Everything goes through redis-py's public client API: its connection pools check the process id,
 so a forked child never talks on its parent's connections.
@@ -15,27 +18,29 @@ so a forked child never talks on its parent's connections.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 
 from django_isolatable.backends.base import Backend, BackendOptions, Lease, Waiting, missing_driver
 from django_isolatable.backends.periods import RedisPeriods
-from django_isolatable.backends.redisholders import (
+from django_isolatable.backends.redisclients import Topology, safe_url, url_problem
+from django_isolatable.backends.redisclients import client as _client
+from django_isolatable.backends.redisholders import RedisHolders
+from django_isolatable.backends.redisscripts import (
     GROUP,
     LONGEST_BLOCK,
     TAKE,
     TAKE_WOKEN,
     WAITING_MARK_MS,
     NameKeys,
-    RedisHolders,
     Scripts,
     name_keys,
     register_scripts,
@@ -43,80 +48,25 @@ from django_isolatable.backends.redisholders import (
 from django_isolatable.errors import LockIOError
 from django_isolatable.holders import LockInfo, this_pid, utcnow
 
-if TYPE_CHECKING:
-    import redis
-
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5.0
 #: How long a command may take before it is a ``LockIOError`` (renewals: see ``refresh``).
 COMMAND_TIMEOUT = 10.0
 #: A renewal's socket timeout, as a fraction of the TTL: renewals run every TTL/3, so a renewal
 #: that meets a server that stopped answering gives up well before the lease ends.
 RENEWAL_TIMEOUT_SHARE = 0.25
+#: The length of a cluster's hash tag, ``{`` 16 hex digits ``}``.
+TAG_LENGTH = 18
 
 DRIVER_MISSING = (
     "The redis strategy needs the redis package: pip install 'django-isolatable[redis]'."
 )
-# Query parameters that may carry a credential: password=, pass=, pwd=, auth_token=, secret=...
-_SECRET_PARAMETER = re.compile(
-    r"(?i)([?&;][^=&;#]*(?:pass|pwd|token|secret|auth|credential)[^=&;#]*=)[^&;#]*"
-)
-# scheme://user:password@ (the password may hold an unescaped "@": the last one ends it)
-_USERINFO_PASSWORD = re.compile(r"^([^:/?#]+://[^:@/?#]*:)[^/?#]*@")
-
-
-def safe_url(url: str) -> str:
-    """``url`` with every credential it can carry masked (the userinfo password and
-    secret-looking query parameters; the username stays), for messages. Never raises, also for
-    a malformed URL."""
-    url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
-    return _SECRET_PARAMETER.sub(r"\1***", url)
-
-
-def _url_problem(url: str) -> tuple[str, str] | None:
-    """(check id, sentence) for a ``REDIS_URL`` redis-py cannot use, or None."""
-    import redis
-
-    shown = f'settings.ISOLATABLE["REDIS_URL"] is {safe_url(url)!r}'
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return "isolatable.E021", f"{shown}; use a redis://, rediss:// or unix:// URL."
-    try:
-        pool = redis.ConnectionPool.from_url(url)
-        pool.connection_class(**pool.connection_kwargs)  # unknown query options fail here
-    except (ValueError, TypeError) as e:
-        reason = safe_url(str(e)).rstrip(".")
-        return "isolatable.E022", f"{shown}, which is not a valid Redis URL ({reason}); fix it."
-    return None
 
 
 @functools.cache
-def _client(url: str, timeout: float) -> redis.Redis:
-    """One client (and connection pool) per URL and socket timeout, per process. The timeouts
-    are the strategy's own, whatever the URL's query says, and a failed command is not
-    retried: the wait loop and the renewal thread do their own retrying.
-
-    Raises ``ImproperlyConfigured`` for a URL redis-py cannot use (and caches only clients)."""
-    import redis
-
-    problem = _url_problem(url)
-    if problem is not None:
-        raise ImproperlyConfigured(problem[1])
-    parsed = redis.ConnectionPool.from_url(url)
-    options = {
-        **parsed.connection_kwargs,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT),
-        "retry": None,
-    }
-    pool = redis.ConnectionPool(connection_class=parsed.connection_class, **options)
-    return redis.Redis(connection_pool=pool)
-
-
-@functools.cache
-def _scripts(url: str) -> Scripts:
-    """The scripts, registered once per URL (each computes its SHA1)."""
-    return register_scripts(_client(url, COMMAND_TIMEOUT))
+def _scripts(topology: Topology) -> Scripts:
+    """The scripts, registered once per topology (each computes its SHA1)."""
+    return register_scripts(_client(topology, COMMAND_TIMEOUT))
 
 
 class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
@@ -127,13 +77,18 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.url = options.redis_url
+        self.topology = Topology.of(options)
+        self.cluster = options.redis_cluster
+        self.replica_acks = options.redis_replica_acks
         try:  # the driver is imported only by this strategy, when it is used
             import redis.exceptions
         except ImportError as e:
             raise ImproperlyConfigured(DRIVER_MISSING) from e
         self._errors = redis.exceptions
-        self.client = _client(self.url, COMMAND_TIMEOUT)
-        self.scripts = _scripts(self.url)
+        self._where = self.topology.describe(safe_url(self.url))
+        # A cluster's client reads the slots from a node as it is made: it can fail here.
+        self.client = self._call("connect", _client, self.topology, COMMAND_TIMEOUT)
+        self.scripts = self._call("connect", _scripts, self.topology)
         self._prefix = f"{options.key_prefix}isolatable:".encode("utf-8", "surrogatepass")
 
     @classmethod
@@ -141,14 +96,22 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         missing = missing_driver("redis", "redis", "redis", "isolatable.E020")
         if missing:
             return missing
-        problem = _url_problem(options.redis_url)
+        problem = url_problem(options.redis_url)
         return [] if problem is None else [Error(problem[1], id=problem[0])]
 
     def store(self) -> str:
-        return safe_url(self.url)
+        return self.topology.store(safe_url(self.url))
+
+    def _base(self, name: str) -> bytes:
+        """What every key of ``name`` starts with: the prefix, and in a cluster a hash tag made
+        from a hash of the prefix and the name (so braces in a name cannot change the slot)."""
+        if not self.cluster:
+            return self._prefix
+        digest = hashlib.sha1(self._prefix + name.encode("utf-8", "surrogatepass"))
+        return self._prefix + b"{" + digest.hexdigest()[:16].encode() + b"}"
 
     def _keys(self, name: str) -> NameKeys:
-        return name_keys(self._prefix, name)
+        return name_keys(self._base(name), name)
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)``, its redis-py errors as ``LockIOError``."""
@@ -156,18 +119,16 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
             return function(*args, **kwargs)
         except self._errors.ConnectionError as e:
             raise LockIOError(
-                f"Redis at {safe_url(self.url)} is unreachable ({safe_url(str(e))}); check that "
-                'it runs and settings.ISOLATABLE["REDIS_URL"].'
+                f"{self._where} is unreachable ({safe_url(str(e))}); check that it runs and "
+                f'settings.ISOLATABLE["{self.topology.setting}"].'
             ) from e
         except self._errors.TimeoutError as e:
             raise LockIOError(
-                f"Redis at {safe_url(self.url)} did not answer in time to {what} "
+                f"{self._where} did not answer in time to {what} "
                 f"({safe_url(str(e))}); check that it runs and is reachable."
             ) from e
-        except self._errors.RedisError as e:
-            raise LockIOError(
-                f"Redis at {safe_url(self.url)} failed to {what}: {safe_url(str(e))}."
-            ) from e
+        except (self._errors.RedisError, self._errors.RedisClusterException) as e:
+            raise LockIOError(f"{self._where} failed to {what}: {safe_url(str(e))}.") from e
 
     def _value(self, info: LockInfo) -> bytes:
         return f"{info.token or ''} {info.to_json()}".encode("utf-8", "surrogatepass")
@@ -176,11 +137,21 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         return max(1, int(self.options.ttl * 1000))
 
     def acquire(self, name: str, info: LockInfo) -> Lease | None:
-        key = self._prefix + b"lock:" + name.encode("utf-8", "surrogatepass")  # NameKeys.lock
+        key = self._base(name) + b"lock:" + name.encode("utf-8", "surrogatepass")  # NameKeys.lock
         value = self._value(info)
-        if not self._call("lock", self.client.set, key, value, nx=True, px=self._ttl_ms()):
+        if not self.replica_acks:
+            if not self._call("lock", self.client.set, key, value, nx=True, px=self._ttl_ms()):
+                return None
+            return Lease(name=name, token=info.token or "", info=info)
+        pipeline = self.client.pipeline(transaction=False)
+        pipeline.set(key, value, nx=True, px=self._ttl_ms())
+        self._wait_for_replicas(pipeline, self.client, key, self.replica_wait_ms)
+        taken, confirmed = self._call("lock", pipeline.execute)
+        if not taken:
             return None
-        return Lease(name=name, token=info.token or "", info=info)
+        lease = Lease(name=name, token=info.token or "", info=info)
+        self._confirmed(lease, confirmed)
+        return lease
 
     def acquire_waiting(self, name: str, info: LockInfo, timeout: float) -> Lease | None:
         """One pipeline: take the lock if it is free, else block on the wake-up list with the
@@ -191,18 +162,29 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         keys = self._keys(name)
         value, deadline = self._value(info), time.monotonic() + timeout
         lease = Lease(name=name, token=info.token or "", info=info)
-        took = self._prefix + b"took:" + lease.token.encode()  # this waiter's own wake-up
+        took = self._base(name) + b"took:" + lease.token.encode()  # this waiter's own wake-up
+        acks = self.replica_acks
         try:
             while (left := deadline - time.monotonic()) > 0:
                 block = round(max(min(left, LONGEST_BLOCK), 0.001), 3)  # BLPOP 0: forever
                 mark = int(block * 1000) + WAITING_MARK_MS
                 args = (value, self._ttl_ms(), lease.token)
+                # EVAL through execute_command: a cluster's pipeline has no eval() of this kind.
                 pipeline = self.client.pipeline(transaction=False)
-                pipeline.eval(TAKE, 6, *keys, took, *args, mark)
+                pipeline.execute_command("EVAL", TAKE, 6, *keys, took, *args, mark)
+                if acks:
+                    self._wait_for_replicas(pipeline, self.client, keys.lock, self.replica_wait_ms)
                 pipeline.blpop([took, keys.wake], timeout=block)
-                pipeline.eval(TAKE_WOKEN, 5, *keys, *args)
-                if any(self._call("wait", pipeline.execute)[::2]):  # taken free, or woken
+                pipeline.execute_command("EVAL", TAKE_WOKEN, 5, *keys, *args)
+                if acks:
+                    self._wait_for_replicas(pipeline, self.client, keys.lock, self.replica_wait_ms)
+                replies = self._call("wait", pipeline.execute)
+                if not acks and (replies[0] or replies[2]):  # taken free, or woken
                     return lease
+                for taken, confirmed in (replies[0:2], replies[3:5]) if acks else ():
+                    if taken:
+                        self._confirmed(lease, confirmed)  # too few replicas: released, raises
+                        return lease
             return None
         except BaseException:
             self._release_interrupted(lease)
@@ -232,11 +214,23 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
     def refresh(self, lease: Lease, ttl: float) -> bool:
         """Renew on a client whose socket timeout is a share of ``ttl``: a server that stopped
         answering (a network black hole) makes this raise ``LockIOError`` well within the
-        time left on the lease, not after ``COMMAND_TIMEOUT``."""
+        time left on the lease, not after ``COMMAND_TIMEOUT``. A renewal fewer replicas
+        confirmed than ``REDIS_REPLICA_ACKS`` raises ``LockIOError`` too: it is tried again,
+        and the lease is reported lost once its TTL ran out unconfirmed."""
         keys = self._keys(lease.name)
-        client = _client(self.url, max(0.01, round(ttl * RENEWAL_TIMEOUT_SHARE, 3)))
-        owner, ttl_ms = f"{lease.token} ".encode(), max(1, int(ttl * 1000))
-        return bool(self._call("renew", self.scripts.refresh, keys, (owner, ttl_ms), client))
+        timeout = max(0.01, round(ttl * RENEWAL_TIMEOUT_SHARE, 3))
+        client = self._call("connect", _client, self.topology, timeout)
+        args = (f"{lease.token} ".encode(), max(1, int(ttl * 1000)))
+        if not self.replica_acks:
+            return bool(self._call("renew", self.scripts.refresh, keys, args, client))
+        wait_ms = max(1, min(self.replica_wait_ms, int(timeout * 500)))
+        replies = self._call(
+            "renew", self._replicated, client, self.scripts.refresh, keys, args, wait_ms
+        )
+        renewed, confirmed = replies
+        if renewed and confirmed < self.replica_acks:
+            raise LockIOError(self._unconfirmed("the renewal of lock", lease.name, confirmed))
+        return bool(renewed)
 
     def _records(self, keys: list[bytes]) -> Iterator[LockInfo]:
         """The holders of the names whose lock keys are ``keys``: the plain holders read with
@@ -250,7 +244,7 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
         for key, value, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
             if value is None:
                 continue  # released between SCAN and GET
-            name = key[len(self._prefix) + len(b"lock:") :].decode("utf-8", "surrogatepass")
+            name = key[self._name_starts :].decode("utf-8", "surrogatepass")
             if value.startswith(GROUP):
                 groups.append(name)
                 continue
@@ -264,10 +258,20 @@ class RedisBackend(Backend, Waiting, RedisHolders, RedisPeriods):
     def inspect(self, name: str) -> list[LockInfo]:
         return list(self._records([self._keys(name).lock]))
 
+    @property
+    def _name_starts(self) -> int:
+        """Where the name starts in a lock key."""
+        return len(self._prefix) + (TAG_LENGTH if self.cluster else 0) + len(b"lock:")
+
     def list(self) -> Iterator[LockInfo]:
-        pattern = _glob_escape(self._prefix + b"lock:") + b"*"
+        """Every holder, from every master of a cluster."""
+        tag = b"{" + b"?" * (TAG_LENGTH - 2) + b"}" if self.cluster else b""
+        pattern = _glob_escape(self._prefix) + tag + b"lock:*"
+        # A cluster's SCAN of every master is asked for by name; one Redis has no such option.
+        where = {"target_nodes": self.client.PRIMARIES} if self.cluster else {}
         batch: list[bytes] = []
-        for key in self._each("list locks", self.client.scan_iter(pattern, count=500)):
+        keys = self.client.scan_iter(pattern, count=500, **where)
+        for key in self._each("list locks", keys):
             batch.append(key)
             if len(batch) == 500:
                 yield from self._records(batch)
