@@ -9,12 +9,14 @@ turning a lock name into the ``name`` label; default ``before_colon``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 INSTALL_HINT = "pip install 'django-isolatable[prometheus]'"
@@ -99,12 +101,23 @@ def age_cache_seconds() -> float:
     return float(value)
 
 
+@functools.cache
 def name_label() -> Callable[[str], str]:
+    """The ``NAME_LABEL`` function; remembered until the setting changes (it runs on every
+    lock call, so the dotted path is not imported each time)."""
     value = _loaded("NAME_LABEL", _values().get("NAME_LABEL", before_colon))
     if not callable(value):
         raise ImproperlyConfigured(f"{_key('NAME_LABEL')} must be a callable (name -> label).")
     function: Callable[[str], str] = value
     return function
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    if setting == "ISOLATABLE_PROMETHEUS":
+        name_label.cache_clear()
+
+
+setting_changed.connect(_forget, dispatch_uid="isolatable-prometheus-settings")
 
 
 def problems() -> list[str]:
