@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from django.apps import apps
+from django.core.checks.registry import registry as check_registry
 from django.core.exceptions import ImproperlyConfigured
 from django.test import RequestFactory, override_settings
 from prometheus_client import CollectorRegistry, generate_latest
@@ -275,9 +276,11 @@ def test_adding_the_app_is_all_it_takes(settings):
             labels = {"name": "by-the-app", "strategy": "file"}
             assert scrape.value("isolatable_locks_acquired_total", **labels) == 1
             assert apps.is_installed("django_isolatable.contrib.prometheus")
+            assert checks.check_prometheus in check_registry.get_checks()
             assert checks.check_prometheus() == []
         finally:
             uninstall(APP_REGISTRY)
+            check_registry.registered_checks.discard(checks.check_prometheus)
 
 
 def test_without_prometheus_client(monkeypatch):
@@ -302,3 +305,7 @@ def test_bad_settings_are_check_errors(settings):
     assert any("STRATEGIES" in m for m in messages)
     with pytest.raises(ImproperlyConfigured, match="AGE_CACHE_SECONDS"):
         conf.age_cache_seconds()
+    settings.ISOLATABLE_PROMETHEUS = 5
+    assert [e.msg for e in checks.check_prometheus()] == [
+        "settings.ISOLATABLE_PROMETHEUS must be a dict."
+    ]

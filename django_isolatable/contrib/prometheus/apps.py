@@ -9,8 +9,12 @@ class IsolatablePrometheusConfig(AppConfig):
     verbose_name = "Isolatable lock metrics"
 
     def ready(self) -> None:
-        from django_isolatable.contrib.prometheus import checks  # noqa: F401 - registers them
+        from django.core.checks import register
+
+        from django_isolatable.contrib.prometheus.checks import check_prometheus
         from django_isolatable.contrib.prometheus.conf import client_missing
+
+        register(check_prometheus)
 
         # Without prometheus_client the system check reports it (manage.py check, runserver and
         # migrate stop on it); importing metrics or views raises ImproperlyConfigured.

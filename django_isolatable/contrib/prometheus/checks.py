@@ -1,16 +1,15 @@
-"""The app's system checks: prometheus_client installed (``isolatable.E060``), and
-``ISOLATABLE_PROMETHEUS`` valid (``isolatable.E061``)."""
+"""The app's system check, registered by its ``ready()``: prometheus_client installed
+(``isolatable.E060``), and ``ISOLATABLE_PROMETHEUS`` valid (``isolatable.E061``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error
 
 from django_isolatable.contrib.prometheus.conf import client_missing, missing_client_message
 
 
-@register()
 def check_prometheus(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     if client_missing():
         return [Error(missing_client_message(), id="isolatable.E060")]

@@ -122,8 +122,13 @@ setting_changed.connect(_forget, dispatch_uid="isolatable-prometheus-settings")
 
 def problems() -> list[str]:
     """Every bad value, as the sentence ``ImproperlyConfigured`` would carry."""
-    found = []
-    for read in (registry, strategies, age_cache_seconds, name_label):
+    found: list[str] = []
+    reads: list[Callable[[], object]] = [registry, age_cache_seconds, name_label]
+    # STRATEGIES only when set: its default is ISOLATABLE's STRATEGY, which has its own check.
+    values = getattr(settings, "ISOLATABLE_PROMETHEUS", None)
+    if isinstance(values, dict) and "STRATEGIES" in values:
+        reads.append(strategies)
+    for read in reads:
         try:
             read()
         except ImproperlyConfigured as e:
