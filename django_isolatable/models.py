@@ -96,3 +96,23 @@ class FencingCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: token {self.token}"
+
+
+class LockEntry(models.Model):
+    """No table: the admin's "Locks" page (``django_isolatable.admin``) and the permission
+    ``django_isolatable.release_lock`` it asks for. Its rows come from the strategy's
+    ``list()``; Django creates the permission after ``migrate`` as for any model."""
+
+    name = models.TextField(primary_key=True)
+
+    class Meta:
+        managed = False
+        db_table = "django_isolatable_lockentry"  # never created
+        app_label = "django_isolatable"
+        default_permissions = ()
+        permissions = (("release_lock", "Can release locks"),)
+        verbose_name = "lock"
+        verbose_name_plural = "locks"
+
+    def __str__(self) -> str:
+        return self.name

@@ -94,7 +94,7 @@ def test_the_wheel_holds_the_whole_package_and_the_licence(dist: Path) -> None:
     package = {
         path.relative_to(ROOT).as_posix()
         for path in (ROOT / "django_isolatable").rglob("*")
-        if path.suffix in {".py", ".typed"} and "__pycache__" not in path.parts
+        if path.suffix in {".py", ".typed", ".html"} and "__pycache__" not in path.parts
     }
     with zipfile.ZipFile(only(dist, "*.whl")) as wheel:
         names = set(wheel.namelist())

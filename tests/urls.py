@@ -1,0 +1,6 @@
+"""The test suite's URLs: the admin, for the "Locks" page."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [path("admin/", admin.site.urls)]
