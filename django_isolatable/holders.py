@@ -79,8 +79,8 @@ class LockInfo:
 
     def to_json(self) -> str:
         """``to_dict`` as one line of JSON that always encodes to UTF-8: lone surrogates (from
-        undecodable argv bytes, or odd names) are escaped. ``fencing_token`` is left out while
-        it is None, and comes last otherwise (see ``fenced_json_prefix``)."""
+        undecodable argv bytes, or odd names) are escaped. ``fencing_token`` comes last (see
+        ``fenced_json_prefix``)."""
         # Every lock of a process records the same process fields: they are encoded once.
         process, argv = _process_json(
             self.pid, self.hostname, self.host_id, self.process_started_at, self.argv
@@ -91,19 +91,17 @@ class LockInfo:
             f'"acquired_at": {_iso_json(self.acquired_at)}, '
             f'"expires_at": {_iso_json(self.expires_at)}, {argv}, '
             f'"label": {_encode(self.label)}, "mode": "{self.mode}", '
-            f'"max_holders": {self.max_holders:d}{_fenced(self.fencing_token)}}}\n'
+            f'"max_holders": {self.max_holders:d}, '
+            f'"fencing_token": {_number(self.fencing_token)}}}\n'
         )
         if not _utf8_safe(text):
-            data = self.to_dict()
-            if self.fencing_token is None:
-                del data["fencing_token"]
-            text = json.dumps(data) + "\n"
+            text = json.dumps(self.to_dict()) + "\n"
         return text
 
     def fenced_json_prefix(self) -> str:
         """``to_json`` of this record with a fencing token, up to the token's digits: a store
         that counts the token itself appends them and ``"}\n"``."""
-        return replace_token(self, None).to_json()[: -len("}\n")] + _FENCED
+        return replace_token(self, None).to_json()[: -len("null}\n")]
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -145,11 +143,10 @@ class LockInfo:
 
 
 _encode = json.JSONEncoder(ensure_ascii=False).encode
-_FENCED = ', "fencing_token": '
 
 
-def _fenced(token: int | None) -> str:
-    return "" if token is None else f"{_FENCED}{token:d}"
+def _number(value: int | None) -> str:
+    return "null" if value is None else f"{value:d}"
 
 
 def replace_token(info: LockInfo, token: int | None) -> LockInfo:
