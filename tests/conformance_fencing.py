@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from django.core.management import call_command
@@ -94,6 +95,20 @@ class FencingConformance:
             assert (holder.token, holder.fencing_token) == (guard.info.token, token)
         with isolation.try_lock():  # the next holder has none until it reads one
             assert _status_tokens(self.strategy, name) == [None]
+
+    def test_locks_status_has_a_fencing_column_at_verbosity_2(self, make, name):
+        def table() -> str:
+            stdout = io.StringIO()
+            args = ("--strategy", self.strategy, "status", name, "-v", "2")
+            call_command("locks", *args, stdout=stdout)
+            return stdout.getvalue()
+
+        with make(name).try_lock() as guard:
+            assert "FENCING" not in table()
+            token = guard.fencing_token
+            shown = table()
+            assert re.search(r"\bTOKEN +FENCING +COMMAND\b", shown)
+            assert re.search(rf"\b{guard.info.token} +{token} ", shown)
 
     def test_locks_status_shows_each_semaphore_holder_its_own_token(self, make, name):
         isolation = make(name, max_holders=3)
