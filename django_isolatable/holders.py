@@ -154,9 +154,13 @@ def replace_token(info: LockInfo, token: int | None) -> LockInfo:
     return info if info.fencing_token == token else dataclasses.replace(info, fencing_token=token)
 
 
+#: The largest fencing token a store counts to (a signed 64-bit integer, as Redis and SQL).
+MAX_FENCING_TOKEN = 2**63 - 1
+
+
 def _fencing_token(value: object) -> int | None:
     number = _typed(value, int)
-    return number if number is not None and number >= 1 else None
+    return number if number is not None and 1 <= number <= MAX_FENCING_TOKEN else None
 
 
 @lru_cache(maxsize=64)
