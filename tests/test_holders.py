@@ -137,7 +137,7 @@ def test_a_json_record_keeps_the_holders_fencing_token(name, fencing_token):
     assert counted == dataclasses.replace(info, fencing_token=42).to_json()
 
 
-@pytest.mark.parametrize("value", [0, -1, 2**63, 10**5000, True, 1.5, "7", [], None])
+@pytest.mark.parametrize("value", [0, -1, 2**63, 10**100, True, 1.5, "7", [], None])
 def test_a_malformed_fencing_token_reads_as_none(value):
     data = {**new_record("x", "redis").to_dict(), "fencing_token": value}
     assert LockInfo.from_dict("x", "redis", data).fencing_token is None
