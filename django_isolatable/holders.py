@@ -55,6 +55,8 @@ class LockInfo:
     #: The holder count this holder's lock allows (``CommandIsolation(max_holders=N)``).
     max_holders: int = 1
     alive: bool | None = None
+    #: The fencing token this holder was issued (``guard.fencing_token``); None until it read one.
+    fencing_token: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values (datetimes as ISO 8601); ``alive`` is left out."""
@@ -72,11 +74,13 @@ class LockInfo:
             "label": self.label,
             "mode": self.mode,
             "max_holders": self.max_holders,
+            "fencing_token": self.fencing_token,
         }
 
     def to_json(self) -> str:
         """``to_dict`` as one line of JSON that always encodes to UTF-8: lone surrogates (from
-        undecodable argv bytes, or odd names) are escaped."""
+        undecodable argv bytes, or odd names) are escaped. ``fencing_token`` comes last (see
+        ``fenced_json_prefix``)."""
         # Every lock of a process records the same process fields: they are encoded once.
         process, argv = _process_json(
             self.pid, self.hostname, self.host_id, self.process_started_at, self.argv
@@ -87,11 +91,17 @@ class LockInfo:
             f'"acquired_at": {_iso_json(self.acquired_at)}, '
             f'"expires_at": {_iso_json(self.expires_at)}, {argv}, '
             f'"label": {_encode(self.label)}, "mode": "{self.mode}", '
-            f'"max_holders": {self.max_holders:d}}}\n'
+            f'"max_holders": {self.max_holders:d}, '
+            f'"fencing_token": {_number(self.fencing_token)}}}\n'
         )
         if not _utf8_safe(text):
             text = json.dumps(self.to_dict()) + "\n"
         return text
+
+    def fenced_json_prefix(self) -> str:
+        """``to_json`` of this record with a fencing token, up to the token's digits: a store
+        that counts the token itself appends them and ``"}\n"``."""
+        return replace_token(self, None).to_json()[: -len("null}\n")]
 
     @classmethod
     def from_dict(cls, name: str, strategy: str, data: object) -> LockInfo:
@@ -117,6 +127,7 @@ class LockInfo:
             label=_typed(data.get("label"), str),
             mode=_mode(data.get("mode")),
             max_holders=_max_holders(data.get("max_holders")),
+            fencing_token=_fencing_token(data.get("fencing_token")),
         )
 
     @classmethod
@@ -132,6 +143,24 @@ class LockInfo:
 
 
 _encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _number(value: int | None) -> str:
+    return "null" if value is None else f"{value:d}"
+
+
+def replace_token(info: LockInfo, token: int | None) -> LockInfo:
+    """``info`` with the fencing token ``token``."""
+    return info if info.fencing_token == token else dataclasses.replace(info, fencing_token=token)
+
+
+#: The largest fencing token a store counts to (a signed 64-bit integer, as Redis and SQL).
+MAX_FENCING_TOKEN = 2**63 - 1
+
+
+def _fencing_token(value: object) -> int | None:
+    number = _typed(value, int)
+    return number if number is not None and 1 <= number <= MAX_FENCING_TOKEN else None
 
 
 @lru_cache(maxsize=64)

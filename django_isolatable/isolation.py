@@ -39,7 +39,14 @@ from django_isolatable.errors import (
     LockLost,
     LockTimeout,
 )
-from django_isolatable.holders import MAX_HOLDERS, LockInfo, judged, new_record, utcnow
+from django_isolatable.holders import (
+    MAX_HOLDERS,
+    LockInfo,
+    judged,
+    new_record,
+    replace_token,
+    utcnow,
+)
 from django_isolatable.once import Period, check_once_per, open_period
 from django_isolatable.renewal import Renewal, renewer
 from django_isolatable.signals import (
@@ -622,8 +629,9 @@ class LockGuard:
 
     @property
     def info(self) -> LockInfo:
-        """The record this guard's holder wrote when it took the lock."""
-        return self._lease.info
+        """The record this guard's holder wrote when it took the lock, with its fencing token
+        once it was issued."""
+        return replace_token(self._lease.info, self._fencing_token)
 
     @property
     def fencing_token(self) -> int:

@@ -27,6 +27,8 @@ class Lock(models.Model):
     max_holders = models.IntegerField(null=True)
     #: A semaphore slot row's name key (the ``name_hash`` of its main row), else NULL.
     lock_hash = models.CharField(max_length=64, null=True, db_index=True)
+    #: The fencing token the holder was issued, NULL until it read one (and in earlier rows).
+    fencing_token = models.BigIntegerField(null=True)
     #: Judged by the database server's clock, never a client's.
     expires_at = models.DateTimeField()
 

@@ -124,6 +124,25 @@ def test_a_json_record_is_one_line_of_utf8_and_reads_back_as_written(name, ttl):
     assert dataclasses.replace(again, alive=True) == info
 
 
+@pytest.mark.parametrize("name", ["x", "lone \udc80 surrogate"])
+@pytest.mark.parametrize("fencing_token", [None, 1, 2**63 - 1])
+def test_a_json_record_keeps_the_holders_fencing_token(name, fencing_token):
+    info = dataclasses.replace(new_record(name, "redis"), fencing_token=fencing_token)
+    text = info.to_json()
+    assert json.loads(text).get("fencing_token") == fencing_token
+    assert info.to_dict()["fencing_token"] == fencing_token
+    assert LockInfo.from_json(name, "redis", text).fencing_token == fencing_token
+    # What the redis strategy's script writes when it counts the token itself:
+    counted = info.fenced_json_prefix() + "42}\n"
+    assert counted == dataclasses.replace(info, fencing_token=42).to_json()
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**63, 10**100, True, 1.5, "7", [], None])
+def test_a_malformed_fencing_token_reads_as_none(value):
+    data = {**new_record("x", "redis").to_dict(), "fencing_token": value}
+    assert LockInfo.from_dict("x", "redis", data).fencing_token is None
+
+
 def test_json_records_of_other_processes_carry_their_own_process_fields():
     mine = new_record("x", "file")
     others = [
@@ -199,12 +218,13 @@ def test_a_postgres_record_fits_what_pg_stat_activity_keeps_of_every_statement(n
     from django_isolatable.backends import postgres
     from django_isolatable.backends.pgholders import read_record
 
-    for length, (mode, count) in itertools.product(
+    for length, (mode, count), fenced in itertools.product(
         range(0, 1200, 5),  # command lines around every length the budget cuts at
         [("exclusive", 1), ("semaphore", 10_000), ("shared", 1)],
+        [None, 2**63 - 1],  # before and after the holder read its fencing token
     ):
         record = new_record(name, "postgres", mode=mode, max_holders=count)
-        info = dataclasses.replace(record, argv=("a" * length,))
+        info = dataclasses.replace(record, argv=("a" * length,), fencing_token=fenced)
         named = postgres._named("", name, info)
         for statement in (named.try_lock, named.wait, named.holds):
             kept = statement.encode()[:1023].decode()
@@ -212,3 +232,4 @@ def test_a_postgres_record_fits_what_pg_stat_activity_keeps_of_every_statement(n
             assert record is not None, (length, statement[:40])
             assert (record.pid, record.host_id) == (info.pid, info.host_id)
             assert (record.mode, record.max_holders) == (mode, count)
+            assert record.fencing_token == fenced

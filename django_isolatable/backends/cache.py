@@ -31,7 +31,7 @@ from django_isolatable.backends.base import Backend, BackendOptions, Fencing, Le
 from django_isolatable.backends.cacheslots import CacheSlots, SlotLease, header_slots
 from django_isolatable.backends.periods import CachePeriods
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, replace_token
 
 #: Django caches whose add() cannot make a lock, and why.
 UNSAFE_CACHES = {
@@ -141,16 +141,27 @@ class CacheBackend(Backend, CacheSlots, Fencing, CachePeriods):
         look that ``lease`` still holds the lock. Two steps, not one: a cache has no
         compare-and-increment, so a holder whose lease ends between them still gets a token
         (docs/cache-strategy.md)."""
+        key: str | None = self._key(lease.name)
         if lease.info.mode == "semaphore":
             key = lease.key if isinstance(lease, SlotLease) else None
             key = key or self._slot_key_of(lease.name, lease.token, lease.info.max_holders)
-            value = None if key is None else self._call("read", self.cache.get, key)
-            owned = isinstance(value, dict) and value.get("token") == lease.token
-        else:
-            owned = self._owned(lease.name, lease.token)
-        if not owned:
+        if key is None or not self._entry_is(key, lease.token):
             return None
-        counter = self._key(lease.name) + ":fence"
+        token = self._count(lease.name)
+        # The entry shows the token too (for `locks status`), with a lease as long as a
+        # renewal's; looked at again first, so that the window of a lease ending right then
+        # is one round trip, as release's.
+        if self._entry_is(key, lease.token):
+            value = {"token": lease.token, "record": replace_token(lease.info, token).to_dict()}
+            self._call("record the token", self.cache.set, key, value, self._ttl(self.options.ttl))
+        return token
+
+    def _entry_is(self, key: str, token: str) -> bool:
+        value = self._call("read", self.cache.get, key)
+        return isinstance(value, dict) and value.get("token") == token
+
+    def _count(self, name: str) -> int:
+        counter = self._key(name) + ":fence"
         for _ in range(3):
             self._call("count", self.cache.add, counter, 0, None)  # no timeout: kept
             try:
@@ -159,9 +170,7 @@ class CacheBackend(Backend, CacheSlots, Fencing, CachePeriods):
                 continue
             except Exception as e:  # each cache client raises its own errors
                 raise LockIOError(f"Cache {self.alias!r} failed to count a token: {e}") from e
-        raise LockIOError(
-            f"Cache {self.alias!r} keeps dropping the fencing count of {lease.name!r}."
-        )
+        raise LockIOError(f"Cache {self.alias!r} keeps dropping the fencing count of {name!r}.")
 
     def inspect(self, name: str) -> list[LockInfo]:
         value = self._call("read", self.cache.get, self._key(name))

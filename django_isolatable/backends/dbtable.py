@@ -81,6 +81,7 @@ def row(
         info.mode,
         info.max_holders,
         slot_of,
+        info.fencing_token,
     ]
 
 
@@ -127,7 +128,7 @@ def select(now: str, where: str) -> str:
     )
     return (
         f"SELECT name_hash, name, token, pid, hostname, host_id, {started}, {acquired}, "
-        f"argv, label, mode, max_holders, lock_hash, {expires}, "
+        f"argv, label, mode, max_holders, lock_hash, fencing_token, {expires}, "
         f"CASE WHEN expires_at < {now} THEN 1 ELSE 0 END FROM {{table}} {where}"
     )
 
@@ -147,7 +148,7 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
     3-byte "utf8" on Django < 5.2 loses emoji; use utf8mb4).
     """
     key, stored, token, pid, hostname, host_id, started, acquired, argv, label = values[:10]
-    mode, max_holders, slot_of, expires, expired = values[10:15]
+    mode, max_holders, slot_of, fencing_token, expires, expired = values[10:16]
     if is_main_of_semaphore(mode, slot_of):
         return None
     if name is None and (slot_of or key) != name_hash(prefix, stored):
@@ -166,6 +167,9 @@ def record(values: Any, strategy: str, prefix: str, name: str | None) -> LockInf
         mode=mode if mode in ("exclusive", "semaphore") else "exclusive",
         max_holders=max_holders if isinstance(max_holders, int) and max_holders > 0 else 1,
         expires_at=_datetime(expires),
+        fencing_token=fencing_token
+        if isinstance(fencing_token, int) and fencing_token > 0
+        else None,
         alive=False if expired else None,  # an expired lease is stale, whoever held it
     )
 
@@ -180,8 +184,8 @@ def ensure_table(connection: BaseDatabaseWrapper, alias: str) -> None:
 
 def _add_missing_columns(connection: BaseDatabaseWrapper) -> None:
     """Add the columns a table made by an earlier version lacks (``label``; ``mode``,
-    ``max_holders`` and ``lock_hash``, indexed); all nullable, so its rows stay valid.
-    Another process adding one first is fine."""
+    ``max_holders`` and ``lock_hash``, indexed; ``fencing_token``); all nullable, so its rows
+    stay valid. Another process adding one first is fine."""
     with connection.cursor() as cursor:
         table = connection.introspection.get_table_description(cursor, Lock._meta.db_table)
     present = {column.name for column in table}

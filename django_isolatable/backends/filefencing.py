@@ -4,7 +4,8 @@ A name's tokens are counted in its fence file, ``<lock file>+fence`` (``lockfile
 as decimal text, under an exclusive ``flock`` of that file. A token is issued only after a look,
 under that ``flock``, that the holder's file is still the one at its path: a holder whose lock
 was force-released (its file unlinked) gets none, and one whose look came first got a smaller
-token than any later holder's. The count lives as long as the fence file: removing it (or
+token than any later holder's. The holder's record in its lock (or holder) file is rewritten with
+the token, for ``locks status``. The count lives as long as the fence file: removing it (or
 LOCK_DIR) starts the count again.
 """
 
@@ -15,10 +16,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from django_isolatable.backends import inotify, lockdir, lockfile
+from django_isolatable.backends import heldfiles, inotify, lockdir, lockfile
 from django_isolatable.backends.base import Lease
 from django_isolatable.backends.lockfile import file_name
 from django_isolatable.errors import LockIOError
+from django_isolatable.holders import replace_token
 
 if TYPE_CHECKING:
     from django_isolatable.backends.file import FileBackend
@@ -52,6 +54,11 @@ def issue(backend: FileBackend, lease: Lease) -> int | None:
         data = str(token).encode()
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
+        # The holder's record shows the token too, rewritten under the holder's own flock.
+        info = replace_token(lease.info, token)
+        lease.record_size = lockfile.write_record(lease.fd, lease.path, info, lease.record_size)
+        heldfiles.rerecord(lease.path, lease.info, info)  # what this process shows of it
+        lease.info = info
         return token
     except OSError as e:
         raise lockdir.os_error(e, backend._dir + fence, backend.lock_dir) from e

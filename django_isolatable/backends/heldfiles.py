@@ -106,6 +106,13 @@ def holder(path: str) -> LockInfo | None:
         return _held.get(path)
 
 
+def rerecord(path: str, old: LockInfo, new: LockInfo) -> None:
+    """``new`` is the record of the lock on ``path`` held with the record ``old`` now."""
+    with _lock:
+        if _held.get(path) is old:
+            _held[path] = new
+
+
 def kept(path: str) -> OpenFile | None:
     """The lock file kept open for ``path``, if any."""
     return _open_files.get(path)

@@ -23,7 +23,7 @@ from django_isolatable.backends.base import (
     holder_count_mismatch,
 )
 from django_isolatable.backends.periods import MemoryPeriods
-from django_isolatable.holders import LockInfo
+from django_isolatable.holders import LockInfo, replace_token
 
 #: Each name's holders: one exclusive holder, or any number of shared or semaphore holders.
 _held: dict[str, list[LockInfo]] = {}
@@ -150,7 +150,10 @@ class MemoryBackend(Backend, Waiting, WakeUps, Semaphore, Shared, Fencing, Memor
     def fencing_token(self, lease: Lease) -> int | None:
         key = self._key(lease.name)
         with _changed:
-            if not any(h.token == lease.token for h in _held.get(key, ())):
+            holders = _held.get(key, [])
+            place = next((i for i, h in enumerate(holders) if h.token == lease.token), None)
+            if place is None:
                 return None
             token = _fencing[key] = _fencing.get(key, 0) + 1
+            holders[place] = replace_token(holders[place], token)  # shown by `locks status`
         return token

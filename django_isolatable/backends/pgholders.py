@@ -176,16 +176,22 @@ def mismatch(name: str, holders: list[LockInfo], asked: int) -> IsolationError |
 
 
 def record_comment(
-    name: str, process: tuple[Any, ...], label: str | None, held: tuple[str, int]
+    name: str,
+    process: tuple[Any, ...],
+    label: str | None,
+    held: tuple[str, int],
+    fencing_token: int | None = None,
 ) -> str:
-    """The record's process fields, label, mode and max_holders (``held``) as the comment that
-    opens a statement, the same for every lock of a name, label and kind in a process (so its
-    statements get prepared). A long command line is left out first, then the label, then a
-    long name (``inspect`` knows the name it asks for). JSON's "\\u002a" for "*" keeps the
-    comment closed and unnested (PostgreSQL nests ``/*``), "\\u0025" for "%" keeps psycopg's
-    placeholders out."""
+    """The record's process fields, label, mode and max_holders (``held``), and its fencing
+    token once issued, as the comment that opens a statement, the same for every lock of a
+    name, label and kind in a process (so its statements get prepared). A long command line is
+    left out first, then the label, then a long name (``inspect`` knows the name it asks for).
+    JSON's "\\u002a" for "*" keeps the comment closed and unnested (PostgreSQL nests ``/*``),
+    "\\u0025" for "%" keeps psycopg's placeholders out."""
     data = {"name": name, **dict(zip(_PROCESS_FIELDS, process, strict=True)), "label": label}
     data.update(mode=held[0], max_holders=held[1])
+    if fencing_token is not None:
+        data["fencing_token"] = fencing_token
     text = ""
     for dropped in ((), ("argv",), ("argv", "label"), ("argv", "label", "name")):
         data.update(dict.fromkeys(dropped))

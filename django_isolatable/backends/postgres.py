@@ -55,7 +55,7 @@ from django_isolatable.backends.pgsession import (
     pooled,
 )
 from django_isolatable.errors import LockIOError
-from django_isolatable.holders import LockInfo, this_pid
+from django_isolatable.holders import LockInfo, replace_token, this_pid
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -96,17 +96,18 @@ class _Named(NamedTuple):
 def _named(prefix: str, name: str, info: LockInfo) -> _Named:
     """``name``'s key and statements, with the record of ``info``'s process and kind."""
     process = (info.pid, info.hostname, info.host_id, info.process_started_at, info.argv)
-    return _statements(prefix, name, process, info.label, (info.mode, info.max_holders))
+    held = (info.mode, info.max_holders)
+    return _statements(prefix, name, process, info.label, held, info.fencing_token)
 
 
 @functools.lru_cache(maxsize=1024)
 def _statements(
-    prefix: str, name: str, process: tuple[Any, ...], label: str | None, held: tuple[str, int]
+    prefix: str, name: str, process: Any, label: str | None, held: Any, fenced: int | None
 ) -> _Named:
     from psycopg.types.numeric import Int8
 
     key = advisory_key(prefix, name)
-    opening = record_comment(name, process, label, held)
+    opening = record_comment(name, process, label, held, fenced)
     classid, objid = lock_ids(key)
     ids = (Int8(classid), Int8(objid))
     key8 = Int8(key)
@@ -244,9 +245,16 @@ class PostgresBackend(Backend, Waiting, Fencing, Semaphore, Shared, TablePeriods
         name = lease.name.encode("utf-8", "backslashreplace").decode()
         try:
             row = self.sessions.run(connection, lease.named.fence, (key, name, *lease.named.ids))
+            token = None if row is None else int(row[0])
+            if token is not None:  # its record in the session's statements (renewals' too)
+                named = _named(
+                    self.options.key_prefix, lease.name, replace_token(lease.info, token)
+                )
+                lease.named = named
+                self.sessions.run(connection, named.holds, named.ids)  # shows it at once
         except LockIOError:
             return None  # the session is gone, and the lock with it
-        return None if row is None else int(row[0])
+        return token
 
     def _holders(self, where: str, params: Any = ()) -> list[tuple[Any, ...]]:
         """(classid, objid, query, application_name) of granted advisory locks."""

@@ -79,7 +79,8 @@ class RedisHolders(ReplicaAcks, Semaphore, Shared, WakeUps, Fencing):
     def fencing_token(self, lease: Lease) -> int | None:
         keys = self._keys(lease.name)
         counter = self._base(lease.name) + b"fence:" + lease.name.encode("utf-8", "surrogatepass")
-        what, owner = "issue a fencing token", (f"{lease.token} ".encode(),)
+        record = lease.info.fenced_json_prefix().encode("utf-8", "surrogatepass")
+        what, owner = "issue a fencing token", (f"{lease.token} ".encode(), record)
         if not self.replica_acks:
             token = self._call(what, self.scripts.fence, [*keys, counter], owner)
             return int(token) or None

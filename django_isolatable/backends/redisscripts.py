@@ -154,20 +154,29 @@ wake_one()  -- the next shared waiter may go too
 return 1
 """
 )
-# KEYS[6]: the name's fencing counter. ARGV: "<token> ". The next token if the holder still
-# holds the name (its lease not ended), else 0.
+# KEYS[6]: the name's fencing counter. ARGV: "<token> ", the holder's record up to its fencing
+# token's digits (``LockInfo.fenced_json_prefix``). The next token if the holder still holds the
+# name (its lease not ended), else 0; the holder's record is rewritten with the token, its
+# lease left as it was.
 FENCE = (
     _PRELUDE
     + """
 local v = redis.call('get', lock)
 if not v then return 0 end
+local n
 if is_group(v) then
-  local ended = redis.call('zscore', ends, string.sub(ARGV[1], 1, -2))
+  local token = string.sub(ARGV[1], 1, -2)
+  local ended = redis.call('zscore', ends, token)
   if not ended or tonumber(ended) < now_ms() then return 0 end
-elseif string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then
-  return 0
+  n = redis.call('incr', KEYS[6])
+  redis.call('hset', holders, token, ARGV[2] .. n .. '}\\n')
+else
+  if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+  n = redis.call('incr', KEYS[6])
+  local ms = redis.call('pttl', lock)
+  if ms > 0 then redis.call('set', lock, ARGV[1] .. ARGV[2] .. n .. '}\\n', 'px', ms) end
 end
-return redis.call('incr', KEYS[6])
+return n
 """
 )
 # A waiter's take of a free lock, which leaves the waiter's own BLPOP (KEYS[6]) a wake-up to

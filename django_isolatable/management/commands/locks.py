@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
 #: The column that ``-v 2`` adds before COMMAND.
 TOKEN = "TOKEN"
+#: The column added after TOKEN (verbosity 2) when a holder was issued a fencing token.
+FENCING = "FENCING"
 #: The column added before COMMAND when a holder has a label.
 LABEL = "LABEL"
 #: The column added before COMMAND when a holder is not a plain lock's (shared, semaphore).
@@ -150,6 +152,8 @@ class Command(BaseCommand):
         extra: list[tuple[str, Callable[[LockInfo | None], str]]] = []
         if self.verbosity >= 2:
             extra.append((TOKEN, _token))
+            if any(info is not None and info.fencing_token for _, info in holders):
+                extra.append((FENCING, _fencing))
         if any(info is not None and info.label for _, info in holders):
             extra.append((LABEL, _label))
         if any(info is not None and info.mode != "exclusive" for _, info in holders):
@@ -295,6 +299,10 @@ def _mode(info: LockInfo | None) -> str:
     return info.mode if info.mode != "semaphore" else f"{info.mode} of {info.max_holders}"
 
 
+def _fencing(info: LockInfo | None) -> str:
+    return "-" if info is None or info.fencing_token is None else str(info.fencing_token)
+
+
 def _label(info: LockInfo | None) -> str:
     return "-" if info is None or not info.label else printable(info.label)
 
@@ -347,5 +355,5 @@ def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
         "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
         "label": info.label,
         "mode": info.mode,
-        "fencing_token": None,
+        "fencing_token": info.fencing_token,
     }
