@@ -5,7 +5,8 @@ then five timed sections, each next to the raw limit of the same run (the ``x ra
 next to the peers: uncontended acquire+release, the ``isolated`` decorator against a direct
 ``try_lock()``, handoff latency between processes, 8 processes contending for one lock, and the
 overhead of an isolated management command; then semaphore slots and shared holds against the
-plain lock of each strategy, uncontended and handed off (``--only holders``). Ratios are what to
+plain lock of each strategy, uncontended and handed off (``--only holders``); then ``locks
+status`` and ``--json`` with 10,000 locks held per strategy (``--only status``). Ratios are what to
 compare: the machine is noisy, ratios much less so. Rows whose server or peer is missing are
 skipped with a note. The issue's targets end the run, in one table. ``--quick`` is a smoke run
 of a few seconds.
@@ -46,6 +47,7 @@ SECTIONS = (
     "contention",
     "commands",
     "holders",
+    "status",
     "async",
     "redis-ha",
 )
@@ -60,6 +62,8 @@ FULL = {
     "lag_seconds": 3.0,
     "holder_batches": 30,
     "holder_trials": 40,
+    "status_locks": 10_000,
+    "status_runs": 3,
 }
 QUICK = {
     "round_trip_trials": 2,
@@ -72,6 +76,8 @@ QUICK = {
     "lag_seconds": 0.2,
     "holder_batches": 2,  # 24 rows of each: the smallest smoke run
     "holder_trials": 1,
+    "status_locks": 200,
+    "status_runs": 1,
 }
 
 
@@ -98,6 +104,8 @@ def _arguments() -> argparse.Namespace:
         "--holder-batches", type=int, help="holders: uncontended batches per row (30)"
     )
     parser.add_argument("--holder-trials", type=int, help="holders: handoff trials per row (40)")
+    parser.add_argument("--status-locks", type=int, help="status: locks held per strategy (10,000)")
+    parser.add_argument("--status-runs", type=int, help="status: runs of each listing (3)")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -148,6 +156,11 @@ def main() -> int:
                 0.05 if args.quick else 0.25,
             )
 
+        def run_status() -> None:
+            from benchmarks import status
+
+            results.status = status.run(args.status_locks, args.status_runs)
+
         def run_redis_ha() -> None:
             from benchmarks import redisha
 
@@ -173,6 +186,7 @@ def main() -> int:
             ),
             "commands": run_commands,
             "holders": run_holders,
+            "status": run_status,
             "async": run_async,
             "redis-ha": run_redis_ha,
         }

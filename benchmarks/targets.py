@@ -1,5 +1,6 @@
 """The issues' targets (issue 15, "Speed: what counts now"; issue 16, the decorator's overhead;
-issue 17, semaphores and shared locks), judged on whatever sections ran."""
+issue 17, semaphores and shared locks; issue 19, ``locks status`` at scale), judged on whatever
+sections ran."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from benchmarks.report import Target, median, percentile
 if TYPE_CHECKING:
     from benchmarks.contention import Outcome
     from benchmarks.holders import Measured
+    from benchmarks.status import Listed
 
 #: (operation, what the target calls it): one round trip each, none for a woken waiter.
 ROUND_TRIPS = (
@@ -35,6 +37,7 @@ class Results:
     loop_lag: dict[str, list[float]] = field(default_factory=dict)  # ms per tick
     async_handoff: dict[str, list[float]] = field(default_factory=dict)  # ms per trial
     holders: Measured | None = None  # semaphore slots and shared holds
+    status: dict[str, Listed] = field(default_factory=dict)  # by "strategy/table|--json"
 
 
 def _relative(table: dict[str, float], mine: str, theirs: str) -> float | None:
@@ -149,6 +152,25 @@ def _holders(measured: Measured | None) -> list[Target]:
     return found
 
 
+def _status(listed: dict[str, Listed]) -> list[Target]:
+    """Issue 19: ``locks status`` and ``--json`` with 10,000 locks, under 1 s and 50 MB."""
+    targets = []
+    for strategy in ("file", "redis", "database-postgres"):
+        for output in ("table", "--json"):
+            found = listed.get(f"{strategy}/{output}")
+            what = f"locks status (issue 19): {strategy}, {output}"
+            targets += [
+                Target(f"{what}, wall time", None if found is None else found.seconds, 1, " s"),
+                Target(
+                    f"{what}, peak RSS growth",
+                    None if found is None else found.growth_mb,
+                    50,
+                    " MB",
+                ),
+            ]
+    return targets
+
+
 def targets(results: Results) -> list[Target]:
     uncontended = results.uncontended
     handoff = {key: median(values) for key, values in results.handoff.items()}
@@ -250,4 +272,5 @@ def targets(results: Results) -> list[Target]:
         ),
         *_async(results),
         *_holders(results.holders),
+        *_status(results.status),
     ]

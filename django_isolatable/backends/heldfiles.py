@@ -55,14 +55,17 @@ class SharedHold:
 _held: dict[str, LockInfo | None] = {}
 _shared: dict[str, SharedHold] = {}
 _open_files: dict[str, OpenFile] = {}
+#: How many kept files make ``_keep`` close the free ones.
+_sweep_at = MAX_OPEN_FILES
 _lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
     # The child shares the parent's open file descriptions, hence its flocks: it must never
     # lock through them. Closing its copies leaves the parent's locks alone.
-    global _lock
+    global _lock, _sweep_at
     _lock = threading.Lock()  # another thread may have held it at fork
+    _sweep_at = MAX_OPEN_FILES
     _held.clear()
     shared = {hold.entry.fd for hold in _shared.values()}
     for fd in shared | {entry.fd for entry in _open_files.values()}:
@@ -125,9 +128,13 @@ def keep(path: str, entry: OpenFile) -> None:
 
 
 def _keep(path: str, entry: OpenFile) -> None:
-    if len(_open_files) >= MAX_OPEN_FILES:
+    global _sweep_at
+    if len(_open_files) >= _sweep_at:
         for other in [p for p in _open_files if _free(p)]:
             os.close(_open_files.pop(other).fd)
+        # The held ones stay open: sweep again once as many more are kept, not on every keep
+        # (a process holding thousands of locks would scan them all on each acquire).
+        _sweep_at = max(MAX_OPEN_FILES, 2 * len(_open_files))
     _open_files[path] = entry
 
 

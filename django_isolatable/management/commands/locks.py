@@ -11,46 +11,30 @@ subcommand: each subcommand's parser gets a copy of every one that ``create_pars
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_isolatable import listing
 from django_isolatable.backends import Backend, backend_for
 from django_isolatable.command import duration
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, printable, utcnow
 from django_isolatable.isolation import release_stale
+from django_isolatable.listing import _label, _mode, _row, state_of  # noqa: F401 (the admin's)
+from django_isolatable.listing import who as _who
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("NAME", "STATE", "PID", "HOST", "STARTED (UTC)", "AGE", "COMMAND")
-#: The column that ``-v 2`` adds before COMMAND.
-TOKEN = "TOKEN"
-#: The column added after TOKEN (verbosity 2) when a holder was issued a fencing token.
-FENCING = "FENCING"
-#: The column added before COMMAND when a holder has a label.
-LABEL = "LABEL"
-#: The column added before COMMAND when a holder is not a plain lock's (shared, semaphore).
-MODE = "MODE"
-ELLIPSIS = "\u2026"
-
-
-def state_of(info: LockInfo | None) -> str:
-    """``held``, ``stale`` (holder proven dead or lease expired) or ``free``."""
-    if info is None:
-        return "free"
-    return "stale" if info.alive is False else "held"
-
-
-def _age(info: LockInfo) -> float | None:
-    return None if info.acquired_at is None else (utcnow() - info.acquired_at).total_seconds()
+#: What ``watch`` (procps) writes to clear a terminal: cursor home, erase the screen.
+CLEAR = "\x1b[H\x1b[2J"
 
 
 class Command(BaseCommand):
@@ -84,7 +68,27 @@ class Command(BaseCommand):
             for names, options in self._base_arguments:
                 subparser.add_argument(*names, **{**options, "default": argparse.SUPPRESS})
         status.add_argument("names", nargs="*", metavar="NAME", help="Only these locks.")
-        status.add_argument("--json", action="store_true", help="Print a JSON list.")
+        status.add_argument(
+            "--json",
+            action="store_true",
+            help="Print a JSON list (with --watch: one list per line, a line per draw).",
+        )
+        status.add_argument(
+            "--older-than",
+            type=listing.age_limit,
+            metavar="DURATION",
+            help="Only holders that have held their lock longer than DURATION "
+            f"({listing.AGE_FORMS}); exit status 2 when any is listed, for monitoring checks.",
+        )
+        status.add_argument(
+            "--watch",
+            nargs="?",
+            type=listing.interval,
+            const=2.0,
+            metavar="SECONDS",
+            help="Redraw every SECONDS (default 2) until interrupted (Ctrl-C). Put lock names "
+            "before it, or write --watch=SECONDS.",
+        )
         status.add_argument(
             "--wide", action="store_true", help="Never cut the table to the terminal's width."
         )
@@ -106,7 +110,7 @@ class Command(BaseCommand):
                 where = "" if store == self.backend.strategy else f" ({printable(store)})"
                 self.stdout.write(f"Locks of the {self.backend.strategy} strategy{where}:")
             if options["action"] == "status":
-                self.status(options["names"], as_json=options["json"], wide=options["wide"])
+                self.status(options["names"], options)
             else:
                 self.release(options["names"], options["stale"], options["all"], options["force"])
         except (IsolationError, ImproperlyConfigured) as e:
@@ -116,9 +120,10 @@ class Command(BaseCommand):
     def backend(self) -> Backend:
         return backend_for(self.strategy)
 
-    def holders(self, names: list[str]) -> list[tuple[str, LockInfo | None]]:
+    def holders(self, names: list[str]) -> Iterator[tuple[str, LockInfo | None]]:
         """One ``(name, holder)`` per holder (a semaphore or a shared lock has several), and
-        ``(name, None)`` for a named lock that has none."""
+        ``(name, None)`` for a named lock that has none; streamed from the store's list()
+        when no name is given."""
         if "" in names:
             raise CommandError("A lock name must not be empty.")
         if names:
@@ -126,8 +131,9 @@ class Command(BaseCommand):
             for name in names:
                 holders: list[LockInfo | None] = [*self.holders_of(name)]
                 found.extend((name, info) for info in holders or [None])
-            return found
-        return [(info.name, judged(info)) for info in self.backend.list()]
+            return iter(found)
+        judge = listing.Judge()
+        return ((info.name, judge(info)) for info in self.backend.list())
 
     def holders_of(self, name: str) -> list[LockInfo]:
         return [judged(info) for info in self.backend.inspect(name)]
@@ -137,42 +143,67 @@ class Command(BaseCommand):
         if self.verbosity > 0:
             self.stdout.write(message, style_func)
 
-    def status(self, names: list[str], *, as_json: bool, wide: bool) -> None:
-        holders = self.holders(names)
+    def status(self, names: list[str], options: dict[str, Any]) -> None:
+        limit: float | None = options["older_than"]
+        if options["watch"] is not None:
+            self.watch(names, options["watch"], options)
+            return
+        listed = self.draw(names, options, compact=False)
+        if listed and limit is not None:
+            raise CommandError(
+                f"{listed} lock holder{'s' if listed > 1 else ''} held longer than "
+                f"{duration(limit)}.",
+                returncode=2,
+            )
+
+    def draw(self, names: list[str], options: dict[str, Any], *, compact: bool) -> int:
+        """Write the table or the JSON list once; the number of holders listed."""
+        holders: listing.Holders = self.holders(names)
+        limit: float | None = options["older_than"]
+        if limit is not None:
+            holders = listing.older_than(holders, limit)
         strategy = self.backend.strategy
-        if as_json:
-            # ensure_ascii: exact JSON that any stdout can carry, lone surrogates included.
-            self.stdout.write(json.dumps([_as_json(n, i, strategy) for n, i in holders], indent=2))
-            return
-        if not holders:
-            self.say(f"No locks ({strategy} strategy).")
-            return
-        header: tuple[str, ...] = COLUMNS
-        rows = [_row(name, info) for name, info in holders]
-        extra: list[tuple[str, Callable[[LockInfo | None], str]]] = []
-        if self.verbosity >= 2:
-            extra.append((TOKEN, _token))
-            if any(info is not None and info.fencing_token for _, info in holders):
-                extra.append((FENCING, _fencing))
-        if any(info is not None and info.label for _, info in holders):
-            extra.append((LABEL, _label))
-        if any(info is not None and info.mode != "exclusive" for _, info in holders):
-            extra.append((MODE, _mode))
-        for column, cell in extra:
-            header = (*header[:-1], column, header[-1])
-            rows = [
-                (*row[:-1], cell(info), row[-1])
-                for row, (_, info) in zip(rows, holders, strict=True)
-            ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+        if options["json"]:
+            return listing.write_json(self.stdout, holders, strategy, compact=compact)
         # Cut to a terminal's width, or to COLUMNS when that is set; a pipe or a file gets
         # whole lines, for grep and for scripts.
-        cut = not wide and (self.stdout.isatty() or "COLUMNS" in os.environ)
-        width = shutil.get_terminal_size().columns if cut else None
-        self.stdout.write(_line(header, widths, width), self.style.MIGRATE_HEADING)
-        styles = {"held": self.style.WARNING, "stale": self.style.ERROR, "free": self.style.SUCCESS}
-        for row in rows:
-            self.stdout.write(_line(row, widths, width), styles[row[1]])
+        cut = not options["wide"] and (self.stdout.isatty() or "COLUMNS" in os.environ)
+        listed = listing.write_table(
+            self.stdout,
+            holders,
+            styles={
+                "held": self.style.WARNING,
+                "stale": self.style.ERROR,
+                "free": self.style.SUCCESS,
+            },
+            heading=self.style.MIGRATE_HEADING,
+            verbosity=self.verbosity,
+            width=shutil.get_terminal_size().columns if cut else None,
+        )
+        if not listed:
+            older = "" if limit is None else f" held longer than {duration(limit)}"
+            self.say(f"No locks{older} ({strategy} strategy).")
+        return listed
+
+    def watch(self, names: list[str], interval: float, options: dict[str, Any]) -> None:
+        """Draw every ``interval`` seconds until interrupted: on a terminal the screen is
+        cleared first, on a pipe the draws follow each other after a blank line; with --json,
+        one JSON list per line per draw. Ctrl-C ends it with status 0."""
+        terminal = self.stdout.isatty()
+        shown = " ".join(printable(name) for name in names)
+        title = f"Every {interval:g}s: locks status {shown}".rstrip()
+        between = CLEAR if terminal else ""
+        try:
+            while True:
+                if not options["json"]:
+                    self.stdout.write(between + f"{title}    {utcnow():%Y-%m-%d %H:%M:%S} UTC")
+                    self.stdout.write("")
+                    between = CLEAR if terminal else "\n"
+                self.draw(names, options, compact=True)
+                self.stdout.flush()
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            self.stdout.flush()
 
     def release(self, names: list[str], stale: bool, every: bool, force: bool) -> None:
         if every and not force:
@@ -180,7 +211,7 @@ class Command(BaseCommand):
         if not (names or stale or every):
             raise CommandError("Name the locks to release, or use --stale, or --all --force.")
         if names:
-            targets = self.holders(names)
+            targets = list(self.holders(names))
         else:
             targets = [(n, i) for n, i in self.holders([]) if every or state_of(i) == "stale"]
             if not targets:
@@ -249,7 +280,8 @@ class Command(BaseCommand):
                 return True
             now = holders[0]
             self.stderr.write(
-                f"{shown} now has another holder ({_who(now)}); not released.", self.style.ERROR
+                f"{shown} now has another holder ({_who(now)}); not released.",
+                self.style.ERROR,
             )
         else:
             self.stderr.write(
@@ -274,86 +306,3 @@ class Command(BaseCommand):
         if not held:
             return ""
         return f"; held: {', '.join(printable(n) for n in held)} (release them by name)"
-
-
-def _line(cells: Iterable[str], widths: list[int], width: int | None) -> str:
-    """The cells padded to their column's width; a line longer than ``width`` (when given) is
-    cut to it, its last character an ellipsis."""
-    *fixed, last = cells
-    line = "  ".join(cell.ljust(size) for cell, size in zip(fixed, widths, strict=True))
-    line += "  " + last
-    if width is not None and len(line) > width:
-        return line[: max(width - 1, 0)] + ELLIPSIS
-    return line
-
-
-def _token(info: LockInfo | None) -> str:
-    if info is None:
-        return "-"
-    return "?" if info.token is None else printable(info.token)
-
-
-def _mode(info: LockInfo | None) -> str:
-    if info is None:
-        return "-"
-    return info.mode if info.mode != "semaphore" else f"{info.mode} of {info.max_holders}"
-
-
-def _fencing(info: LockInfo | None) -> str:
-    return "-" if info is None or info.fencing_token is None else str(info.fencing_token)
-
-
-def _label(info: LockInfo | None) -> str:
-    return "-" if info is None or not info.label else printable(info.label)
-
-
-def _who(info: LockInfo) -> str:
-    return f"pid {info.pid if info.pid is not None else '?'} on {printable(info.hostname or '?')}"
-
-
-def _row(name: str, info: LockInfo | None) -> tuple[str, ...]:
-    if info is None:
-        return (printable(name), "free", "-", "-", "-", "-", "")
-    started = "-" if info.acquired_at is None else f"{info.acquired_at:%Y-%m-%d %H:%M:%S}"
-    age = _age(info)
-    return (
-        printable(name),
-        state_of(info),
-        str(info.pid) if info.pid is not None else "?",
-        printable(info.hostname or "?"),
-        started,
-        "-" if age is None else duration(age),
-        printable(" ".join(info.argv)),
-    )
-
-
-def _as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
-    if info is None:
-        return {
-            "name": name,
-            "strategy": strategy,
-            "state": "free",
-            "pid": None,
-            "host": None,
-            "started_at": None,
-            "age_seconds": None,
-            "command": None,
-            "expires_at": None,
-            "label": None,
-            "mode": None,
-            "fencing_token": None,
-        }
-    return {
-        "name": name,
-        "strategy": info.strategy,
-        "state": state_of(info),
-        "pid": info.pid,
-        "host": info.hostname,
-        "started_at": None if info.acquired_at is None else info.acquired_at.isoformat(),
-        "age_seconds": _age(info),
-        "command": " ".join(info.argv),
-        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
-        "label": info.label,
-        "mode": info.mode,
-        "fencing_token": info.fencing_token,
-    }

@@ -1,0 +1,186 @@
+"""``locks status`` at scale (issue 19): 10,000 locks per strategy, listed by ``manage.py``.
+
+A helper process (``python -m benchmarks.status hold COUNT``, this module) takes ``COUNT`` locks
+through the strategy's backend and holds them (file: open flocked files, so its open-file limit
+is raised; redis and database: leases of an hour, judged alive by its pid), prints ``held``,
+and releases them all when its stdin closes. Then ``manage.py locks status`` and ``--json`` run
+as subprocesses (the test suite's settings, the strategy through ``ISOLATABLE_TEST_SETTINGS``):
+their wall time, and their peak RSS growth over the same command listing an empty store (the
+child's ``ru_maxrss``, read with ``os.wait4``), so imports and Django's start do not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from benchmarks import environment
+from benchmarks.report import Group, Row, median, print_table
+
+COUNT = 10_000
+TTL = 3600.0  # seconds: the holder's leases outlive the measurement
+
+
+@dataclass(frozen=True)
+class Strategy:
+    key: str
+    title: str
+    needs: tuple[str, ...]
+    isolatable: dict[str, str] = field(default_factory=dict)
+
+
+STRATEGIES = [
+    Strategy("file", "file strategy", ()),
+    Strategy("redis", "redis strategy", ("redis",)),
+    Strategy(
+        "database-postgres",
+        "database strategy on PostgreSQL",
+        ("postgres",),
+        {"DATABASE_ALIAS": "postgres"},
+    ),
+]
+
+
+@dataclass
+class Listed:
+    """One ``locks status`` run: wall seconds, peak RSS growth in MB, rows listed."""
+
+    seconds: float
+    growth_mb: float
+    rows: int
+
+
+def _settings(strategy: Strategy, prefix: str) -> dict[str, str]:
+    from django.conf import settings
+
+    return {
+        "STRATEGY": strategy.key.split("-")[0],
+        "LOCK_DIR": environment.work_file(f"status-{prefix}"),
+        "KEY_PREFIX": environment.KEY_PREFIX + prefix + ":",
+        "REDIS_URL": settings.ISOLATABLE["REDIS_URL"],
+        **strategy.isolatable,
+    }
+
+
+def _env(isolatable: dict[str, str]) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "ISOLATABLE_TEST_SETTINGS": json.dumps(isolatable),
+    }
+    env.pop("COLUMNS", None)
+    return env
+
+
+def list_locks(env: dict[str, str], *args: str) -> tuple[float, int, int]:
+    """Run ``manage.py locks status *args``: wall seconds, peak RSS in KiB, lines or objects."""
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "locks", "status", *args],
+            cwd=environment.ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+        assert process.stdout is not None
+        out = process.stdout.read()
+        process.stdout.close()
+        _, status, usage = os.wait4(process.pid, 0)  # its own rusage, before Popen reaps it
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            errors.seek(0)
+            raise RuntimeError(f"locks status {' '.join(args)} failed:\n{errors.read().decode()}")
+    rows = len(json.loads(out)) if "--json" in args else max(out.count(b"\n") - 1, 0)
+    return seconds, usage.ru_maxrss, rows
+
+
+def _measure(strategy: Strategy, count: int, runs: int) -> dict[str, Listed]:
+    empty = _env(_settings(strategy, f"{strategy.key}-empty"))
+    full_settings = _settings(strategy, strategy.key)
+    full = _env(full_settings)
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.status", "hold", str(count)],
+        cwd=environment.ROOT,
+        env=full,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdin is not None
+    try:
+        if holder.stdout.readline().strip() != "held":
+            raise RuntimeError(f"the holder of {count} {strategy.key} locks did not start")
+        measured = {}
+        for label, args in (("table", ()), ("--json", ("--json",))):
+            base = min(list_locks(empty, *args)[1] for _ in range(2))
+            trials = [list_locks(full, *args) for _ in range(runs)]
+            seconds = median([t[0] for t in trials])
+            growth = (max(t[1] for t in trials) - base) / 1024
+            measured[label] = Listed(seconds, max(growth, 0.0), min(t[2] for t in trials))
+        return measured
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=300)
+
+
+def run(count: int, runs: int) -> dict[str, Listed]:
+    """Measure and print; the figures by "strategy/table" and "strategy/--json"."""
+    results: dict[str, Listed] = {}
+    group = Group(f"manage.py locks status with {count:,} locks held, median of {runs} runs")
+    for strategy in STRATEGIES:
+        missing = next(filter(None, map(environment.unavailable, strategy.needs)), None)
+        if missing is not None:
+            group.skipped.append(f"{strategy.title}: {missing}")
+            continue
+        for label, listed in _measure(strategy, count, runs).items():
+            results[f"{strategy.key}/{label}"] = listed
+            cells = [
+                f"{listed.seconds * 1000:.0f} ms",
+                f"{listed.growth_mb:.1f} MB",
+                str(listed.rows),
+            ]
+            group.rows.append(Row(f"{strategy.title}, {label}", cells))
+    headers = ["wall time", "RSS growth", "rows"]
+    print_table("locks status at scale", headers, [group], ratios=False)
+    return results
+
+
+def hold(count: int) -> None:
+    """Take ``count`` locks, say ``held``, release them when stdin closes."""
+    import django
+
+    django.setup()
+    from django_isolatable.backends import backend_for
+    from django_isolatable.holders import new_record
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 100 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, hard))
+    backend = backend_for(None)
+    ttl = TTL if backend.expiring else None
+    leases = []
+    try:
+        for number in range(count):
+            name = f"status-bench:{number:05d}"
+            lease = backend.acquire(name, new_record(name, backend.strategy, ttl=ttl))
+            if lease is None:
+                raise RuntimeError(f"{name} is held already")
+            leases.append(lease)
+        print("held", flush=True)
+        sys.stdin.read()
+    finally:
+        for lease in leases:
+            backend.release(lease)
+
+
+if __name__ == "__main__":  # `python -m benchmarks.status hold COUNT`, with the test settings
+    hold(int(sys.argv[2]))
