@@ -42,6 +42,7 @@ def test_benchmarks_run_quick():
         "Semaphores and shared locks, handoff latency",
         "Event-loop lag",
         "Handoff to an alock() waiter",
+        "locks status at scale",
         "Targets (issue 15)",
     ):
         assert section in result.stdout
