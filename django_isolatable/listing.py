@@ -133,13 +133,13 @@ def write_table(
         if streamed or any(info is not None and info.fencing_token for _, info in first):
             extra.append((FENCING, _fencing))
     if streamed or any(info is not None and info.label for _, info in first):
-        extra.append((LABEL, _label))
+        extra.append((LABEL, label_cell))
     if streamed or any(info is not None and info.mode != "exclusive" for _, info in first):
-        extra.append((MODE, _mode))
+        extra.append((MODE, mode_cell))
     header = (*COLUMNS[:-1], *(column for column, _ in extra), COLUMNS[-1])
 
     def cells(name: str, info: LockInfo | None) -> tuple[str, ...]:
-        row = _row(name, info)
+        row = row_of(name, info)
         return (*row[:-1], *(cell(info) for _, cell in extra), row[-1])
 
     batch = [cells(name, info) for name, info in first]
@@ -178,7 +178,7 @@ def _token(info: LockInfo | None) -> str:
     return "?" if info.token is None else printable(info.token)
 
 
-def _mode(info: LockInfo | None) -> str:
+def mode_cell(info: LockInfo | None) -> str:
     if info is None:
         return "-"
     return info.mode if info.mode != "semaphore" else f"{info.mode} of {info.max_holders}"
@@ -188,11 +188,11 @@ def _fencing(info: LockInfo | None) -> str:
     return "-" if info is None or info.fencing_token is None else str(info.fencing_token)
 
 
-def _label(info: LockInfo | None) -> str:
+def label_cell(info: LockInfo | None) -> str:
     return "-" if info is None or not info.label else printable(info.label)
 
 
-def _row(name: str, info: LockInfo | None) -> tuple[str, ...]:
+def row_of(name: str, info: LockInfo | None) -> tuple[str, ...]:
     if info is None:
         return (printable(name), "free", "-", "-", "-", "-", "")
     started = "-" if info.acquired_at is None else f"{info.acquired_at:%Y-%m-%d %H:%M:%S}"

@@ -28,10 +28,11 @@ from django_isolatable.command import duration
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, printable, utcnow
 from django_isolatable.isolation import release_stale
-from django_isolatable.listing import _label, _mode, _row, state_of  # noqa: F401 (the admin's)
-from django_isolatable.listing import who as _who
+from django_isolatable.listing import state_of as state_of
 
 logger = logging.getLogger(__name__)
+#: The cells of a row, as the admin's Locks page imports them from here.
+_row, _label, _mode, _who = listing.row_of, listing.label_cell, listing.mode_cell, listing.who
 
 #: What ``watch`` (procps) writes to clear a terminal: cursor home, erase the screen.
 CLEAR = "\x1b[H\x1b[2J"
