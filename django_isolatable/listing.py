@@ -21,6 +21,7 @@ from typing import Any
 
 from django.core.management.base import OutputWrapper
 
+from django_isolatable.backends import Backend
 from django_isolatable.command import duration
 from django_isolatable.holders import LockInfo, is_alive, printable, utcnow
 
@@ -155,6 +156,19 @@ def write_table(
         out.write(_line(row, widths, width), styles[row[1]])
         count += 1
     return count
+
+
+def held_under(backend: Backend, name: str) -> str:
+    """``"; held: import:a, import:b (release them by name)"`` for the held locks named
+    ``name:...`` (``get_isolation_id`` suffixes), or ``""``: one listing, asked for only when
+    ``name`` itself is not locked."""
+    try:
+        held = sorted({info.name for info in backend.list() if info.name.startswith(name + ":")})
+    except NotImplementedError:  # a backend that cannot list its locks
+        return ""
+    if not held:
+        return ""
+    return f"; held: {', '.join(printable(n) for n in held)} (release them by name)"
 
 
 def who(info: LockInfo) -> str:

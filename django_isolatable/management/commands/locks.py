@@ -229,7 +229,8 @@ class Command(BaseCommand):
         """Release the lock ``holder`` holds, by its token; False if it was not released."""
         shown = printable(name)
         if holder is None:
-            self.say(f"{shown} is not locked{self._held_under(name)}.")
+            if self.verbosity:  # not at -v 0: the hint costs a listing
+                self.say(f"{shown} is not locked{listing.held_under(self.backend, name)}.")
             return True
         who = _who(holder)
         if holder.alive is not False and not force:
@@ -291,19 +292,3 @@ class Command(BaseCommand):
                 self.style.ERROR,
             )
         return False
-
-    def _held_under(self, name: str) -> str:
-        """``"; held: import:a, import:b (release them by name)"`` for the held locks named
-        ``name:...`` (``get_isolation_id`` suffixes), or ``""``: one listing, asked for only
-        when ``name`` itself is not locked."""
-        if self.verbosity == 0:
-            return ""
-        try:
-            held = sorted(
-                {info.name for info in self.backend.list() if info.name.startswith(name + ":")}
-            )
-        except NotImplementedError:  # a backend that cannot list its locks
-            return ""
-        if not held:
-            return ""
-        return f"; held: {', '.join(printable(n) for n in held)} (release them by name)"
