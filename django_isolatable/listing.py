@@ -11,10 +11,14 @@ A table of up to ``BATCH`` rows is exactly what it would be if every row were lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import Any
@@ -169,6 +173,15 @@ def held_under(backend: Backend, name: str) -> str:
     if not held:
         return ""
     return f"; held: {', '.join(printable(n) for n in held)} (release them by name)"
+
+
+def silence_stdout() -> None:
+    """Point the process's stdout at /dev/null: its reader is gone, and the interpreter's last
+    flush would fail again, with a traceback."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def who(info: LockInfo) -> str:

@@ -210,3 +210,19 @@ def test_a_small_table_is_unchanged_by_streaming(file_locks):
 def test_watch_seconds_must_be_positive(file_locks):
     with pytest.raises((CommandError, SystemExit, argparse.ArgumentTypeError)):
         call_command("locks", "status", "--watch", "0")
+
+
+def test_watch_stops_quietly_when_its_reader_leaves(file_locks):
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "locks", "status", "--watch=0.05"],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith(b"Every 0.05s")
+    process.stdout.close()  # as `| head -1` does
+    _, errors = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0
+    assert errors == b""

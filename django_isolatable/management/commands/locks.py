@@ -146,10 +146,14 @@ class Command(BaseCommand):
 
     def status(self, names: list[str], options: dict[str, Any]) -> None:
         limit: float | None = options["older_than"]
-        if options["watch"] is not None:
-            self.watch(names, options["watch"], options)
+        try:
+            if options["watch"] is not None:
+                self.watch(names, options["watch"], options)
+                return
+            listed = self.draw(names, options, compact=False)
+        except BrokenPipeError:  # the reader left (`| head`): stop there, as `cat` would
+            listing.silence_stdout()
             return
-        listed = self.draw(names, options, compact=False)
         if listed and limit is not None:
             raise CommandError(
                 f"{listed} lock holder{'s' if listed > 1 else ''} held longer than "
