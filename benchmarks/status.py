@@ -98,6 +98,47 @@ runpy.run_path("manage.py", run_name="__main__")
 """
 
 
+#: The admin's "Locks" page, rendered by Django's test client in a process of its own (the
+#: suite's settings, an in-memory database with the admin's tables): the median of ``runs``
+#: renders of its first page, in seconds, after one to warm up.
+ADMIN = """
+import json, statistics, sys, time
+import django
+django.setup()
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+call_command("migrate", verbosity=0, run_syncdb=True)
+client = Client()
+client.force_login(User.objects.create_superuser("bench", "bench@example.com", "bench"))
+url = reverse("admin:django_isolatable_lockentry_changelist")
+times = []
+for _ in range(int(sys.argv[1]) + 1):
+    started = time.perf_counter()
+    response = client.get(url)
+    times.append(time.perf_counter() - started)
+    assert response.status_code == 200, response.status_code
+print(json.dumps(statistics.median(times[1:])))
+"""
+
+
+def render_admin(env: dict[str, str], runs: int) -> float:
+    """The admin "Locks" page's render time in seconds (median of ``runs``)."""
+    result = subprocess.run(
+        [sys.executable, "-c", ADMIN, str(runs)],
+        cwd=environment.ROOT,
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
+    if result.returncode:
+        raise RuntimeError(f"the admin page failed:\n{result.stderr.decode()}")
+    seconds: float = json.loads(result.stdout)
+    return seconds
+
+
 def list_locks(env: dict[str, str], *args: str) -> tuple[float, int, int]:
     """Run ``manage.py locks status *args``: wall seconds, peak RSS in KiB, lines or objects."""
     with tempfile.TemporaryDirectory() as directory:
@@ -145,6 +186,7 @@ def _measure(strategy: Strategy, count: int, runs: int) -> dict[str, Listed]:
             seconds = median([t[0] for t in trials])
             growth = (max(t[1] for t in trials) - base) / 1024
             measured[label] = Listed(seconds, max(growth, 0.0), min(t[2] for t in trials))
+        measured["admin"] = Listed(render_admin(full, max(runs, 3)), 0.0, 100)
         return measured
     finally:
         holder.stdin.close()
@@ -164,10 +206,11 @@ def run(count: int, runs: int) -> dict[str, Listed]:
             results[f"{strategy.key}/{label}"] = listed
             cells = [
                 f"{listed.seconds * 1000:.0f} ms",
-                f"{listed.growth_mb:.1f} MB",
+                "-" if label == "admin" else f"{listed.growth_mb:.1f} MB",
                 str(listed.rows),
             ]
-            group.rows.append(Row(f"{strategy.title}, {label}", cells))
+            what = "admin Locks page, first 100" if label == "admin" else label
+            group.rows.append(Row(f"{strategy.title}, {what}", cells))
     headers = ["wall time", "RSS growth", "rows"]
     print_table("locks status at scale", headers, [group], ratios=False)
     return results

@@ -153,7 +153,8 @@ def _holders(measured: Measured | None) -> list[Target]:
 
 
 def _status(listed: dict[str, Listed]) -> list[Target]:
-    """Issue 19: ``locks status`` and ``--json`` with 10,000 locks, under 1 s and 50 MB."""
+    """Issue 19: ``locks status`` and ``--json`` with 10,000 locks, under 1 s and 50 MB; the
+    admin's Locks page with as many, under 300 ms."""
     targets = []
     for strategy in ("file", "redis", "database-postgres"):
         for output in ("table", "--json"):
@@ -168,6 +169,15 @@ def _status(listed: dict[str, Listed]) -> list[Target]:
                     " MB",
                 ),
             ]
+        admin = listed.get(f"{strategy}/admin")
+        targets.append(
+            Target(
+                f"admin Locks page (issue 19): {strategy}, render of a page of 100",
+                None if admin is None else admin.seconds * 1000,
+                300,
+                " ms",
+            )
+        )
     return targets
 
 
