@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+# A session of its own (its keys, its SQLite file, which it deletes as it ends), not the one of
+# the test run that may have started it: that one's SQLite file is still in use.
+os.environ["ISOLATABLE_TEST_SESSION"] = f"stress-{os.getpid()}"
 
 import django
 
