@@ -15,6 +15,7 @@ files' names, so no lock file, nor another lock's holder file, has a holder file
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,7 @@ def _take_slot(
     main_file = file_name(name)
     for slot in range(slots):
         path = backend._dir + lockfile.holder_file(main_file, slot)
-        if not heldfiles.claim(path):  # a thread of this process holds it or takes it
+        if not _claim(path):  # a thread of this process holds it
             if not _may_pass(heldfiles.holder(path), info):
                 break
             continue
@@ -82,6 +83,23 @@ def _take_slot(
         if not passing:
             break
     return slots, None
+
+
+#: Seconds an attempt waits for another thread of its process that is in the middle of taking a
+#: slot or looking at it: that thread's claim says nothing yet about whether the slot is free.
+IN_FLIGHT = 0.05
+
+
+def _claim(path: str) -> bool:
+    """Claim the holder file ``path``; False if a thread of this process holds it. A claim of
+    another thread that has no record yet (it is taking the slot, or a holder of a slot below
+    is looking at this one) is waited for a moment, never taken for a holder."""
+    deadline = time.monotonic() + IN_FLIGHT
+    while not heldfiles.claim(path):
+        if heldfiles.holder(path) is not None or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0002)
+    return True
 
 
 def _check_later_slots(backend: FileBackend, name: str, first: int, lease: FileLease) -> None:
