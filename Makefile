@@ -52,6 +52,7 @@ clean:
 # The supported range beyond the default interpreter: Django 4.2 LTS on the oldest Python, and
 # the newest Django where Python >= 3.12 is present. Interpreters that are missing are skipped.
 COMPAT_TESTS := tests/test_conformance.py tests/test_command.py tests/test_settings.py \
+	tests/test_admin.py tests/test_locks_status.py tests/test_prometheus.py \
 	tests/test_file_backend.py tests/test_errors.py
 
 .PHONY: compat

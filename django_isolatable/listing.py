@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
@@ -276,3 +277,10 @@ def interval(value: str) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
     return seconds
+
+
+def terminal_width() -> int | None:
+    """The terminal's width; None (no cut) when it reports none: a pseudo-terminal whose size
+    was never set says 0 columns, which Python before 3.11 passes on."""
+    columns = shutil.get_terminal_size().columns
+    return columns if columns > 0 else None

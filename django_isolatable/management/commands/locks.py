@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from functools import cached_property
@@ -183,7 +182,7 @@ class Command(BaseCommand):
             },
             heading=self.style.MIGRATE_HEADING,
             verbosity=self.verbosity,
-            width=shutil.get_terminal_size().columns if cut else None,
+            width=listing.terminal_width() if cut else None,
         )
         if not listed:
             older = "" if limit is None else f" held longer than {duration(limit)}"
