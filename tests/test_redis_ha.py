@@ -233,8 +233,10 @@ def test_a_take_too_few_replicas_confirm_is_released_and_raises(unconfirmed):
         "slot": lambda info: asking.acquire_slot("slot", info, 2),
         "shared": lambda info: asking.acquire_shared("shared", info),
     }
+    # One replica confirms, or none if it is still catching up after an earlier test's failover:
+    # fewer than the two asked for either way.
     for name, take in takes.items():
-        with pytest.raises(LockIOError, match=r"Only 1 replica\(s\) of the master 'isolatable'"):
+        with pytest.raises(LockIOError, match=r"Only [01] replica\(s\) of the master 'isolatable'"):
             take(new_record(name, "redis", ttl=30))
         assert looking.inspect(name) == [], f"{name} was kept"
 
