@@ -65,7 +65,8 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def _period(value: str) -> float:
+def positive_seconds(value: str) -> float:
+    """An option's value in seconds > 0 (``--once-per``, ``locks status --watch``)."""
     try:
         seconds = float(value)
     except ValueError:
@@ -155,7 +156,7 @@ class IsolatableCommand(BaseCommand):
         )
         group.add_argument(
             "--once-per",
-            type=_period,
+            type=positive_seconds,
             default=None,
             dest="isolation_once_per",
             metavar="SECONDS",

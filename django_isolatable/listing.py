@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -266,17 +265,6 @@ def as_json(name: str, info: LockInfo | None, strategy: str) -> dict[str, Any]:
         "mode": info.mode,
         "fencing_token": info.fencing_token,
     }
-
-
-def interval(value: str) -> float:
-    """``--watch``'s value: seconds > 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
-    return seconds
 
 
 def terminal_width() -> int | None:

@@ -23,7 +23,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_isolatable import listing
 from django_isolatable.backends import Backend, backend_for
-from django_isolatable.command import duration
+from django_isolatable.command import duration, positive_seconds
 from django_isolatable.errors import IsolationError
 from django_isolatable.holders import LockInfo, judged, printable, utcnow
 from django_isolatable.isolation import release_stale
@@ -83,7 +83,7 @@ class Command(BaseCommand):
         status.add_argument(
             "--watch",
             nargs="?",
-            type=listing.interval,
+            type=positive_seconds,
             const=2.0,
             metavar="SECONDS",
             help="Redraw every SECONDS (default 2) until interrupted (Ctrl-C). Put lock names "
