@@ -392,6 +392,10 @@ def available(only: list[str] | None) -> tuple[list[Target], list[str]]:
     return chosen, skipped
 
 
+def _result(outcome: Outcome) -> str:
+    return "ok" if not outcome.failures else "FAILED: " + "; ".join(outcome.failures)
+
+
 def holders_table(outcomes: list[Outcome], mode: str) -> str:
     broken = "no slot" if mode == "semaphore" else "overlaps"
     most = "most inside" if mode == "semaphore" else "most shared"
@@ -405,7 +409,7 @@ def holders_table(outcomes: list[Outcome], mode: str) -> str:
         lines.append(
             f"{outcome.target:<20} {v.sections:>12} {outcome.most_inside or 0:>11} "
             f"{v.overlaps:>8} {v.lost_updates:>5} {v.throughput:>8.0f}"
-            f"  {'ok' if not outcome.failures else 'FAILED: ' + '; '.join(outcome.failures)}"
+            f"  {_result(outcome)}"
         )
     return "\n".join(lines)
 
@@ -417,8 +421,7 @@ def starvation_table(outcomes: list[Outcome]) -> str:
         waited = outcome.slowest_recovery
         shown = "-" if waited is None else f"{waited * 1000:.0f}ms"
         lines.append(
-            f"{outcome.target:<20} {outcome.verdict.sections:>12} {shown:>16}"
-            f"  {'ok' if not outcome.failures else 'FAILED: ' + '; '.join(outcome.failures)}"
+            f"{outcome.target:<20} {outcome.verdict.sections:>12} {shown:>16}  {_result(outcome)}"
         )
     return "\n".join(lines)
 
@@ -440,7 +443,7 @@ def table(outcomes: list[Outcome], crashes: bool) -> str:
         lines.append(
             f"{outcome.target:<20} {v.sections:>12} {v.overlaps:>8} {extra:>12} "
             f"{v.throughput:>8.0f} {v.handoff_p50 * 1000:>10.2f}ms {v.handoff_p99 * 1000:>7.2f}ms"
-            f"  {'ok' if not outcome.failures else 'FAILED: ' + '; '.join(outcome.failures)}"
+            f"  {_result(outcome)}"
         )
     return "\n".join(lines)
 

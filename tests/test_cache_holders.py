@@ -15,7 +15,7 @@ import pytest
 
 from django_isolatable import AlreadyRunning, CommandIsolation
 from tests import services
-from tests.test_database_holders import LONG_TTL, SLOTS, _hold, _most_at_once, _race, spawning
+from tests.test_database_holders import LONG_TTL, SLOTS, _hold, race_for_slots, spawning
 
 SETTINGS: dict[str, Any] = {"STRATEGY": "cache", "CACHE_ALIAS": "redis", "TTL": LONG_TTL}
 
@@ -32,25 +32,7 @@ def name(request, settings, monkeypatch) -> Iterator[str]:
 
 
 def test_processes_racing_for_slots_never_exceed_the_count(name, tmp_path):
-    start = spawning.Event()
-    journals = [tmp_path / f"journal-{n}" for n in range(2)]
-    racers = [
-        spawning.Process(target=_race, args=(name, str(journal), start)) for journal in journals
-    ]
-    for racer in racers:
-        racer.start()
-    start.set()
-    for racer in racers:
-        racer.join(90)
-        assert racer.exitcode == 0
-    intervals = [
-        (float(begin), float(end))
-        for journal in journals
-        for begin, end in (line.split() for line in journal.read_text().splitlines())
-    ]
-    assert len(intervals) == 2 * 3 * 8
-    assert _most_at_once(intervals) <= SLOTS
-    assert CommandIsolation(name, max_holders=SLOTS).holders() == []
+    race_for_slots(name, tmp_path)
 
 
 def test_a_sigkilled_slot_holders_entry_is_freed_at_once(name):

@@ -107,7 +107,10 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
     return most
 
 
-def test_processes_racing_for_slots_never_exceed_the_count(alias, name, tmp_path):
+def race_for_slots(name: str, tmp_path: Path) -> None:
+    """Two spawned processes take slots of ``name`` in turns (``_race``); from their journals,
+    never more than ``SLOTS`` inside at once, and nothing left held. The cache strategy's
+    tests run it too."""
     start = spawning.Event()
     journals = [tmp_path / f"journal-{n}" for n in range(2)]
     racers = [
@@ -127,6 +130,10 @@ def test_processes_racing_for_slots_never_exceed_the_count(alias, name, tmp_path
     assert len(intervals) == 2 * 3 * 8
     assert _most_at_once(intervals) <= SLOTS
     assert CommandIsolation(name, max_holders=SLOTS).holders() == []
+
+
+def test_processes_racing_for_slots_never_exceed_the_count(alias, name, tmp_path):
+    race_for_slots(name, tmp_path)
 
 
 def test_a_sigkilled_slot_holders_row_is_freed_at_once(alias, name):
